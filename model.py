@@ -279,28 +279,34 @@ class Gemma(nn.Module):
         cap = self.cfg.final_logit_softcapping
         return logits if cap is None else cap * torch.tanh(logits / cap)
 
-    def run(self, h, pad_mask=None, start=0, stop=None, steer=None, cache=None):
-        """Run blocks start..stop-1 on the residual h (B, T, d). pad_mask (B, T) marks real tokens
-        (left padding). With a cache, h holds only the new tokens. Returns the residual."""
-        B, T, _ = h.shape
-        stop = self.cfg.num_hidden_layers if stop is None else stop
-        if pad_mask is None:
-            pad_mask = torch.ones(B, T, dtype=torch.bool, device=h.device)
+    def attention_inputs(self, pad_mask, T, cache=None):
+        """RoPE cos/sin and boolean masks per layer type for T new tokens (also used by hypernet.py).
+        pad_mask (B, T) marks real tokens (left padding). Masks live in key-index space: query i sits
+        at index S - T + i of the S keys; sliding layers see the last `sliding_window` keys."""
+        cfg, dev = self.cfg, pad_mask.device
         if cache is not None:
             pos, keys = cache.positions(pad_mask)                      # (B, T), (B, S)
         else:
             pos, keys = (pad_mask.long().cumsum(-1) - 1).clamp(min=0), pad_mask.bool()
-        # Query i sits at index (S - T + i) of the key sequence; masks in index space (SPEC §2).
         S = keys.shape[1]
-        qi = torch.arange(S - T, S, device=h.device)[:, None]
-        ki = torch.arange(S, device=h.device)[None, :]
+        qi = torch.arange(S - T, S, device=dev)[:, None]
+        ki = torch.arange(S, device=dev)[None, :]
         # Each query may also see itself, so a padding query never has an all-masked row (NaN).
         causal = (ki <= qi)[None, None] & (keys[:, None, None, :] | (ki == qi))   # (B, 1, T, S)
-        masks = {"full_attention": causal,
-                 "sliding_attention": causal & (qi - ki < self.cfg.sliding_window)}
-        cfg = self.cfg
-        rot = {"full_attention": rope_cos_sin(pos, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling_factor, h.dtype),
-               "sliding_attention": rope_cos_sin(pos, cfg.head_dim, cfg.rope_local_theta, 1.0, h.dtype)}
+        masks = {"full_attention": causal, "sliding_attention": causal & (qi - ki < cfg.sliding_window)}
+        dtype = self.model.embed_tokens.weight.dtype
+        rot = {"full_attention": rope_cos_sin(pos, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling_factor, dtype),
+               "sliding_attention": rope_cos_sin(pos, cfg.head_dim, cfg.rope_local_theta, 1.0, dtype)}
+        return rot, masks
+
+    def run(self, h, pad_mask=None, start=0, stop=None, steer=None, cache=None):
+        """Run blocks start..stop-1 on the residual h (B, T, d), adding `steer` after its block.
+        With a cache, h holds only the new tokens. Returns the residual."""
+        B, T, _ = h.shape
+        stop = self.cfg.num_hidden_layers if stop is None else stop
+        if pad_mask is None:
+            pad_mask = torch.ones(B, T, dtype=torch.bool, device=h.device)
+        rot, masks = self.attention_inputs(pad_mask, T, cache)
         steer_at = None if steer is None else self.layer_index(steer.layer)
         for i in range(start, stop):
             block = self.model.layers[i]
