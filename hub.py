@@ -14,9 +14,6 @@ from pathlib import Path
 import requests
 from tqdm import tqdm
 
-HUB = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
-
-
 def cache_root():
     return Path(os.environ.get("HYPERSTEER_CACHE", Path.home() / ".cache" / "hypersteer"))
 
@@ -75,7 +72,8 @@ def fetch(url, dest, what):
 def hf_file(repo, path, revision="main", kind="model"):
     """One file of a hub repository, cached; kind is "model" or "dataset"."""
     folder = cache_root() / f"{kind}s--{repo.replace('/', '--')}" / revision
-    prefix = f"{HUB}/datasets" if kind == "dataset" else HUB
+    hub = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    prefix = f"{hub}/datasets" if kind == "dataset" else hub
     return fetch(f"{prefix}/{repo}/resolve/{revision}/{path}", safe_join(folder, path), f"{repo}/{path}@{revision}")
 
 

@@ -181,17 +181,18 @@ class Attention(nn.Module):
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
-def attend(q, k, v, mask, scale, softcap):
+def attend(q, k, v, mask, scale, softcap, fast=True):
     """Grouped-query attention. q (B, nh, T, hs); k, v (B, nkv, S, hs); mask (B, 1, T, S) bool.
-    Written out in plain torch; without soft-capping the same maths goes through SDPA (fast path,
-    tested equal in test_all.py)."""
+    Written out in plain torch; without soft-capping (Gemma-3) the same maths goes through SDPA,
+    the fast path, which test_all.py proves equal to the plain one."""
     B, nh, T, hs = q.shape
     nkv = k.shape[1]
-    if softcap is None:
+    if fast and softcap is None:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=nkv != nh)
     q = q.view(B, nkv, nh // nkv, T, hs)                               # (B, nkv, g, T, hs)
     att = (q * scale) @ k[:, :, None].transpose(-1, -2)               # (B, nkv, g, T, S)
-    att = softcap * torch.tanh(att / softcap)                          # Gemma-2 score soft-capping
+    if softcap is not None:
+        att = softcap * torch.tanh(att / softcap)                      # Gemma-2 score soft-capping
     att = att.masked_fill(~mask[:, :, None], float("-inf"))
     att = torch.softmax(att.float(), dim=-1).to(q.dtype)               # softmax in fp32
     return (att @ v[:, :, None]).view(B, nh, T, hs)

@@ -1,0 +1,412 @@
+"""The LLM judge: AxBench steering scores, strength selection and the results table (SPEC §7).
+
+Reads the generations JSONL written by steer.py and asks an OpenAI-compatible chat-completions
+endpoint (OpenAI, vLLM, llama.cpp server, Ollama) three separate questions per generation:
+concept, instruction and fluency, each answered with a short explanation and `Rating: [[k]]`,
+k in {0, 1, 2}. A generation scores the harmonic mean of its three ratings (0 if any is 0).
+Per method, split and concept the strength with the best mean score on instructions 0-4 is
+chosen (ties go to the weaker strength, the smaller |strength|), and the reported score is the
+mean on instructions 5-9 at that strength, averaged over concepts, laid out like paper Table 1.
+
+    export OPENAI_API_KEY=...        # read from the environment, never printed or written
+    python judge.py gens.jsonl --dry-run         # number of requests and estimated cost
+    python judge.py gens.jsonl --model gpt-4o-mini   # -> gens.ratings.jsonl, gens.report.md/.json
+    python judge.py gens.jsonl --base-url http://localhost:11434/v1 --model qwen2.5:7b  # local
+
+Every answer is cached in .judge_cache/ (next to the first input), one file per request named by
+the sha256 of the full request (model, messages, temperature), so a re-run or an interrupted run
+pays for nothing twice. A request that still fails after its retries is recorded as failed (never
+as a 0) and is sent again on the next run. A malformed input line stops the run with the file
+name and line number: a judge that skipped rows silently would score a different set of rows.
+"""
+import argparse
+import hashlib
+import json
+import os
+import random
+import re
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import asdict, dataclass
+from email.utils import parsedate_to_datetime
+from pathlib import Path
+
+import requests
+from tqdm import tqdm
+
+CRITERIA = ("concept", "instruction", "fluency")
+REQUIRED = ("method", "concept", "instruction_index", "instruction", "strength", "text")
+
+
+@dataclass
+class JudgeConfig:
+    base_url: str = "https://api.openai.com/v1"  # OpenAI-compatible; /chat/completions is appended
+    model: str = "gpt-4o-mini"  # the papers' judge
+    temperature: float = 0.0  # SPEC §7: deterministic judging
+    api_key_env: str = "OPENAI_API_KEY"  # NAME of the variable holding the key; no key -> no header
+    workers: int = 16  # concurrent requests (bounded thread pool)
+    timeout: float = 60.0  # seconds per HTTP request
+    max_retries: int = 6  # retries after the first try, on 429, 5xx, timeouts, connection errors
+    backoff_base: float = 1.0  # first retry waits ~this many seconds, doubling, with jitter
+    backoff_max: float = 60.0  # cap on a single wait, Retry-After included
+    cache_dir: str = ".judge_cache"  # one JSON file per request
+    price_in: float = 0.15  # USD per 1M prompt tokens (gpt-4o-mini)
+    price_out: float = 0.60  # USD per 1M completion tokens (gpt-4o-mini)
+    est_output_tokens: int = 120  # assumed reply length, for --dry-run estimates
+
+
+class JudgeError(RuntimeError):
+    """A request that failed for good (after retries, or a non-retryable HTTP error)."""
+
+
+# ----------------------------------------------------------------------------- prompts and parsing
+SYSTEM = "You are a careful, impartial evaluator of text written by a language model."
+FINAL = ("\n\nFirst explain your judgement in one to three sentences. Then end with a final line "
+         "of exactly this form, where k is 0, 1 or 2:\nRating: [[k]]")
+PROMPTS = {  # SPEC §7 rubrics; the text sits between <<< >>> and is data, not instructions
+    "concept": ('Does the text below involve the concept "{concept}"?\n'
+                "0: the concept is absent.\n1: the concept is there, but weakly or worked in "
+                "awkwardly.\n2: the concept is clearly present and fits naturally.\n\n"
+                "Text:\n<<<\n{text}\n>>>"),
+    "instruction": ("Is the text below a response to the instruction that follows? Judge relevance "
+                    "only, not quality or style.\n0: unrelated to the instruction.\n1: loosely or "
+                    "partly related.\n2: clearly addresses the instruction.\n\n"
+                    "Instruction:\n<<<\n{instruction}\n>>>\n\nText:\n<<<\n{text}\n>>>"),
+    "fluency": ("Rate only the fluency of the text below: grammar, coherence and the absence of "
+                "repetition. Ignore its topic. It may stop mid-sentence because it was cut at a "
+                "length limit; do not count that against it.\n0: broken, incoherent or repetitive."
+                "\n1: readable with noticeable errors.\n2: fluent, near perfect.\n\n"
+                "Text:\n<<<\n{text}\n>>>"),
+}
+_RATING = re.compile(r"rating\s*[*_]*\s*:", re.IGNORECASE)  # "Rating:", "**Rating:**", "Rating**:"
+_NUMBER = re.compile(r"[\s*_`\[(]*(-?\d+(?:\.\d+)?)")  # skip markdown and brackets, read a number
+
+
+def judge_messages(row, criterion):
+    prompt = PROMPTS[criterion].format(concept=row["concept"], instruction=row["instruction"],
+                                       text=row["text"])
+    return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": prompt + FINAL}]
+
+
+def parse_rating(reply):
+    """SPEC §7: the number after the LAST "Rating:" of the judge's reply; missing, unparseable or
+    outside {0, 1, 2} -> 0. Only the reply is parsed, never the prompt that embeds the text."""
+    marks = list(_RATING.finditer(reply or ""))
+    match = _NUMBER.match(reply, marks[-1].end()) if marks else None
+    value = float(match.group(1)) if match else 0.0
+    return int(value) if value in (0.0, 1.0, 2.0) else 0
+
+
+def harmonic_score(*ratings):
+    """Harmonic mean of the ratings, 0 if any is 0: (2, 2, 1) -> 1.5, (1, 1, 1) -> 1.0."""
+    if min(ratings) <= 0:
+        return 0.0
+    return len(ratings) / sum(1.0 / r for r in ratings)
+
+
+# ----------------------------------------------------------------------------- cache and HTTP
+def request_body(messages, cfg):
+    return {"model": cfg.model, "messages": messages, "temperature": cfg.temperature}
+
+
+def cache_path(body, cfg):
+    """The cache key is the full request body only: no API key, no headers, no URL."""
+    canonical = json.dumps(body, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return Path(cfg.cache_dir) / (hashlib.sha256(canonical.encode("utf-8")).hexdigest() + ".json")
+
+
+def write_atomic(path, text):
+    """Write to a temp file in the same folder, then rename: readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def _redact(text, key):
+    return text.replace(key, "***") if len(key) >= 4 else text
+
+
+def _retry_after(resp):
+    """Seconds to wait from a Retry-After header (seconds or an HTTP date), or None."""
+    value = resp.headers.get("Retry-After")
+    if value is None:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
+    except (TypeError, ValueError):
+        return None
+
+
+_local = threading.local()  # one requests.Session per worker thread (sessions are not thread-safe)
+
+
+def post_chat(body, cfg):
+    """POST one request, retrying 429, 5xx, timeouts and connection errors with exponential
+    backoff and jitter (honouring Retry-After). Returns the response JSON or raises JudgeError."""
+    key = os.environ.get(cfg.api_key_env, "")
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    url = cfg.base_url.rstrip("/") + "/chat/completions"
+    if not hasattr(_local, "session"):
+        _local.session = requests.Session()
+    session = _local.session
+    for attempt in range(cfg.max_retries + 1):
+        wait = None
+        try:
+            resp = session.post(url, json=body, headers=headers, timeout=cfg.timeout)
+        except (requests.Timeout, requests.ConnectionError) as e:
+            problem = f"{type(e).__name__}: {e}"
+        else:
+            if resp.status_code == 200:
+                try:
+                    return resp.json()
+                except ValueError:
+                    raise JudgeError(f"{url}: the reply is not JSON") from None
+            problem = f"HTTP {resp.status_code}: {resp.text[:200]}"
+            if resp.status_code != 429 and resp.status_code < 500:  # 400/401/404: retrying won't help
+                raise JudgeError(_redact(f"{url}: {problem}", key))
+            wait = _retry_after(resp)
+        if attempt < cfg.max_retries:
+            if wait is None:
+                wait = cfg.backoff_base * 2 ** attempt * random.uniform(0.5, 1.0)
+            time.sleep(min(wait, cfg.backoff_max))
+    raise JudgeError(_redact(f"{url}: gave up after {cfg.max_retries + 1} tries; last: {problem}", key))
+
+
+def cached_chat(messages, cfg):
+    """One chat completion through the disk cache -> (reply, usage, from_cache)."""
+    body = request_body(messages, cfg)
+    path = cache_path(body, cfg)
+    if path.exists():
+        hit = json.loads(path.read_text(encoding="utf-8"))
+        return hit["reply"], hit["usage"], True
+    data = post_chat(body, cfg)
+    try:
+        reply = data["choices"][0]["message"]["content"] or ""
+    except (KeyError, IndexError, TypeError):
+        raise JudgeError(f"unexpected response: {json.dumps(data)[:200]}") from None
+    used = data.get("usage") or {}
+    usage = {k: int(used.get(k) or 0) for k in ("prompt_tokens", "completion_tokens")}
+    write_atomic(path, json.dumps({"request": body, "reply": reply, "usage": usage}, ensure_ascii=False))
+    return reply, usage, False
+
+
+def chat(messages, cfg=None):
+    """Reusable client: one cached, retried chat completion -> the reply text (raises JudgeError).
+    steer.py uses it to have an LLM write the prompting baseline's instructions (SPEC §8)."""
+    return cached_chat(messages, cfg or JudgeConfig())[0]
+
+
+def cost(prompt_tokens, completion_tokens, cfg):
+    return (prompt_tokens * cfg.price_in + completion_tokens * cfg.price_out) / 1e6
+
+
+# ----------------------------------------------------------------------------- judging
+def read_generations(paths):
+    """Rows of steer.py's generations JSONL files; ValueError naming file:line on a bad line."""
+    rows = []
+    for path in paths:
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except ValueError as e:
+                    raise ValueError(f"{path}:{n}: not valid JSON ({e})") from None
+                missing = [k for k in REQUIRED if k not in row] if isinstance(row, dict) else ["all"]
+                if missing:
+                    raise ValueError(f"{path}:{n}: missing field(s) {', '.join(missing)}")
+                try:
+                    row["instruction_index"], row["strength"] = int(row["instruction_index"]), float(row["strength"])
+                except (ValueError, TypeError):
+                    raise ValueError(f"{path}:{n}: instruction_index and strength must be numbers") from None
+                row.setdefault("split", "all")
+                rows.append(row)
+    return rows
+
+
+def judge_rows(rows, cfg):
+    """Send the 3 judge requests of every row through a bounded pool -> (rated rows, usage)."""
+    jobs = [(i, c) for i in range(len(rows)) for c in CRITERIA]
+    replies, errors = {}, {}
+    usage = {"requests": len(jobs), "sent": 0, "cached": 0, "failed": 0, "prompt_tokens": 0, "completion_tokens": 0}
+    pool = ThreadPoolExecutor(cfg.workers)
+    try:
+        futures = {pool.submit(cached_chat, judge_messages(rows[i], c), cfg): (i, c) for i, c in jobs}
+        for fut in tqdm(as_completed(futures), total=len(futures), desc="judge", unit="req"):
+            try:
+                reply, used, from_cache = fut.result()
+            except JudgeError as e:
+                errors[futures[fut]] = str(e)
+                usage["failed"] += 1
+                continue
+            replies[futures[fut]] = reply
+            usage["cached" if from_cache else "sent"] += 1
+            if not from_cache:
+                usage["prompt_tokens"] += used["prompt_tokens"]
+                usage["completion_tokens"] += used["completion_tokens"]
+    finally:  # on Ctrl-C, drop the queued requests instead of waiting for them
+        pool.shutdown(wait=True, cancel_futures=True)
+    usage["cost_usd"] = cost(usage["prompt_tokens"], usage["completion_tokens"], cfg)
+    rated = []
+    for i, row in enumerate(rows):
+        got = {c: replies[i, c] for c in CRITERIA if (i, c) in replies}
+        failed = {c: errors[i, c] for c in CRITERIA if (i, c) in errors}
+        ratings = {c: parse_rating(r) for c, r in got.items()}
+        score = None if failed else harmonic_score(*ratings.values())  # failed is never a 0
+        rated.append({**row, "ratings": ratings, "score": score, "failed": list(failed),
+                      "errors": failed, "replies": got})
+    return rated, usage
+
+
+# ----------------------------------------------------------------------------- selection and report
+def _mean(xs):
+    xs = list(xs)
+    return sum(xs) / len(xs) if xs else None
+
+
+def choose_strength(rows):
+    """SPEC §7 for one concept: the strength with the best mean score on instructions 0-4 (ties ->
+    the smaller |strength|, the weaker intervention), scored by its mean on instructions 5-9."""
+    by_strength = {}
+    for r in rows:
+        by_strength.setdefault(r["strength"], []).append(r)
+    select = {s: _mean(r["score"] for r in rs if r["instruction_index"] < 5) for s, rs in by_strength.items()}
+    candidates = sorted((s for s in select if select[s] is not None), key=lambda s: (abs(s), s))
+    best = max(candidates, key=lambda s: round(select[s], 9)) if candidates else None  # first max wins
+    held = [r for r in by_strength.get(best, []) if r["instruction_index"] >= 5]
+    out = {"concept_id": rows[0].get("concept_id"), "concept": rows[0]["concept"], "strength": best,
+           "select_score": select.get(best), "score": _mean(r["score"] for r in held), "n_eval": len(held)}
+    out["ratings"] = {c: _mean(r["ratings"][c] for r in held) for c in CRITERIA}  # criterion means
+    return out
+
+
+def summarize(rated):
+    """Per (method, split): chosen strength per concept and the mean over concepts (paper Table 1)."""
+    groups = {}
+    for r in rated:
+        g = groups.setdefault((r["method"], r["split"]), {"failed": 0, "concepts": {}})
+        g["failed"] += len(r["failed"])
+        if r["score"] is not None:  # rows with a failed request wait for the next run
+            g["concepts"].setdefault(r.get("concept_id", r["concept"]), []).append(r)
+    results = []
+    for (method, split), g in groups.items():
+        concepts = [choose_strength(rows) for rows in g["concepts"].values()]
+        scored = [c for c in concepts if c["score"] is not None]
+        results.append({"method": method, "split": split, "score": _mean(c["score"] for c in scored),
+                        "n_concepts": len(scored), "n_concepts_unscored": len(concepts) - len(scored),
+                        "ratings": {c: _mean(x["ratings"][c] for x in scored) for c in CRITERIA},
+                        "failed_requests": g["failed"], "concepts": concepts})
+    return results
+
+
+def _fmt(x):
+    return "-" if x is None else f"{x:.3f}"
+
+
+def _cell(text):
+    return str(text).replace("|", "\\|").replace("\n", " ")  # keep markdown table cells intact
+
+
+def markdown_report(results, usage, cfg):
+    methods = list(dict.fromkeys(r["method"] for r in results))
+    found = list(dict.fromkeys(r["split"] for r in results))
+    splits = [s for s in ("held-out", "held-in") if s in found] + [s for s in found if s not in ("held-out", "held-in")]
+    cell = {(r["method"], r["split"]): r for r in results}
+    lines = ["# Steering scores (SPEC §7)", "",
+             f"Judge `{cfg.model}`, temperature {cfg.temperature}. Score 0-2: harmonic mean of the concept, "
+             "instruction and fluency ratings; strength chosen per concept on instructions 0-4, "
+             "score = mean on instructions 5-9 at that strength, averaged over concepts.", "",
+             "| method | " + " | ".join(splits) + " |", "|---|" + "---|" * len(splits)]
+    lines += [f"| {_cell(m)} | " + " | ".join(_fmt(cell[m, s]["score"]) if (m, s) in cell else "-" for s in splits) + " |"
+              for m in methods]
+    lines += ["", "## Details", "", "| method | split | score | concepts | concept | instruction | fluency | failed requests |",
+              "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {_cell(r['method'])} | {r['split']} | {_fmt(r['score'])} | {r['n_concepts']} | "
+              + " | ".join(_fmt(r["ratings"][c]) for c in CRITERIA) + f" | {r['failed_requests']} |" for r in results]
+    lines += ["", "## Strength chosen per concept", "",
+              "| method | split | concept_id | concept | strength | score 0-4 | score 5-9 |", "|---|---|---|---|---|---|---|"]
+    lines += [f"| {_cell(r['method'])} | {r['split']} | {c['concept_id']} | {_cell(c['concept'])} | {c['strength']} | "
+              f"{_fmt(c['select_score'])} | {_fmt(c['score'])} |" for r in results for c in r["concepts"]]
+    lines += ["", f"Requests: {usage['requests']} ({usage['cached']} cached, {usage['sent']} sent, {usage['failed']} failed). "
+              f"Tokens this run: {usage['prompt_tokens']} in, {usage['completion_tokens']} out, "
+              f"estimated ${usage['cost_usd']:.4f}.", ""]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- CLI
+def dry_run(rows, cfg):
+    bodies = [request_body(judge_messages(r, c), cfg) for r in rows for c in CRITERIA]
+    todo = [b for b in bodies if not cache_path(b, cfg).exists()]
+    prompt_tokens = sum(len(m["content"]) for b in todo for m in b["messages"]) // 4  # ~4 chars/token
+    completion_tokens = len(todo) * cfg.est_output_tokens
+    print(f"{len(bodies)} judge requests ({len(rows)} generations x {len(CRITERIA)} criteria): "
+          f"{len(bodies) - len(todo)} cached, {len(todo)} to send")
+    print(f"estimated {prompt_tokens} prompt + {completion_tokens} completion tokens = "
+          f"${cost(prompt_tokens, completion_tokens, cfg):.4f} at ${cfg.price_in}/${cfg.price_out} per 1M tokens")
+
+
+def main(argv=None):
+    d = JudgeConfig()
+    p = argparse.ArgumentParser(description="Score steered generations with an LLM judge (SPEC §7).")
+    p.add_argument("generations", nargs="+", help="generations JSONL file(s) written by steer.py")
+    p.add_argument("--base-url", default=d.base_url, help="OpenAI-compatible API root, e.g. http://localhost:8000/v1")
+    p.add_argument("--model", default=d.model, help="judge model name")
+    p.add_argument("--api-key-env", default=d.api_key_env, help="environment variable holding the API key")
+    p.add_argument("--workers", type=int, default=d.workers, help="concurrent requests")
+    p.add_argument("--timeout", type=float, default=d.timeout, help="seconds per HTTP request")
+    p.add_argument("--max-retries", type=int, default=d.max_retries, help="retries per request on 429/5xx/network errors")
+    p.add_argument("--backoff-base", type=float, default=d.backoff_base, help="first retry delay in seconds (doubles)")
+    p.add_argument("--backoff-max", type=float, default=d.backoff_max, help="longest single wait in seconds")
+    p.add_argument("--cache-dir", default=None, help="answer cache (default: .judge_cache next to the first input)")
+    p.add_argument("--out", default=None, help="output prefix (default: first input without .jsonl)")
+    p.add_argument("--price-in", type=float, default=d.price_in, help="USD per 1M prompt tokens")
+    p.add_argument("--price-out", type=float, default=d.price_out, help="USD per 1M completion tokens")
+    p.add_argument("--est-output-tokens", type=int, default=d.est_output_tokens, help="assumed reply length for --dry-run")
+    p.add_argument("--dry-run", action="store_true", help="print the request count and estimated cost, send nothing")
+    args = p.parse_args(argv)
+    first = Path(args.generations[0])
+    cfg = JudgeConfig(base_url=args.base_url, model=args.model, api_key_env=args.api_key_env, workers=args.workers,
+                      timeout=args.timeout, max_retries=args.max_retries, backoff_base=args.backoff_base,
+                      backoff_max=args.backoff_max, cache_dir=args.cache_dir or str(first.parent / ".judge_cache"),
+                      price_in=args.price_in, price_out=args.price_out, est_output_tokens=args.est_output_tokens)
+    try:
+        rows = read_generations(args.generations)
+    except (OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        dry_run(rows, cfg)
+        return 0
+    if not os.environ.get(cfg.api_key_env):
+        print(f"note: ${cfg.api_key_env} is not set; sending requests without an API key", file=sys.stderr)
+    rated, usage = judge_rows(rows, cfg)
+    results = summarize(rated)
+    out = args.out or str(first.with_suffix(""))
+    write_atomic(out + ".ratings.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rated))
+    report = markdown_report(results, usage, cfg)
+    write_atomic(out + ".report.md", report)
+    write_atomic(out + ".report.json", json.dumps({"config": asdict(cfg), "inputs": args.generations,
+                                                   "usage": usage, "results": results}, indent=1, ensure_ascii=False))
+    print(report)
+    print(f"wrote {out}.ratings.jsonl, {out}.report.md, {out}.report.json")
+    if usage["failed"]:
+        first_error = next(r["errors"][c] for r in rated for c in r["failed"])
+        print(f"{usage['failed']} requests failed (recorded as failed, not 0; re-run to retry them). "
+              f"First error: {first_error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
