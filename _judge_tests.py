@@ -4,6 +4,7 @@
 """
 import http.server
 import json
+import socket
 import threading
 import time
 
@@ -32,13 +33,16 @@ class FakeJudgeServer:
 
         self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        threading.Thread(target=self.httpd.serve_forever, args=(0.01,), daemon=True).start()
 
     def handle(self, h):
         body = json.loads(h.rfile.read(int(h.headers["Content-Length"])))
         with self.lock:
             self.requests.append({"path": h.path, "auth": h.headers.get("Authorization"), "body": body})
             status, text, headers = self.script.pop(0) if self.script else (200, None, {})
+        if status == "hang":  # answer too late: the client has timed out by then
+            time.sleep(text)
+            status, text = 200, None
         if status == 200:
             text = self.reply(body) if text is None else text
             payload = {"choices": [{"message": {"role": "assistant", "content": text}}],
@@ -51,8 +55,11 @@ class FakeJudgeServer:
             h.send_header(k, v)
         h.send_header("Content-Type", "application/json")
         h.send_header("Content-Length", str(len(data)))
-        h.end_headers()
-        h.wfile.write(data)
+        try:
+            h.end_headers()
+            h.wfile.write(data)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
 
 
 @pytest.fixture
@@ -69,8 +76,9 @@ def api_key(monkeypatch):
 
 
 def gen_row(text=None, idx=0, strength=1.0, concept_id=7, method="hypersteer", split="held-in"):
-    return {"method": method, "split": split, "concept": "rental services and equipment", "concept_id": concept_id,
-            "instruction_index": idx, "instruction": "Describe your ideal weekend.", "strength": strength,
+    return {"method": method, "split": split, "concept": "rental services and equipment",
+            "concept_id": concept_id, "instruction_index": idx, "strength": strength,
+            "instruction": "Describe your ideal weekend.",
             "text": text or f"Answer {idx} at {strength}: I would rent a kayak.", "seed": 0}
 
 
@@ -82,7 +90,8 @@ def write_gens(tmp_path, rows, name="gens.jsonl"):
 
 def run_cli(server, path, *extra):
     return judge.main([str(path), "--base-url", server.url, "--api-key-env", "JUDGE_TEST_KEY",
-                       "--backoff-base", "0.001", "--backoff-max", "1", "--max-retries", "2", "--workers", "4", *extra])
+                       "--backoff-base", "0.001", "--backoff-max", "1", "--max-retries", "2",
+                       "--workers", "4", *extra])
 
 
 def read_ratings(path):
@@ -148,12 +157,28 @@ def test_429_then_success_is_retried_honouring_retry_after(server, tmp_path):
     assert all(r["score"] == 2.0 and not r["failed"] for r in read_ratings(tmp_path / "gens.jsonl"))
 
 
+def test_timeouts_and_connection_errors(server, tmp_path):
+    path = write_gens(tmp_path, [gen_row()])
+    server.script = [("hang", 0.3, {})]
+    assert run_cli(server, path, "--workers", "1", "--timeout", "0.1") == 0
+    assert len(server.requests) == 4  # the timed-out request was sent again
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}/v1"
+    other = write_gens(tmp_path, [gen_row(idx=1)], "other.jsonl")
+    assert judge.main([str(other), "--base-url", dead, "--backoff-base", "0.001", "--max-retries", "1"]) == 1
+    rated = read_ratings(other)
+    assert rated[0]["score"] is None and "gave up after 2 tries" in rated[0]["errors"]["concept"]
+    assert "ConnectionError" in rated[0]["errors"]["concept"]
+
+
 def test_persistent_500s_are_failed_rows_retried_next_run(server, tmp_path, capsys):
     path = write_gens(tmp_path, [gen_row(idx=0), gen_row(idx=5)])
     server.script = [(500, "boom", {})] * 9  # with --workers 1: all 3 tries of the first 3 requests
     assert run_cli(server, path, "--workers", "1") == 1
     first = read_ratings(path)
-    assert first[0]["failed"] == list(judge.CRITERIA) and first[0]["score"] is None and first[0]["ratings"] == {}
+    assert first[0]["failed"] == list(judge.CRITERIA) and first[0]["ratings"] == {}
+    assert first[0]["score"] is None  # failed, never a 0
     assert first[1]["failed"] == [] and first[1]["score"] == 2.0
     report = json.loads(path.with_suffix(".report.json").read_text())
     assert report["results"][0]["failed_requests"] == 3 and report["usage"]["failed"] == 3
@@ -175,6 +200,7 @@ def test_second_run_makes_zero_requests(server, tmp_path):
     assert len(server.requests) == 60
     report = json.loads(path.with_suffix(".report.json").read_text())
     assert report["usage"]["cached"] == 60 and report["usage"]["sent"] == 0
+    assert report["usage"]["prompt_tokens"] == 0 and report["usage"]["cached_prompt_tokens"] == 60 * 100
     assert path.with_suffix(".report.md").read_text().split("Requests:")[0] == first.split("Requests:")[0]
 
 
@@ -216,9 +242,10 @@ def test_selection_and_means_on_a_hand_made_example():
     assert res["score"] == pytest.approx((1.3 + 1.5) / 2)
     assert res["ratings"] == pytest.approx({"concept": 1.8, "instruction": 1.3, "fluency": 1.5})
     assert res["failed_requests"] == 1
-    usage = {"requests": 0, "cached": 0, "sent": 0, "failed": 1, "prompt_tokens": 0, "completion_tokens": 0, "cost_usd": 0}
-    md = judge.markdown_report(results + judge.summarize([{**r, "method": "prompting", "split": "held-out"} for r in rows[:20]]),
-                               usage, judge.JudgeConfig())
+    usage = dict(requests=0, cached=0, sent=0, failed=1, prompt_tokens=0, completion_tokens=0,
+                 cost_usd=0, saved_usd=0)
+    prompting = judge.summarize([{**r, "method": "prompting", "split": "held-out"} for r in rows[:20]])
+    md = judge.markdown_report(results + prompting, usage, judge.JudgeConfig())
     assert "| method | held-out | held-in |" in md
     assert "| hypersteer | - | 1.400 |" in md and "| prompting | 1.300 | - |" in md
     assert "| hypersteer | held-in | 1.400 | 2 | 1.800 | 1.300 | 1.500 | 1 |" in md

@@ -18,6 +18,7 @@ the sha256 of the full request (model, messages, temperature), so a re-run or an
 pays for nothing twice. A request that still fails after its retries is recorded as failed (never
 as a 0) and is sent again on the next run. A malformed input line stops the run with the file
 name and line number: a judge that skipped rows silently would score a different set of rows.
+Exit status: 0 when every request succeeded, 1 when some failed (re-run to retry), 2 on bad input.
 """
 import argparse
 import hashlib
@@ -81,7 +82,7 @@ PROMPTS = {  # SPEC §7 rubrics; the text sits between <<< >>> and is data, not 
                 "\n1: readable with noticeable errors.\n2: fluent, near perfect.\n\n"
                 "Text:\n<<<\n{text}\n>>>"),
 }
-_RATING = re.compile(r"rating\s*[*_]*\s*:", re.IGNORECASE)  # "Rating:", "**Rating:**", "Rating**:"
+_RATING = re.compile(r"\brating\s*[*_]*\s*:", re.IGNORECASE)  # "Rating:", "**Rating:**", "Rating**:"
 _NUMBER = re.compile(r"[\s*_`\[(]*(-?\d+(?:\.\d+)?)")  # skip markdown and brackets, read a number
 
 
@@ -179,7 +180,7 @@ def post_chat(body, cfg):
             if wait is None:
                 wait = cfg.backoff_base * 2 ** attempt * random.uniform(0.5, 1.0)
             time.sleep(min(wait, cfg.backoff_max))
-    raise JudgeError(_redact(f"{url}: gave up after {cfg.max_retries + 1} tries; last: {problem}", key))
+    raise JudgeError(_redact(f"{url}: gave up after {cfg.max_retries + 1} tries; last {problem}", key))
 
 
 def cached_chat(messages, cfg):
@@ -223,11 +224,14 @@ def read_generations(paths):
                     row = json.loads(line)
                 except ValueError as e:
                     raise ValueError(f"{path}:{n}: not valid JSON ({e})") from None
-                missing = [k for k in REQUIRED if k not in row] if isinstance(row, dict) else ["all"]
+                if not isinstance(row, dict):
+                    raise ValueError(f"{path}:{n}: not a JSON object")
+                missing = [k for k in REQUIRED if k not in row]
                 if missing:
                     raise ValueError(f"{path}:{n}: missing field(s) {', '.join(missing)}")
                 try:
-                    row["instruction_index"], row["strength"] = int(row["instruction_index"]), float(row["strength"])
+                    row["instruction_index"] = int(row["instruction_index"])
+                    row["strength"] = float(row["strength"])
                 except (ValueError, TypeError):
                     raise ValueError(f"{path}:{n}: instruction_index and strength must be numbers") from None
                 row.setdefault("split", "all")
@@ -239,7 +243,8 @@ def judge_rows(rows, cfg):
     """Send the 3 judge requests of every row through a bounded pool -> (rated rows, usage)."""
     jobs = [(i, c) for i in range(len(rows)) for c in CRITERIA]
     replies, errors = {}, {}
-    usage = {"requests": len(jobs), "sent": 0, "cached": 0, "failed": 0, "prompt_tokens": 0, "completion_tokens": 0}
+    usage = dict(requests=len(jobs), sent=0, cached=0, failed=0, prompt_tokens=0, completion_tokens=0,
+                 cached_prompt_tokens=0, cached_completion_tokens=0)
     pool = ThreadPoolExecutor(cfg.workers)
     try:
         futures = {pool.submit(cached_chat, judge_messages(rows[i], c), cfg): (i, c) for i, c in jobs}
@@ -252,12 +257,12 @@ def judge_rows(rows, cfg):
                 continue
             replies[futures[fut]] = reply
             usage["cached" if from_cache else "sent"] += 1
-            if not from_cache:
-                usage["prompt_tokens"] += used["prompt_tokens"]
-                usage["completion_tokens"] += used["completion_tokens"]
+            for k in ("prompt_tokens", "completion_tokens"):  # this run's tokens, or ones paid before
+                usage[("cached_" if from_cache else "") + k] += used[k]
     finally:  # on Ctrl-C, drop the queued requests instead of waiting for them
         pool.shutdown(wait=True, cancel_futures=True)
     usage["cost_usd"] = cost(usage["prompt_tokens"], usage["completion_tokens"], cfg)
+    usage["saved_usd"] = cost(usage["cached_prompt_tokens"], usage["cached_completion_tokens"], cfg)
     rated = []
     for i, row in enumerate(rows):
         got = {c: replies[i, c] for c in CRITERIA if (i, c) in replies}
@@ -281,7 +286,8 @@ def choose_strength(rows):
     by_strength = {}
     for r in rows:
         by_strength.setdefault(r["strength"], []).append(r)
-    select = {s: _mean(r["score"] for r in rs if r["instruction_index"] < 5) for s, rs in by_strength.items()}
+    select = {s: _mean(r["score"] for r in rs if r["instruction_index"] < 5)
+              for s, rs in by_strength.items()}
     candidates = sorted((s for s in select if select[s] is not None), key=lambda s: (abs(s), s))
     best = max(candidates, key=lambda s: round(select[s], 9)) if candidates else None  # first max wins
     held = [r for r in by_strength.get(best, []) if r["instruction_index"] >= 5]
@@ -314,33 +320,37 @@ def _fmt(x):
     return "-" if x is None else f"{x:.3f}"
 
 
-def _cell(text):
-    return str(text).replace("|", "\\|").replace("\n", " ")  # keep markdown table cells intact
+def _row(*cells):
+    return "| " + " | ".join(str(c).replace("|", "\\|").replace("\n", " ") for c in cells) + " |"
 
 
-def markdown_report(results, usage, cfg):
+def markdown_report(results, usage, cfg, per_concept=True):
+    """Paper Table 1 layout (methods x splits), then per-group details and chosen strengths."""
     methods = list(dict.fromkeys(r["method"] for r in results))
     found = list(dict.fromkeys(r["split"] for r in results))
-    splits = [s for s in ("held-out", "held-in") if s in found] + [s for s in found if s not in ("held-out", "held-in")]
-    cell = {(r["method"], r["split"]): r for r in results}
+    paper = ("held-out", "held-in")  # paper Table 1 column order, then any other split
+    splits = [s for s in paper if s in found] + [s for s in found if s not in paper]
+    cell = {(r["method"], r["split"]): _fmt(r["score"]) for r in results}
     lines = ["# Steering scores (SPEC §7)", "",
              f"Judge `{cfg.model}`, temperature {cfg.temperature}. Score 0-2: harmonic mean of the concept, "
-             "instruction and fluency ratings; strength chosen per concept on instructions 0-4, "
+             "instruction and fluency ratings. Strength chosen per concept on instructions 0-4; "
              "score = mean on instructions 5-9 at that strength, averaged over concepts.", "",
-             "| method | " + " | ".join(splits) + " |", "|---|" + "---|" * len(splits)]
-    lines += [f"| {_cell(m)} | " + " | ".join(_fmt(cell[m, s]["score"]) if (m, s) in cell else "-" for s in splits) + " |"
-              for m in methods]
-    lines += ["", "## Details", "", "| method | split | score | concepts | concept | instruction | fluency | failed requests |",
-              "|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {_cell(r['method'])} | {r['split']} | {_fmt(r['score'])} | {r['n_concepts']} | "
-              + " | ".join(_fmt(r["ratings"][c]) for c in CRITERIA) + f" | {r['failed_requests']} |" for r in results]
-    lines += ["", "## Strength chosen per concept", "",
-              "| method | split | concept_id | concept | strength | score 0-4 | score 5-9 |", "|---|---|---|---|---|---|---|"]
-    lines += [f"| {_cell(r['method'])} | {r['split']} | {c['concept_id']} | {_cell(c['concept'])} | {c['strength']} | "
-              f"{_fmt(c['select_score'])} | {_fmt(c['score'])} |" for r in results for c in r["concepts"]]
-    lines += ["", f"Requests: {usage['requests']} ({usage['cached']} cached, {usage['sent']} sent, {usage['failed']} failed). "
-              f"Tokens this run: {usage['prompt_tokens']} in, {usage['completion_tokens']} out, "
-              f"estimated ${usage['cost_usd']:.4f}.", ""]
+             _row("method", *splits), _row(*["---"] * (len(splits) + 1))]
+    lines += [_row(m, *(cell.get((m, s), "-") for s in splits)) for m in methods]
+    lines += ["", "## Details", "",
+              _row("method", "split", "score", "concepts", *CRITERIA, "failed requests"), _row(*["---"] * 8)]
+    lines += [_row(r["method"], r["split"], _fmt(r["score"]), r["n_concepts"],
+                   *(_fmt(r["ratings"][c]) for c in CRITERIA), r["failed_requests"]) for r in results]
+    if per_concept:
+        lines += ["", "## Strength chosen per concept", "",
+                  _row("method", "split", "concept_id", "concept", "strength", "score 0-4", "score 5-9"),
+                  _row(*["---"] * 7)]
+        lines += [_row(r["method"], r["split"], c["concept_id"], c["concept"], c["strength"],
+                       _fmt(c["select_score"]), _fmt(c["score"])) for r in results for c in r["concepts"]]
+    lines += ["", f"Requests: {usage['requests']} ({usage['cached']} cached, {usage['sent']} sent, "
+              f"{usage['failed']} failed). Tokens this run: {usage['prompt_tokens']} in, "
+              f"{usage['completion_tokens']} out, estimated ${usage['cost_usd']:.4f} "
+              f"(cached answers saved ${usage['saved_usd']:.4f}).", ""]
     return "\n".join(lines)
 
 
@@ -353,33 +363,33 @@ def dry_run(rows, cfg):
     print(f"{len(bodies)} judge requests ({len(rows)} generations x {len(CRITERIA)} criteria): "
           f"{len(bodies) - len(todo)} cached, {len(todo)} to send")
     print(f"estimated {prompt_tokens} prompt + {completion_tokens} completion tokens = "
-          f"${cost(prompt_tokens, completion_tokens, cfg):.4f} at ${cfg.price_in}/${cfg.price_out} per 1M tokens")
+          f"${cost(prompt_tokens, completion_tokens, cfg):.4f} "
+          f"at ${cfg.price_in}/${cfg.price_out} per 1M prompt/completion tokens")
 
 
 def main(argv=None):
     d = JudgeConfig()
     p = argparse.ArgumentParser(description="Score steered generations with an LLM judge (SPEC §7).")
     p.add_argument("generations", nargs="+", help="generations JSONL file(s) written by steer.py")
-    p.add_argument("--base-url", default=d.base_url, help="OpenAI-compatible API root, e.g. http://localhost:8000/v1")
+    p.add_argument("--base-url", default=d.base_url, help="API root, e.g. http://localhost:8000/v1 (vLLM)")
     p.add_argument("--model", default=d.model, help="judge model name")
-    p.add_argument("--api-key-env", default=d.api_key_env, help="environment variable holding the API key")
+    p.add_argument("--api-key-env", default=d.api_key_env, help="environment variable with the API key")
     p.add_argument("--workers", type=int, default=d.workers, help="concurrent requests")
     p.add_argument("--timeout", type=float, default=d.timeout, help="seconds per HTTP request")
-    p.add_argument("--max-retries", type=int, default=d.max_retries, help="retries per request on 429/5xx/network errors")
-    p.add_argument("--backoff-base", type=float, default=d.backoff_base, help="first retry delay in seconds (doubles)")
-    p.add_argument("--backoff-max", type=float, default=d.backoff_max, help="longest single wait in seconds")
-    p.add_argument("--cache-dir", default=None, help="answer cache (default: .judge_cache next to the first input)")
+    p.add_argument("--max-retries", type=int, default=d.max_retries, help="retries on 429/5xx/network errors")
+    p.add_argument("--backoff-base", type=float, default=d.backoff_base, help="first retry wait, s (doubles)")
+    p.add_argument("--backoff-max", type=float, default=d.backoff_max, help="longest single wait, s")
+    p.add_argument("--cache-dir", default=None, help="answer cache (default: .judge_cache beside the input)")
     p.add_argument("--out", default=None, help="output prefix (default: first input without .jsonl)")
     p.add_argument("--price-in", type=float, default=d.price_in, help="USD per 1M prompt tokens")
     p.add_argument("--price-out", type=float, default=d.price_out, help="USD per 1M completion tokens")
-    p.add_argument("--est-output-tokens", type=int, default=d.est_output_tokens, help="assumed reply length for --dry-run")
-    p.add_argument("--dry-run", action="store_true", help="print the request count and estimated cost, send nothing")
+    p.add_argument("--est-output-tokens", type=int, default=d.est_output_tokens,
+                   help="assumed reply length in tokens, for --dry-run")
+    p.add_argument("--dry-run", action="store_true", help="print the request count and cost; send nothing")
     args = p.parse_args(argv)
     first = Path(args.generations[0])
-    cfg = JudgeConfig(base_url=args.base_url, model=args.model, api_key_env=args.api_key_env, workers=args.workers,
-                      timeout=args.timeout, max_retries=args.max_retries, backoff_base=args.backoff_base,
-                      backoff_max=args.backoff_max, cache_dir=args.cache_dir or str(first.parent / ".judge_cache"),
-                      price_in=args.price_in, price_out=args.price_out, est_output_tokens=args.est_output_tokens)
+    given = {k: v for k, v in vars(args).items() if k in JudgeConfig.__dataclass_fields__}
+    cfg = JudgeConfig(**{**given, "cache_dir": args.cache_dir or str(first.parent / ".judge_cache")})
     try:
         rows = read_generations(args.generations)
     except (OSError, ValueError) as e:
@@ -393,12 +403,12 @@ def main(argv=None):
     rated, usage = judge_rows(rows, cfg)
     results = summarize(rated)
     out = args.out or str(first.with_suffix(""))
-    write_atomic(out + ".ratings.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rated))
-    report = markdown_report(results, usage, cfg)
-    write_atomic(out + ".report.md", report)
-    write_atomic(out + ".report.json", json.dumps({"config": asdict(cfg), "inputs": args.generations,
-                                                   "usage": usage, "results": results}, indent=1, ensure_ascii=False))
-    print(report)
+    write_atomic(out + ".ratings.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n"
+                                                 for r in rated))
+    write_atomic(out + ".report.md", markdown_report(results, usage, cfg))
+    summary = {"config": asdict(cfg), "inputs": args.generations, "usage": usage, "results": results}
+    write_atomic(out + ".report.json", json.dumps(summary, indent=1, ensure_ascii=False))
+    print(markdown_report(results, usage, cfg, per_concept=False))  # the per-concept table is in the file
     print(f"wrote {out}.ratings.jsonl, {out}.report.md, {out}.report.json")
     if usage["failed"]:
         first_error = next(r["errors"][c] for r in rated for c in r["failed"])
