@@ -47,6 +47,7 @@ NORMAL, CONTROL, USER_DEFINED, BYTE = 1, 3, 4, 6
 
 
 def hf_name(name: str) -> str:
+    """GGUF tensor name -> Hugging Face checkpoint key."""
     if name == "token_embd.weight":
         return "model.embed_tokens.weight"
     if name == "output_norm.weight":
@@ -59,7 +60,9 @@ def hf_name(name: str) -> str:
 
 def make_config(reader: gguf.GGUFReader) -> dict:
     """A complete gemma3_text config.json; every value but two comes from the GGUF metadata."""
-    meta = lambda key: reader.fields[key].contents()  # noqa: E731
+    def meta(key):
+        return reader.fields[key].contents()
+
     assert meta("general.architecture") == "gemma3"
     n_layers, head_dim = meta("gemma3.block_count"), meta("gemma3.attention.key_length")
     assert meta("gemma3.attention.value_length") == head_dim
@@ -112,12 +115,12 @@ def convert_weights(reader: gguf.GGUFReader, config: dict) -> dict[str, torch.Te
     weights = {}
     for t in reader.tensors:
         name = hf_name(t.name)
-        w = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
+        w = gguf.quants.dequantize(t.data, t.tensor_type)  # F32 ones come back as file views
         # the reader lists shapes innermost-first (ggml order); the array is already torch [out, in]
         assert w.shape == tuple(int(n) for n in reversed(t.shape)) == expected[name], (name, w.shape)
         if t.name.endswith("norm.weight"):
             w = w - 1.0  # GGUF stores Gemma's RMSNorm scale as (1 + w); Hugging Face stores w
-        weights[name] = torch.from_numpy(np.ascontiguousarray(w))
+        weights[name] = torch.from_numpy(np.array(w, dtype=np.float32))  # a copy, off the file
     missing = expected.keys() - weights.keys()
     assert not missing, f"GGUF lacks {sorted(missing)[:5]}"
     return weights
@@ -158,6 +161,7 @@ def make_tokenizer(reader: gguf.GGUFReader) -> Tokenizer:
     # are matched whole in the raw text before the BPE model sees it.
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
                             for t, ty in zip(tokens, types) if ty == CONTROL])
+    # (The whitespace runs, user-defined too, stay plain BPE pieces, as in the official tokenizer.)
     tok.add_tokens([AddedToken(t, special=False, normalized=False)
                     for t, ty in zip(tokens, types) if ty == USER_DEFINED and "▁" not in t])
     bos_id = reader.fields["tokenizer.ggml.bos_token_id"].contents()
@@ -172,6 +176,7 @@ def _replace(path: Path, write) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         write(tmp)
+        os.chmod(tmp, 0o644)  # safetensors creates its files 0600
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -207,7 +212,7 @@ def build(out_dir: str | Path = DEFAULT_DIR, verbose: bool = True) -> Path:
         _replace(out_dir / "tokenizer.json", lambda p: tokenizer.save(str(p)))
         _replace(done, lambda p: p.write_text(marker))  # last: the folder is complete
     finally:
-        del reader  # drop the memory map before deleting the file (matters on Windows)
+        del reader  # close the memory map before deleting the file (Windows refuses otherwise)
         gguf_path.unlink(missing_ok=True)
     n_params = sum(w.numel() for w in weights.values())
     say(f"wrote {out_dir}: {n_params / 1e6:.1f}M parameters (float32), "

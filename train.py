@@ -1,0 +1,318 @@
+"""Train a HyperSteer hypernetwork with the LM cross-entropy of the steered base model (paper §3-4,
+Eq. 4; SPEC §5). The base model is frozen; only the hypernetwork learns.
+
+    python train.py --preset demo       # offline: gemma-3-270m + bundled demo concepts, CPU, < 10 min
+    python train.py                     # the paper's Gemma-2-2b cross-attention run (one 80 GB GPU)
+    python train.py --preset demo --max-steps 20 --eval-every 10    # a 1-minute smoke test
+
+One step (SPEC §5 compute structure): the base residual h_L at the steering layer over prompt +
+output, once, without gradients; Δ = H(s, X = h_L over the prompt); the steered pass runs only
+blocks L+1.. from h_L + Δ; the loss reaches H through Δ alone.
+"""
+import argparse
+import contextlib
+import json
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+import data
+import hypernet as H
+import model as M
+
+
+@dataclass
+class TrainConfig:
+    model: str = "google/gemma-2-2b-it"        # base model: local folder or hub repo id
+    data: str = "concept16k:2b/l20/train/data.parquet"  # AxBench "dataset:path", or a local .parquet/.jsonl
+    data_revision: str = "main"                # hub revision the data is pinned to
+    variant: str = "cross_attention"           # no_context | in_context | cross_attention
+    n_blocks: int = 22                         # hypernetwork depth N (paper 2b: 22)
+    layer: int = 20                            # steering layer L (SPEC §4)
+    random_init: bool = False                  # paper Table 2 ablation
+    freeze_embeddings: bool = False            # keep the hypernetwork's embeddings fixed (CPU demos)
+    batch_size: int = 12
+    grad_accum: int = 1                        # micro-batches per optimizer step
+    lr: float = 8e-5                           # paper: 8e-5 * sqrt(20 / N) rule of thumb
+    weight_decay: float = 0.0
+    epochs: float = 3.0
+    max_steps: int = 0                         # stop after this many steps (0 = epochs decide)
+    clip: float = 1.0                          # gradient-norm clip
+    max_len: int = 256                         # prompt + output tokens per example
+    held_out: float = 500                      # held-out concepts: a count (>= 1) or a fraction (< 1)
+    eval_rows: int = 2                         # rows per trained concept kept for held-in evaluation
+    eval_every: int = 500                      # steps between evaluations
+    eval_batches: int = 20                     # batches per split per evaluation
+    save_every: int = 500                      # steps between checkpoints
+    samples: int = 4                           # steered generations printed at the end
+    out: str = "runs/paper-2b"                 # checkpoints, metrics.jsonl, loss.png
+    seed: int = 0
+    device: str = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+PRESETS = {
+    "paper-2b": TrainConfig(),
+    "paper-9b": TrainConfig(model="google/gemma-2-9b-it", data="concept16k:9b/l20/train/data.parquet",
+                            batch_size=4, lr=5e-6, out="runs/paper-9b"),
+    "demo": TrainConfig(model=str(M.DEMO_MODEL), data=str(data.DEMO_DATA), n_blocks=2, layer=9,
+                        freeze_embeddings=True, batch_size=4, lr=3e-4, epochs=1.0, max_len=96,
+                        held_out=4, eval_rows=2, eval_every=50, eval_batches=4, save_every=50,
+                        out="runs/demo", device="cpu"),
+}
+
+
+# ----------------------------------------------------------------------------- the loss
+
+def steered_loss(base, hyper, batch, strength=1.0):
+    """Eq. 4: token-mean cross-entropy of the steered base model on the output tokens."""
+    L = base.layer_index(hyper.hcfg.layer)
+    with torch.no_grad():
+        h = base.residual(batch["ids"], batch["pad"], L)                  # (B, T, d), no gradients
+    delta = hyper(batch["hyper_ids"], batch["hyper_pad"], h, batch["prompt"])   # Eq. 2-3: (B, d)
+    h = M.add_steering(h, M.Steer(L, delta, strength, batch["steer"]))  # Eq. 1
+    out = base.run_from(h, L, batch["pad"])                              # blocks L+1.. only
+    sel = batch["labels"] != -100
+    logits = base.head(out[sel])                                          # logits only where labelled
+    return F.cross_entropy(logits.float(), batch["labels"][sel])
+
+
+def two_pass_loss(base, hyper, batch):
+    """The public code's structure, kept for the speed comparison only: the base runs once for X and
+    again, whole and with gradients through every block, for the steered output."""
+    L = base.layer_index(hyper.hcfg.layer)
+    with torch.no_grad():
+        x = base.residual(batch["ids"], batch["pad"], L)
+    delta = hyper(batch["hyper_ids"], batch["hyper_pad"], x, batch["prompt"])
+    logits = base(batch["ids"], batch["pad"], steer=M.Steer(L, delta, 1.0, batch["steer"]))
+    sel = batch["labels"] != -100
+    return F.cross_entropy(logits[sel].float(), batch["labels"][sel])
+
+
+@torch.no_grad()
+def evaluate(base, hyper, examples, cfg, amp):
+    """Mean steered and unsteered (strength 0) loss over the first eval_batches batches."""
+    steered, plain = [], []
+    for i in range(0, min(len(examples), cfg.eval_batches * cfg.batch_size), cfg.batch_size):
+        batch = {k: v.to(cfg.device) for k, v in data.collate(examples[i:i + cfg.batch_size]).items()}
+        with amp():
+            steered.append(steered_loss(base, hyper, batch).item())
+            plain.append(steered_loss(base, hyper, batch, strength=0.0).item())
+    return sum(steered) / max(len(steered), 1), sum(plain) / max(len(plain), 1)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def save_checkpoint(path, hyper, opt, step, cfg):
+    """Hypernetwork + AdamW state + step in one safetensors file, written atomically (temp file, then
+    rename), so an interruption never leaves a half-written checkpoint."""
+    tensors = {k: v.detach().contiguous() for k, v in hyper.state_dict().items()}
+    names = {p: n for n, p in hyper.named_parameters()}
+    for p, st in opt.state.items():
+        for k, v in st.items():
+            tensors[f"optim.{names[p]}.{k}"] = v.detach().reshape(-1).clone() if k == "step" else v.contiguous()
+    meta = {"step": str(step), "train_config": json.dumps(asdict(cfg)),
+            "hyper_config": json.dumps(asdict(hyper.hcfg)), "base_config": json.dumps(asdict(hyper.base_cfg))}
+    tmp = Path(f"{path}.tmp")
+    save_file({k: v.cpu() for k, v in tensors.items()}, tmp, metadata=meta)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, hyper, opt):
+    """Restore hypernetwork and optimizer from save_checkpoint's file; returns the step."""
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            meta, tensors = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:
+        raise ValueError(f"{path}: corrupted or unreadable checkpoint ({str(e).splitlines()[0][:120]})") from None
+    if "step" not in meta or json.loads(meta.get("base_config", "{}")) != asdict(hyper.base_cfg):
+        raise ValueError(f"{path}: checkpoint is for another base model or not a train.py checkpoint")
+    if json.loads(meta["hyper_config"]) != asdict(hyper.hcfg):
+        raise ValueError(f"{path}: checkpoint hypernetwork config {meta['hyper_config']} differs from this run's")
+    dev = next(hyper.parameters()).device
+    hyper.load_state_dict({k: v.to(dev) for k, v in tensors.items() if not k.startswith("optim.")}, strict=True)
+    by_name = dict(hyper.named_parameters())
+    for key, v in tensors.items():
+        if key.startswith("optim."):
+            name, k = key[len("optim."):].rsplit(".", 1)
+            opt.state[by_name[name]][k] = v.reshape(()) if k == "step" else v.to(dev)
+    return int(meta["step"])
+
+
+# ----------------------------------------------------------------------------- the loop
+
+def load_data(cfg):
+    if ":" in cfg.data and not Path(cfg.data).exists():
+        name, path = cfg.data.split(":", 1)
+        return data.read_rows(data.download_axbench(name, path, cfg.data_revision))
+    return data.read_rows(cfg.data)
+
+
+def train(cfg, resume=False, two_pass=False):
+    torch.manual_seed(cfg.seed)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if Path(cfg.model) == M.DEMO_MODEL and not M.DEMO_MODEL.exists():
+        import convert_gguf
+        convert_gguf.build(M.DEMO_MODEL)
+    cuda = cfg.device.startswith("cuda")
+    # fp32 master weights and AdamW state; bf16 autocast on CUDA (SPEC §5). The frozen base is bf16 there.
+    base, tok = M.load(cfg.model, cfg.device, torch.bfloat16 if cuda else torch.float32)
+    hcfg = H.HyperConfig(cfg.variant, cfg.n_blocks, cfg.layer, cfg.random_init, cfg.freeze_embeddings)
+    hyper = H.HyperSteer.from_base(base, hcfg).float().train()
+    amp = (lambda: torch.autocast("cuda", torch.bfloat16)) if cuda else contextlib.nullcontext
+
+    rows = data.positives(load_data(cfg))
+    held_out = cfg.held_out if cfg.held_out < 1 else cfg.held_out / len({r["concept_id"] for r in rows})
+    train_rows, in_rows, out_rows = data.split_concepts(rows, held_out, cfg.seed, cfg.eval_rows)
+    make = lambda rs: data.encode(tok, rs, lambda t, c, i: H.hyper_input(t, c, i, cfg.variant), cfg.max_len)
+    train_ex, in_ex, out_ex = make(train_rows), make(in_rows), make(out_rows)
+    per_epoch = max(1, math.ceil(len(train_ex) / cfg.batch_size) // cfg.grad_accum)
+    total = cfg.max_steps or math.ceil(cfg.epochs * per_epoch)
+
+    trainable = [p for p in hyper.parameters() if p.requires_grad]
+    n_train = sum(p.numel() for p in trainable)
+    n_frozen = sum(p.numel() for p in hyper.parameters()) - n_train
+    n_base = sum(p.numel() for p in base.parameters())
+    est = (n_base * (2 if cuda else 4) + (n_train + n_frozen) * 4 + n_train * 12) / 2**30
+    print(f"base {cfg.model}: {n_base / 1e6:.1f}M frozen parameters ({'bf16' if cuda else 'fp32'}) on {cfg.device}")
+    print(f"hypernet {cfg.variant}, N={cfg.n_blocks}, layer {cfg.layer}: {n_train / 1e6:.1f}M trainable, "
+          f"{n_frozen / 1e6:.1f}M frozen; weights + AdamW ~{est:.1f} GiB before activations")
+    print(f"data: {len(train_ex)} train examples ({len({e.concept_id for e in train_ex})} concepts), "
+          f"{len(in_ex)} held-in eval, {len(out_ex)} held-out eval ({len({e.concept_id for e in out_ex})} concepts); "
+          f"{total} steps of {cfg.batch_size * cfg.grad_accum} examples")
+
+    opt = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=False)
+    ckpt, step = out / "checkpoint.safetensors", 0
+    if resume:
+        if not ckpt.exists():
+            raise FileNotFoundError(f"{ckpt}: nothing to resume")
+        step = load_checkpoint(ckpt, hyper, opt)
+        print(f"resumed from {ckpt} at step {step}")
+    log = open(out / "metrics.jsonl", "a")
+
+    def save():
+        save_checkpoint(ckpt, hyper, opt, step, cfg)
+        H.save(hyper, out / "hypernet.safetensors", {"step": str(step)})
+
+    stop = {"now": False}
+    old_handler = signal.signal(signal.SIGINT, lambda *a: stop.update(now=True))  # Ctrl-C: finish the step, save, exit
+    bar = tqdm(total=total, initial=step, desc="train", dynamic_ncols=True)
+    t0, tokens, epoch_batches = time.time(), 0, {}
+    while step < total and not stop["now"]:
+        epoch, first = step // per_epoch, (step % per_epoch) * cfg.grad_accum
+        if epoch not in epoch_batches:  # the epoch's fixed order: a resumed run continues it exactly
+            epoch_batches = {epoch: list(data.batches(train_ex, cfg.batch_size, cfg.seed, epoch))}
+        micro = epoch_batches[epoch][first:first + cfg.grad_accum]
+        lr = cfg.lr * (1 - step / total)                                   # linear decay, no warmup
+        for g in opt.param_groups:
+            g["lr"] = lr
+        loss_sum = 0.0
+        for batch in micro:
+            batch = {k: v.to(cfg.device) for k, v in batch.items()}
+            with amp():
+                loss = (two_pass_loss if two_pass else steered_loss)(base, hyper, batch) / len(micro)
+            loss.backward()
+            loss_sum += loss.item()
+            tokens += int(batch["pad"].sum())
+        if not math.isfinite(loss_sum):
+            msg = f"loss is {loss_sum} at step {step}: stopping; the last good checkpoint is {ckpt}"
+            raise SystemExit(msg if ckpt.exists() else msg.replace(f"the last good checkpoint is {ckpt}", "no checkpoint yet"))
+        gnorm = torch.nn.utils.clip_grad_norm_(trainable, cfg.clip).item()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        rec = {"step": step, "loss": loss_sum, "lr": lr, "grad_norm": gnorm,
+               "tokens_per_s": tokens / (time.time() - t0)}
+        if cuda:
+            rec["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss_sum:.3f}", **({"mem": f"{rec['peak_mem_gib']:.1f}G"} if cuda else {}))
+        if step % cfg.eval_every == 0 or step == total:
+            hyper.eval()
+            for name, ex in (("held_in", in_ex), ("held_out", out_ex)):
+                rec[f"{name}_steered"], rec[f"{name}_unsteered"] = evaluate(base, hyper, ex, cfg, amp)
+            hyper.train()
+            bar.write(f"step {step}: held-in loss {rec['held_in_steered']:.3f} (unsteered {rec['held_in_unsteered']:.3f})"
+                      f", held-out {rec['held_out_steered']:.3f} (unsteered {rec['held_out_unsteered']:.3f})")
+        log.write(json.dumps(rec) + "\n")
+        log.flush()
+        if step % cfg.save_every == 0 or step == total or stop["now"]:
+            save()
+    bar.close()
+    signal.signal(signal.SIGINT, old_handler)
+    if stop["now"]:
+        save()
+        sys.exit(f"interrupted at step {step}: saved {ckpt}; continue with --resume")
+    plot(out)
+    return base, tok, hyper, in_rows, out_rows
+
+
+def plot(out):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    recs = [json.loads(l) for l in open(out / "metrics.jsonl")]
+    plt.figure(figsize=(6, 3.5))
+    plt.plot([r["step"] for r in recs], [r["loss"] for r in recs], lw=0.8, label="train")
+    for k in ("held_in_steered", "held_out_steered", "held_in_unsteered"):
+        ev = [r for r in recs if k in r]
+        plt.plot([r["step"] for r in ev], [r[k] for r in ev], "o-", label=k.replace("_", " "))
+    plt.xlabel("step"), plt.ylabel("cross-entropy"), plt.legend(), plt.tight_layout()
+    plt.savefig(out / "loss.png", dpi=120)
+
+
+def show_samples(base, tok, hyper, rows, n, title):
+    """A few steered generations next to the unsteered ones (greedy, so readers can reproduce them)."""
+    seen, picked = set(), []
+    for r in rows:
+        if r["concept_id"] not in seen:
+            seen.add(r["concept_id"])
+            picked.append(r)
+    for r in picked[:n]:
+        ids, n_prefix = tok.chat(r["input"])
+        with torch.no_grad():
+            x = base.residual(torch.tensor([ids]), None, hyper.hcfg.layer)
+            hid, hpad = data.left_pad([H.hyper_input(tok, r["output_concept"], r["input"], hyper.hcfg.variant)], 0)
+            delta = hyper(hid.to(x.device), hpad.to(x.device), x, torch.ones(x.shape[:2], dtype=torch.bool))
+        plain = M.generate(base, [ids], 48)[0]
+        steered = M.generate(base, [ids], 48, steer=M.Steer(hyper.hcfg.layer, delta, 1.0), steer_from=[n_prefix])[0]
+        print(f"\n[{title}] concept: {r['output_concept']}\nprompt:    {r['input']}\n"
+              f"unsteered: {tok.decode(plain)!r}\nsteered:   {tok.decode(steered)!r}")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="paper-2b", choices=list(PRESETS), help="starting settings")
+    ap.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.safetensors")
+    ap.add_argument("--two-pass", action="store_true", help="run the base twice per step (speed comparison only)")
+    for f in fields(TrainConfig):
+        kind = {bool: lambda s: s.lower() in ("1", "true", "yes")}.get(f.type, f.type)
+        ap.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=None,
+                        help=f"override the preset's {f.name}")
+    args = ap.parse_args()
+    cfg = PRESETS[args.preset]
+    cfg = type(cfg)(**{**asdict(cfg), **{k: v for k, v in vars(args).items() if k in asdict(cfg) and v is not None}})
+    try:
+        base, tok, hyper, in_rows, out_rows = train(cfg, args.resume, args.two_pass)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: {e}")
+    hyper.eval()
+    show_samples(base, tok, hyper, in_rows, cfg.samples // 2, "held-in")
+    show_samples(base, tok, hyper, out_rows, cfg.samples - cfg.samples // 2, "held-out")
+
+
+if __name__ == "__main__":
+    main()
