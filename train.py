@@ -202,7 +202,7 @@ def train(cfg, resume=False, two_pass=False):
 
     def save():
         save_checkpoint(ckpt, hyper, opt, step, cfg)
-        H.save(hyper, out / "hypernet.safetensors", {"step": str(step)})
+        H.save(hyper, out / "hypernet.safetensors", {"step": str(step), "train_config": json.dumps(asdict(cfg))})
 
     stop = {"now": False}
     old_handler = signal.signal(signal.SIGINT, lambda *a: stop.update(now=True))  # Ctrl-C: finish the step, save, exit
