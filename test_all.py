@@ -168,7 +168,8 @@ def tiny_tokenizer_json(path):
     specials = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]
     vocab = {t: i for i, t in enumerate(specials + ["user", "model", "\n"] + [f"w{i}" for i in range(100)])}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split("\n", "isolated")
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split("\n", "isolated"),
+                                                 pre_tokenizers.Split(" ", "removed")])
     tok.add_special_tokens(specials)
     tok.save(str(path))
 
@@ -1021,3 +1022,185 @@ def test_real_tokenizer_equals_transformers(real_pair):
     assert n == 4 and ids[:4] == [2, 105, 2364, 107]
     assert ids == hf_tok("<start_of_turn>user\nTell me\tabout 🤗\n\nnewlines<end_of_turn>\n"
                          "<start_of_turn>model\n")["input_ids"]
+
+
+# ============================================================================ data.py, train.py (SPEC §5, §6)
+
+import data
+import train as TR
+
+
+def axbench_row(cid, i, concept=None, genre="text"):
+    return {"input": f"w{10 + i % 7} w{20 + i % 5}", "output": f"w{40 + cid} w{50 + i % 9} w{40 + cid} w{60 + i % 4}",
+            "output_concept": concept or f"w{80 + cid}", "concept_genre": genre, "category": "positive",
+            "dataset_category": "instruction", "concept_id": cid}
+
+
+def write_rows(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_labels_and_steering_masks_on_hand_made_rows(tmp_path):
+    write_checkpoint(tmp_path / "m")
+    _, tok = M.load(tmp_path / "m")
+    rows = [dict(axbench_row(0, 0), input="w1", output="w2 w3"),
+            dict(axbench_row(1, 0), input="w4 w5", output="w6 w7 w8")]
+    ex = data.encode(tok, rows, lambda t, c, i: hyper_input(t, c, i, "cross_attention"))
+    b = data.collate(ex)
+    S, E, B_, U, M_ = 4, 5, 2, 6, 7   # <start_of_turn> <end_of_turn> <bos> user model; "\n" = 8; wK = 9 + K
+    row0 = [0, 0, B_, S, U, 8, 10, E, 8, S, M_, 8, 11, 12]        # left pad 2, prompt (10 tokens), w2 w3
+    row1 = [B_, S, U, 8, 13, 14, E, 8, S, M_, 8, 15, 16, 17]      # prompt (11 tokens), w6 w7 w8
+    assert b["ids"].tolist() == [row0, row1]
+    assert b["labels"].tolist() == [[-100] * 11 + [11, 12, -100], [-100] * 10 + [15, 16, 17, -100]]
+    assert b["steer"].long().tolist() == [[0] * 6 + [1] * 8, [0] * 4 + [1] * 10]   # after the chat prefix
+    assert b["prompt"].long().tolist() == [[0, 0] + [1] * 10 + [0, 0], [1] * 11 + [0] * 3]
+    assert b["pad"].long().tolist() == [[0, 0] + [1] * 12, [1] * 14]
+    assert b["hyper_ids"].tolist() == [[2, 89], [2, 90]]            # <bos> + raw concept, no template
+    short = data.encode(tok, rows, lambda t, c, i: [2], max_len=11)  # truncation keeps the prompt
+    assert [len(e.ids) for e in short] == [11]                       # row 1's prompt fills 11: dropped
+
+
+def test_split_is_deterministic_and_held_out_never_trains():
+    rows = [axbench_row(c, i) for c in range(20) for i in range(6)]
+    a, b = data.split_concepts(rows, 0.2, seed=3), data.split_concepts(rows, 0.2, seed=3)
+    assert a == b
+    train_ids = {r["concept_id"] for r in a[0]}
+    out_ids = {r["concept_id"] for r in a[2]}
+    assert len(out_ids) == 4 and not train_ids & out_ids
+    assert len(a[1]) == 16 * 2 and {r["concept_id"] for r in a[1]} == train_ids
+    assert not {(r["concept_id"], r["input"], r["output"]) for r in a[1]} & \
+        {(r["concept_id"], r["input"], r["output"]) for r in a[0]}
+
+
+def test_demo_data_is_valid():
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                               # a skipped row would warn
+        rows = data.read_rows(data.DEMO_DATA)
+    per = {}
+    for r in rows:
+        per.setdefault(r["concept_id"], []).append(r)
+    assert len(per) >= 40 and min(len(v) for v in per.values()) >= 12
+    assert {r["concept_genre"] for r in rows} == {"text", "code", "math"}
+    assert all(len({r["output_concept"] for r in v}) == 1 for v in per.values())
+    assert len({r["input"] for r in rows}) == len(rows)
+    instructions = json.loads((data.DEMO_DATA.parent / "instructions.json").read_text())
+    assert len(instructions) >= 10 and all(i["instruction"].strip() for i in instructions)
+
+
+def test_malformed_data_is_skipped_or_refused(tmp_path):
+    good = [axbench_row(0, i) for i in range(3)]
+    bad = [dict(good[0], output=""), dict(good[0], concept_id="7"), {"input": "x"}]
+    path = write_rows(tmp_path / "d.jsonl", good + bad)
+    with path.open("a") as f:
+        f.write("{not json\n")
+    with pytest.warns(UserWarning, match="skipped 4 malformed rows of 7"):
+        assert data.read_rows(path) == good
+    (tmp_path / "e.jsonl").write_text(json.dumps({"prompt": "a", "completion": "b"}) + "\n")
+    with pytest.raises(ValueError, match="not AxBench-shaped data: no column input, output, output_concept"):
+        data.read_rows(tmp_path / "e.jsonl")
+    import pyarrow as pa, pyarrow.parquet as pq
+    pq.write_table(pa.Table.from_pylist(good), tmp_path / "d.parquet")
+    assert data.read_rows(tmp_path / "d.parquet") == good
+    (tmp_path / "x.parquet").write_bytes(b"PAR1 garbage")
+    with pytest.raises(ValueError, match="not a readable parquet file"):
+        data.read_rows(tmp_path / "x.parquet")
+
+
+def tiny_run(tmp_path, **kw):
+    """A TrainConfig on a tiny random Gemma-2 and a synthetic AxBench file."""
+    if not (tmp_path / "m").exists():
+        write_checkpoint(tmp_path / "m")
+        write_rows(tmp_path / "d.jsonl", [axbench_row(c, i) for c in range(3) for i in range(8)])
+    base = dict(model=str(tmp_path / "m"), data=str(tmp_path / "d.jsonl"), n_blocks=2, layer=1, batch_size=4,
+                lr=1e-2, epochs=1, held_out=1, eval_rows=2, eval_every=1000, eval_batches=2, save_every=1000,
+                max_len=32, out=str(tmp_path / "run"), device="cpu", samples=0)
+    return TR.TrainConfig(**{**base, **kw})
+
+
+def test_steered_loss_equals_running_the_base_twice(tmp_path):
+    cfg = tiny_run(tmp_path)
+    base, tok = M.load(cfg.model)
+    hyper = HyperSteer.from_base(base, HyperConfig("cross_attention", 2, 1))
+    with torch.no_grad():
+        hyper.head.weight.normal_(0, 0.5)
+    rows = [axbench_row(c, i) for c in range(2) for i in range(3)]
+    b = data.collate(data.encode(tok, rows, lambda t, c, i: hyper_input(t, c, i, "cross_attention")))
+    fast, slow = TR.steered_loss(base, hyper, b), TR.two_pass_loss(base, hyper, b)
+    assert abs(fast.item() - slow.item()) < 1e-5 and fast.item() != TR.steered_loss(base, hyper, b, 0.0).item()
+
+
+def test_loss_falls_when_overfitting_one_concept(tmp_path):
+    cfg = tiny_run(tmp_path, max_steps=40, held_out=0, eval_rows=0)
+    write_rows(tmp_path / "d.jsonl", [dict(axbench_row(0, i), output="w40 w41 w40 w41") for i in range(8)])
+    # Random init (std 0.02) caps the tiny model's logits near uniform whatever the residual holds;
+    # larger embeddings (the tied LM head) let a steering vector make it confident.
+    sd = load_file(tmp_path / "m" / "model.safetensors")
+    sd["model.embed_tokens.weight"] *= 50
+    save_file(sd, tmp_path / "m" / "model.safetensors")
+    TR.train(cfg)
+    losses = [json.loads(l)["loss"] for l in open(tmp_path / "run" / "metrics.jsonl")]
+    assert len(losses) == 40 and sum(losses[-5:]) / 5 < 0.25 * sum(losses[:5]) / 5
+
+
+def test_interrupt_and_resume_equal_an_uninterrupted_run(tmp_path, monkeypatch):
+    TR.train(tiny_run(tmp_path, max_steps=6, out=str(tmp_path / "straight"), save_every=2))
+    real, calls = TR.steered_loss, []
+
+    def ctrl_c_at_step_3(*a, **k):                        # Ctrl-C arrives during the third step
+        calls.append(1)
+        if len(calls) == 3:
+            import signal
+            signal.raise_signal(signal.SIGINT)
+        return real(*a, **k)
+    monkeypatch.setattr(TR, "steered_loss", ctrl_c_at_step_3)
+    cfg = tiny_run(tmp_path, max_steps=6, out=str(tmp_path / "resumed"), save_every=2)
+    with pytest.raises(SystemExit, match="interrupted at step 3"):
+        TR.train(cfg)
+    monkeypatch.setattr(TR, "steered_loss", real)
+    TR.train(cfg, resume=True)
+    a, b = load_file(tmp_path / "straight" / "hypernet.safetensors"), load_file(tmp_path / "resumed" / "hypernet.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_checkpoint_round_trip_and_corruption(tmp_path):
+    cfg = tiny_run(tmp_path, max_steps=2)
+    TR.train(cfg)
+    ckpt = tmp_path / "run" / "checkpoint.safetensors"
+    base, _ = M.load(cfg.model)
+    hcfg = HyperConfig("cross_attention", 2, 1)
+    h1, h2 = HyperSteer.from_base(base, hcfg), HyperSteer.from_base(base, hcfg)
+    o1, o2 = (torch.optim.AdamW([p for p in h.parameters() if p.requires_grad]) for h in (h1, h2))
+    assert TR.load_checkpoint(ckpt, h1, o1) == 2
+    TR.save_checkpoint(tmp_path / "again.safetensors", h1, o1, 2, cfg)
+    TR.load_checkpoint(tmp_path / "again.safetensors", h2, o2)
+    assert all(torch.equal(p, q) for p, q in zip(h1.state_dict().values(), h2.state_dict().values()))
+    assert all(torch.equal(o1.state[p]["exp_avg_sq"], o2.state[q]["exp_avg_sq"])
+               for p, q in zip(h1.parameters(), h2.parameters()) if p.requires_grad)
+    ckpt.write_bytes(ckpt.read_bytes()[:1000])              # a truncated file
+    with pytest.raises(ValueError, match="corrupted or unreadable checkpoint") as e:
+        TR.load_checkpoint(ckpt, h1, o1)
+    assert "\n" not in str(e.value)
+    with pytest.raises(ValueError, match="another variant|differs"):
+        TR.load_checkpoint(tmp_path / "again.safetensors", HyperSteer.from_base(base, HyperConfig("no_context", 2, 1)), o1)
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    real, calls = TR.steered_loss, []
+
+    def nan_at_step_3(*a, **k):
+        calls.append(1)
+        loss = real(*a, **k)
+        return loss * float("nan") if len(calls) == 3 else loss
+    monkeypatch.setattr(TR, "steered_loss", nan_at_step_3)
+    with pytest.raises(SystemExit, match="loss is nan at step 2: stopping; the last good checkpoint is"):
+        TR.train(tiny_run(tmp_path, max_steps=6, save_every=1))
+    meta = safe_open_meta(tmp_path / "run" / "checkpoint.safetensors")
+    assert meta["step"] == "2"
+
+
+def safe_open_meta(path):
+    from safetensors import safe_open
+    with safe_open(str(path), "pt") as f:
+        return f.metadata()

@@ -102,7 +102,7 @@ def two_pass_loss(base, hyper, batch):
 def evaluate(base, hyper, examples, cfg, amp):
     """Mean steered and unsteered (strength 0) loss over the first eval_batches batches."""
     steered, plain = [], []
-    for i in range(0, min(len(examples), cfg.eval_batches * cfg.batch_size), cfg.batch_size):
+    for i in range(0, min(len(examples), cfg.eval_batches * cfg.batch_size), cfg.batch_size):  # fixed order
         batch = {k: v.to(cfg.device) for k, v in data.collate(examples[i:i + cfg.batch_size]).items()}
         with amp():
             steered.append(steered_loss(base, hyper, batch).item())
@@ -239,11 +239,15 @@ def train(cfg, resume=False, two_pass=False):
         bar.set_postfix(loss=f"{loss_sum:.3f}", **({"mem": f"{rec['peak_mem_gib']:.1f}G"} if cuda else {}))
         if step % cfg.eval_every == 0 or step == total:
             hyper.eval()
+            report = []
             for name, ex in (("held_in", in_ex), ("held_out", out_ex)):
-                rec[f"{name}_steered"], rec[f"{name}_unsteered"] = evaluate(base, hyper, ex, cfg, amp)
+                if ex:
+                    rec[f"{name}_steered"], rec[f"{name}_unsteered"] = evaluate(base, hyper, ex, cfg, amp)
+                    report.append(f"{name.replace('_', '-')} loss {rec[f'{name}_steered']:.3f} "
+                                  f"(unsteered {rec[f'{name}_unsteered']:.3f})")
             hyper.train()
-            bar.write(f"step {step}: held-in loss {rec['held_in_steered']:.3f} (unsteered {rec['held_in_unsteered']:.3f})"
-                      f", held-out {rec['held_out_steered']:.3f} (unsteered {rec['held_out_unsteered']:.3f})")
+            if report:
+                bar.write(f"step {step}: " + ", ".join(report))
         log.write(json.dumps(rec) + "\n")
         log.flush()
         if step % cfg.save_every == 0 or step == total or stop["now"]:
