@@ -20,12 +20,12 @@ import json
 import os
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 import torch.nn as nn
 
-from model import Attention, Block, Gemma, GemmaConfig, RMSNorm, attend, gemma2_2b, gemma2_9b
+from model import (Attention, Block, Gemma, GemmaConfig, RMSNorm, attend, attention_inputs, embed, gemma2_2b,
+                   gemma2_9b)
 
 VARIANTS = ("no_context", "in_context", "cross_attention")
 
@@ -146,10 +146,8 @@ class HyperSteer(nn.Module):
         steer_mask = steer_mask.bool()
         if not steer_mask[:, -1].all():
             raise ValueError("steer_ids must be left-padded: the head reads the last token")
-        # Gemma's helpers read only .cfg and .model.embed_tokens: share them rather than copy them.
-        as_gemma = SimpleNamespace(cfg=self.cfg, model=self)
-        h = Gemma.embed(as_gemma, steer_ids)                        # (B, T, d), times sqrt(d) as in the base
-        rot, masks = Gemma.attention_inputs(as_gemma, steer_mask, T)  # causal + sliding masks, RoPE
+        h = embed(self.embed_tokens, steer_ids)                     # (B, T, d), times sqrt(d) as in the base
+        rot, masks = attention_inputs(self.cfg, steer_mask, T, h.dtype)   # causal + sliding masks, RoPE
         ctx = ()
         if self.hcfg.variant == "cross_attention":
             if x is None:

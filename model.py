@@ -256,6 +256,33 @@ def add_steering(h, steer: Steer):
     return h + add
 
 
+def embed(embed_tokens, input_ids):
+    """Token embeddings times sqrt(d); the normaliser is cast to the compute dtype first, as in the
+    reference (also used by hypernet.py)."""
+    h = embed_tokens(input_ids)
+    return h * torch.tensor(h.shape[-1] ** 0.5, dtype=h.dtype)
+
+
+def attention_inputs(cfg, pad_mask, T, dtype, cache=None):
+    """RoPE cos/sin and boolean masks per layer type for T new tokens (also used by hypernet.py).
+    pad_mask (B, T) marks real tokens (left padding). Masks live in key-index space: query i sits
+    at index S - T + i of the S keys; sliding layers see the last `sliding_window` keys."""
+    dev = pad_mask.device
+    if cache is not None:
+        pos, keys = cache.positions(pad_mask)                          # (B, T), (B, S)
+    else:
+        pos, keys = (pad_mask.long().cumsum(-1) - 1).clamp(min=0), pad_mask.bool()
+    S = keys.shape[1]
+    qi = torch.arange(S - T, S, device=dev)[:, None]
+    ki = torch.arange(S, device=dev)[None, :]
+    # Each query may also see itself, so a padding query never has an all-masked row (NaN).
+    causal = (ki <= qi)[None, None] & (keys[:, None, None, :] | (ki == qi))       # (B, 1, T, S)
+    masks = {"full_attention": causal, "sliding_attention": causal & (qi - ki < cfg.sliding_window)}
+    rot = {"full_attention": rope_cos_sin(pos, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling_factor, dtype),
+           "sliding_attention": rope_cos_sin(pos, cfg.head_dim, cfg.rope_local_theta, 1.0, dtype)}
+    return rot, masks
+
+
 class Gemma(nn.Module):
     def __init__(self, cfg: GemmaConfig):
         super().__init__()
@@ -270,35 +297,13 @@ class Gemma(nn.Module):
         return layer % n
 
     def embed(self, input_ids):
-        # The sqrt(d) normaliser is cast to the compute dtype first, as in the reference.
-        h = self.model.embed_tokens(input_ids)
-        return h * torch.tensor(self.cfg.hidden_size ** 0.5, dtype=h.dtype)
+        return embed(self.model.embed_tokens, input_ids)
 
     def head(self, h):
         """Final norm, tied LM head, final soft-capping: residual (..., d) -> logits (..., vocab)."""
         logits = self.model.norm(h) @ self.model.embed_tokens.weight.T
         cap = self.cfg.final_logit_softcapping
         return logits if cap is None else cap * torch.tanh(logits / cap)
-
-    def attention_inputs(self, pad_mask, T, cache=None):
-        """RoPE cos/sin and boolean masks per layer type for T new tokens (also used by hypernet.py).
-        pad_mask (B, T) marks real tokens (left padding). Masks live in key-index space: query i sits
-        at index S - T + i of the S keys; sliding layers see the last `sliding_window` keys."""
-        cfg, dev = self.cfg, pad_mask.device
-        if cache is not None:
-            pos, keys = cache.positions(pad_mask)                      # (B, T), (B, S)
-        else:
-            pos, keys = (pad_mask.long().cumsum(-1) - 1).clamp(min=0), pad_mask.bool()
-        S = keys.shape[1]
-        qi = torch.arange(S - T, S, device=dev)[:, None]
-        ki = torch.arange(S, device=dev)[None, :]
-        # Each query may also see itself, so a padding query never has an all-masked row (NaN).
-        causal = (ki <= qi)[None, None] & (keys[:, None, None, :] | (ki == qi))   # (B, 1, T, S)
-        masks = {"full_attention": causal, "sliding_attention": causal & (qi - ki < cfg.sliding_window)}
-        dtype = self.model.embed_tokens.weight.dtype
-        rot = {"full_attention": rope_cos_sin(pos, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling_factor, dtype),
-               "sliding_attention": rope_cos_sin(pos, cfg.head_dim, cfg.rope_local_theta, 1.0, dtype)}
-        return rot, masks
 
     def run(self, h, pad_mask=None, start=0, stop=None, steer=None, cache=None):
         """Run blocks start..stop-1 on the residual h (B, T, d), adding `steer` after its block.
@@ -307,7 +312,7 @@ class Gemma(nn.Module):
         stop = self.cfg.num_hidden_layers if stop is None else stop
         if pad_mask is None:
             pad_mask = torch.ones(B, T, dtype=torch.bool, device=h.device)
-        rot, masks = self.attention_inputs(pad_mask, T, cache)
+        rot, masks = attention_inputs(self.cfg, pad_mask, T, h.dtype, cache)
         steer_at = None if steer is None else self.layer_index(steer.layer)
         for i in range(start, stop):
             block = self.model.layers[i]

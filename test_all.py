@@ -444,7 +444,7 @@ def test_cross_block_matches_the_spec_formula(kind):
         s, x = torch.randn(B, T, 64), torch.randn(B, Tx, 64)
         s_mask = torch.ones(B, T, dtype=torch.bool)
         x_mask = torch.tensor([[True] * Tx, [False, False, True, True, True]])
-        rot, masks = base.attention_inputs(s_mask, T)
+        rot, masks = M.attention_inputs(base.cfg, s_mask, T, torch.float32)
         cos, sin, mask = *rot[blk.layer_type], masks[blk.layer_type]
         out = blk(s, cos, sin, mask, x, x_mask[:, None, None, :].expand(B, 1, T, Tx))
 
@@ -466,15 +466,9 @@ def test_cross_block_matches_the_spec_formula(kind):
 
 
 def test_hyper_input(tmp_path):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    specials = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]
-    vocab = {t: i for i, t in enumerate(specials + ["user", "model", "\n"] + [f"w{i}" for i in range(20)])}
-    raw = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    raw.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(" ", "removed"),
-                                                 pre_tokenizers.Split("\n", "isolated")])
-    raw.add_special_tokens(specials)
-    raw.save(str(tmp_path / "tokenizer.json"))
+    tiny_tokenizer_json(tmp_path / "tokenizer.json")
     tok = M.Tokenizer(tmp_path / "tokenizer.json")
+    vocab = tok.tok.get_vocab()
     w = {i: vocab[f"w{i}"] for i in range(5)}
     concept, instruction = "w1 w2", "w3 w4"
     # <bos> + raw text, no chat template; in context appends the raw base prompt after a newline.
