@@ -120,7 +120,7 @@ class Example:
     concept_id: int
 
 
-def encode(tok, rows, hyper_input, max_len=128):
+def encode(tok, rows, hyper_input, max_len=128, quiet=False):
     """Rows -> Examples, truncating the output so prompt + output <= max_len tokens. Rows whose
     prompt alone leaves no room for an output token are dropped. Prints how many were cut."""
     out, cut, dropped = [], 0, 0
@@ -134,7 +134,7 @@ def encode(tok, rows, hyper_input, max_len=128):
         cut += len(answer) > room
         out.append(Example(prompt + answer[:room], len(prompt), n_prefix,
                            hyper_input(tok, r["output_concept"], r["input"]), r["output_concept"], r["concept_id"]))
-    if cut or dropped:
+    if (cut or dropped) and not quiet:
         print(f"tokenised {len(rows)} rows: {cut} outputs truncated to max_len {max_len}, {dropped} dropped")
     return out
 

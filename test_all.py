@@ -12,15 +12,21 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import convert_gguf
+import data
 import hub
+import hypernet as H
 import judge
 import model as M
+import steer
+import train
 from hypernet import HyperConfig, HyperSteer, count_params, hyper_input, load_hypernet, save
 
 # ============================================================================ model.py (SPEC §2, §4)
@@ -1020,8 +1026,7 @@ def test_real_tokenizer_equals_transformers(real_pair):
 
 # ============================================================================ data.py, train.py (SPEC §5, §6)
 
-import data
-import train as TR
+TR = train
 
 
 def axbench_row(cid, i, concept=None, genre="text"):
@@ -1195,6 +1200,275 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
 
 
 def safe_open_meta(path):
-    from safetensors import safe_open
     with safe_open(str(path), "pt") as f:
         return f.metadata()
+
+
+# ============================================================================ steer.py (SPEC §4, §6-8)
+
+WORDS = [f"w{i}" for i in range(100)]
+
+
+def steer_base(seed=0):
+    """A frozen tiny random Gemma-2. Norm weights are randomised: at 0 they would hide (1 + w) bugs."""
+    torch.manual_seed(seed)
+    base = M.Gemma(M.GemmaConfig(model_type="gemma2", **LAYOUT))
+    with torch.no_grad():
+        for n, p in base.named_parameters():
+            if "norm" in n:
+                p.normal_(0, 0.5)
+        # Smaller embeddings, so the tied head's logits are not so peaked that every sample is one token.
+        base.model.embed_tokens.weight.mul_(0.15)
+    return base.eval().requires_grad_(False)
+
+
+def tiny_tokenizer(path):
+    tiny_tokenizer_json(path)
+    return M.Tokenizer(path)
+
+
+def tiny_hyper(base):
+    hyper = H.HyperSteer.from_base(base, H.HyperConfig("cross_attention", n_blocks=2, layer=LAYER))
+    with torch.no_grad():  # a non-zero head, so Δ is not trivially 0
+        hyper.head.weight.normal_(0, 0.5)
+        hyper.head.bias.normal_(0, 0.5)
+    return hyper.eval()
+
+
+def words(g, n):
+    return " ".join(WORDS[i] for i in torch.randint(0, 100, (n,), generator=g).tolist())
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    tok = tiny_tokenizer(tmp_path_factory.mktemp("tok") / "tokenizer.json")
+    base = steer_base()
+    return base, tok, tiny_hyper(base)
+
+
+def instructions(n=30, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [words(g, 2 + i % 7) for i in range(n)]
+
+
+# ----------------------------------------------------------------------------- generation (SPEC §4, §7)
+
+def test_strength_zero_is_unsteered_and_batched_equals_single(setup):
+    base, tok, hyper = setup
+    prompts = [tok.chat(x) for x in instructions(3)]
+    ids, n_prefix = [p for p, _ in prompts], [n for _, n in prompts]
+    delta = torch.randn(3, 64, generator=torch.Generator().manual_seed(1)) * 2
+    strengths = torch.tensor([0.0, 1.0, 3.0])[:, None]
+    batched = steer.steered_generate(base, LAYER, ids, n_prefix, strengths * delta, [7, 8, 9], 12, 1.0)
+    plain = steer.steered_generate(base, LAYER, ids[:1], n_prefix[:1], None, [7], 12, 1.0)
+    assert batched[0] == plain[0]                      # strength 0 == unsteered, token for token
+    for b in range(3):                                 # batched == one by one, sampling at temperature 1
+        single = steer.steered_generate(base, LAYER, ids[b:b + 1], n_prefix[b:b + 1], strengths[b] * delta[b:b + 1],
+                                        [7 + b], 12, 1.0)
+        assert batched[b] == single[0]
+    assert all(len(o) > 3 for o in batched)
+    assert batched[1] != steer.steered_generate(base, LAYER, ids[1:2], n_prefix[1:2], None, [8], 12, 1.0)[0]
+
+
+def sample_by_hand(base, ids, n_prefix, v, steps, prompt_only=False, seed=0):
+    """Sampling without a KV cache: each step a full forward steered on the SPEC §4 positions (after the
+    chat prefix, generated tokens included), or on the prompt only."""
+    g, seq = torch.Generator().manual_seed(seed), list(ids)
+    for _ in range(steps):
+        pos = torch.arange(len(seq))
+        mask = (pos >= n_prefix) & ((pos < len(ids)) if prompt_only else True)
+        logits = base(torch.tensor([seq]), steer=M.Steer(LAYER, v, 1.0, mask[None]))[0, -1]
+        seq.append(M.sample(logits[None], 1.0, 0, 1.0, [g]).item())
+        if seq[-1] in (1, 106):
+            return seq[len(ids):-1]
+    return seq[len(ids):]
+
+
+def test_first_generated_token_is_steered(setup):
+    """SPEC §4: the first generated token comes from the last prompt position, which is steered, and every
+    generated token is steered too."""
+    base, tok, _ = setup
+    ids, n_prefix = tok.chat(instructions(1)[0])
+    v = torch.randn(64, generator=torch.Generator().manual_seed(0)) * 2
+    plain = steer.steered_generate(base, LAYER, [ids], [n_prefix], None, [0], 10, 0.0)[0]
+    greedy = steer.steered_generate(base, LAYER, [ids], [n_prefix], v[None], [0], 10, 0.0)[0]
+    mask = (torch.arange(len(ids)) >= n_prefix)[None]
+    by_hand = base(torch.tensor([ids]), steer=M.Steer(LAYER, v, 1.0, mask))[0, -1].argmax().item()
+    assert greedy[0] == by_hand != plain[0]
+    sampled = steer.steered_generate(base, LAYER, [ids], [n_prefix], v[None], [0], 10, 1.0)[0]
+    assert sampled == sample_by_hand(base, ids, n_prefix, v, 10)
+    assert sampled != sample_by_hand(base, ids, n_prefix, v, 10, prompt_only=True)
+
+
+def test_hyper_deltas_match_training_path(setup):
+    """Δ for an instruction equals what train.steered_loss computes from the collated batch."""
+    base, tok, hyper = setup
+    rows = [dict(input=x, output="w1 w2 w3", output_concept="w5 w6", concept_id=0) for x in instructions(3)]
+    ex = data.encode(tok, rows, lambda t, c, i: H.hyper_input(t, c, i, "cross_attention"))
+    b = data.collate(ex)
+    x = base.residual(b["ids"], b["pad"], LAYER)
+    want = hyper(b["hyper_ids"], b["hyper_pad"], x, b["prompt"])
+    got = steer.hyper_deltas(base, tok, hyper, "w5 w6", [r["input"] for r in rows])
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_resumed_run_writes_no_duplicates(setup, tmp_path):
+    base, tok, hyper = setup
+    ins, concepts = instructions(), [(3, "w3 w4"), (11, "w7")]
+    deltas = lambda cid, concept, xs: steer.hyper_deltas(base, tok, hyper, concept, xs)
+    run = lambda out, **kw: steer.generate_rows(base, tok, out, "HyperSteer", "held-out", concepts, ins, [0.0, 2.0],
+                                                LAYER, deltas, batch_size=7, max_new_tokens=6, **kw)
+    full, part = tmp_path / "full.jsonl", tmp_path / "part.jsonl"
+    assert run(full) == (0, 40)
+    lines = full.read_text().splitlines(keepends=True)
+    part.write_text("".join(lines[:13]) + lines[13][:25])                  # killed mid-write
+    with pytest.warns(UserWarning, match="partly written"):
+        assert run(part) == (13, 27)
+    assert run(part) == (40, 0)                                            # nothing left to do
+    got = [json.loads(l) for l in part.read_text().splitlines()]
+    keys = [steer.row_key(r) for r in got]
+    assert len(keys) == len(set(keys)) == 40
+    assert sorted(got, key=steer.row_key) == sorted(map(json.loads, lines), key=steer.row_key)  # same samples
+    r = got[0]
+    assert list(r) == ["method", "split", "concept", "concept_id", "instruction_index", "instruction", "strength",
+                       "text", "seed"]
+    assert r["instruction"] == steer.pick_instructions(ins, r["concept_id"])[r["instruction_index"]]
+    # another method in the same file: prompting rows keep the original instruction
+    prompt_for = lambda concept, x: f"{steer.steering_prompt(concept)}\n\n{x}"
+    steer.generate_rows(base, tok, part, "Prompting", "held-out", concepts, ins, [1.0], LAYER,
+                        prompt_for=prompt_for, max_new_tokens=4)
+    rows = [json.loads(l) for l in part.read_text().splitlines()]
+    assert sum(r["method"] == "Prompting" for r in rows) == 20
+    assert all(r["instruction"] in ins for r in rows)
+
+
+def test_prompting_baseline_prompt(monkeypatch):
+    import judge
+    assert "mentions of cats" in steer.steering_prompt("mentions of cats")          # the fixed template
+    asked = []
+    monkeypatch.setattr(judge, "chat", lambda messages, cfg: asked.append(messages) or '"Bring up cats."\n')
+    assert steer.steering_prompt("mentions of cats", judge.JudgeConfig()) == "Bring up cats."
+    assert "mentions of cats" in asked[0][-1]["content"]
+
+
+# ----------------------------------------------------------------------------- instructions (SPEC §6)
+
+def test_instruction_selection_is_the_axbench_rule():
+    fake = [f"instruction {i}" for i in range(805)]
+    # Derived once with numpy's legacy RandomState(cid).permutation(805)[:10], whose stream numpy keeps
+    # frozen; AxBench's pandas df.sample(10, random_state=cid) is RandomState.choice(805, 10, replace=False).
+    known = {0: [8, 258, 172, 317, 294, 251, 609, 331, 775, 320],
+             1: [8, 262, 117, 309, 747, 314, 437, 766, 47, 148],
+             13: [652, 564, 440, 185, 559, 681, 442, 94, 157, 404],
+             500: [396, 311, 58, 208, 257, 583, 518, 202, 750, 179]}
+    for cid, idx in known.items():
+        assert steer.pick_instructions(fake, cid) == [fake[i] for i in idx]
+        assert idx == np.random.RandomState(cid).choice(805, 10, replace=False).tolist()
+    demo = steer.load_instructions("demo")
+    assert len(demo) == 60 and len(set(steer.pick_instructions(demo, 5))) == 10
+
+
+# ----------------------------------------------------------------------------- baselines (SPEC §8)
+
+def test_diffmean_recovers_planted_direction(setup):
+    g = torch.Generator().manual_seed(0)
+    u = torch.randn(64, generator=g)
+    u /= u.norm()
+    shared = torch.randn(64, generator=g) * 3                              # a common offset cancels
+    pos = torch.randn(4000, 64, generator=g) + shared + 3 * u
+    neg = torch.randn(4000, 64, generator=g) + shared
+    assert torch.dot(steer.diffmean(pos, neg), u) > 0.99
+    base, tok, _ = setup                                                    # activations: no prefix, no padding
+    rows = [dict(input=x, output="w1 w2", output_concept="c", concept_id=0) for x in instructions(3)]
+    acts = steer.activations(base, tok, rows, LAYER, batch_size=2)
+    assert acts.shape == (sum(len(tok.chat(r["input"])[0]) + 2 - 4 for r in rows), 64)
+    ids, n = tok.chat(rows[0]["input"])
+    first = base.residual(torch.tensor([ids + [tok.tok.token_to_id(w) for w in ("w1", "w2")]]), None, LAYER)[0, n:]
+    torch.testing.assert_close(acts[:len(first)], first)
+
+
+def demo_rows():
+    g, rows = torch.Generator().manual_seed(1), []
+    for cid, genre in [(0, "text"), (1, "text"), (2, "code"), (3, "code")]:
+        rows += [dict(input=words(g, 4), output=words(g, 6), output_concept=f"w{cid}", concept_genre=genre,
+                      category="positive", dataset_category="instruction", concept_id=cid) for _ in range(5)]
+    return rows
+
+
+def test_negatives_and_reft_r1(setup):
+    base, tok, _ = setup
+    rows = demo_rows()
+    neg = steer.negatives(rows, 0, 5)                                      # stand-in: same genre, other concepts
+    assert len(neg) == 5 and {r["concept_id"] for r in neg} == {1}
+    axbench = rows + [dict(rows[0], category="negative", concept_id=-1, output_concept="EEEEE")]
+    assert steer.negatives(axbench, 0, 5) == [axbench[-1]]                 # real negatives when present
+    w, max_act = steer.vector_baseline(base, tok, rows, 0, LAYER, "reft-r1")
+    assert abs(w.norm().item() - 1) < 1e-5 and np.isfinite(max_act)
+    assert torch.dot(w, torch.full_like(w, 64 ** -0.5)) < 0.999            # it moved from the init
+    w, max_act = steer.vector_baseline(base, tok, rows, 0, LAYER, "diffmean")
+    acts = steer.activations(base, tok, [r for r in rows if r["concept_id"] == 0], LAYER)
+    assert max_act == pytest.approx((acts @ w).max().item())
+
+
+# ----------------------------------------------------------------------------- export (SPEC §4)
+
+def test_export_round_trip(tmp_path):
+    import gguf
+    v = torch.randn(64)
+    steer.save_vector(tmp_path / "vec", v, 20, "gemma2", "DiffMean", "mentions of cats")
+    with safe_open(str(tmp_path / "vec.safetensors"), framework="pt") as f:
+        assert list(f.keys()) == ["direction.20"] and f.get_tensor("direction.20").dtype == torch.float32
+        assert torch.equal(f.get_tensor("direction.20"), v)
+        assert f.metadata() == {"model_hint": "gemma2", "layer": "20", "d_model": "64", "method": "DiffMean",
+                                "concept": "mentions of cats"}
+    r = gguf.GGUFReader(str(tmp_path / "vec.gguf"))
+    assert r.fields["general.architecture"].contents() == "controlvector"
+    assert r.fields["controlvector.model_hint"].contents() == "gemma2"
+    assert r.fields["controlvector.layer_count"].contents() == 1
+    (t,) = r.tensors
+    assert t.name == "direction.20" and t.tensor_type == gguf.GGMLQuantizationType.F32
+    assert np.array_equal(np.asarray(t.data), v.numpy())
+    for path in ("vec.safetensors", "vec.gguf"):
+        got, layer, meta = steer.load_vector(tmp_path / path)
+        assert torch.equal(got, v) and layer == 20 and meta["concept"] == "mentions of cats"
+
+
+# ----------------------------------------------------------------------------- the CLI end to end
+
+def test_cli_eval_baseline_export_and_interactive(setup, tmp_path, capsys):
+    """A tiny model folder, data file and checkpoint with train_config metadata: eval's held-out concepts
+    are exactly the ones train.py held out; the rows read back through judge.py."""
+    import judge
+    base, tok, hyper = setup
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(asdict(base.cfg)))
+    save_file({k: v.contiguous() for k, v in base.state_dict().items()}, str(folder / "model.safetensors"))
+    tiny_tokenizer(folder / "tokenizer.json")
+    rows = demo_rows()
+    (tmp_path / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "ins.json").write_text(json.dumps([{"instruction": x} for x in instructions(12)]))
+    cfg = train.TrainConfig(model=str(folder), data=str(tmp_path / "data.jsonl"), n_blocks=2, layer=LAYER,
+                            held_out=1, eval_rows=1, seed=3, max_len=32)
+    ckpt = tmp_path / "hypernet.safetensors"
+    H.save(tiny_hyper(M.load(folder)[0]), ckpt, {"step": "1", "train_config": json.dumps(asdict(cfg))})
+    out = tmp_path / "gens.jsonl"
+    common = ["--out", str(out), "--instructions", str(tmp_path / "ins.json"), "--max-new-tokens", "3", "--grid", "0,1"]
+    steer.main(["eval", "--hypernet", str(ckpt), "--split", "held-out", *common])
+    held_out = {r["concept_id"] for r in data.split_concepts(rows, 1 / 4, 3, 1)[2]}
+    gens = judge.read_generations([out])
+    assert {r["concept_id"] for r in gens} == held_out and len(gens) == 20
+    assert {r["method"] for r in gens} == {"HyperSteer cross attention"}
+    steer.main(["baseline", "--method", "diffmean", "--hypernet", str(ckpt), "--split", "held-in", *common])
+    gens = judge.read_generations([out])
+    assert {r["concept_id"] for r in gens if r["method"] == "DiffMean"} == {0, 1, 2, 3} - held_out
+    steer.main(["export", "--method", "reft-r1", "--hypernet", str(ckpt), "--concept-id", "2",
+                "--out", str(tmp_path / "v")])
+    assert steer.load_vector(tmp_path / "v.gguf")[1] == LAYER
+    steer.main(["--vector", str(tmp_path / "v.safetensors"), "--model", str(folder), "--prompt", "w1 w2",
+                "--sweep", "0,1,2", "--max-new-tokens", "3"])
+    steer.main(["--hypernet", str(ckpt), "--concept", "w4", "--prompt", "w1 w2", "--max-new-tokens", "3"])
+    printed = capsys.readouterr().out
+    assert "strength    2 |" in printed and "strength    1 |" in printed
+    with pytest.raises(SystemExit, match="no concept with id 99"):
+        steer.main(["baseline", "--method", "prompting", "--hypernet", str(ckpt), "--concept-ids", "99", *common])

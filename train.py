@@ -65,8 +65,8 @@ PRESETS = {
     "paper-9b": TrainConfig(model="google/gemma-2-9b-it", data="concept16k:9b/l20/train/data.parquet",
                             batch_size=4, lr=5e-6, out="runs/paper-9b"),
     "demo": TrainConfig(model=str(M.DEMO_MODEL), data=str(data.DEMO_DATA), n_blocks=2, layer=9,
-                        freeze_embeddings=True, batch_size=4, lr=3e-4, epochs=1.0, max_len=96,
-                        held_out=4, eval_rows=2, eval_every=50, eval_batches=4, save_every=50,
+                        freeze_embeddings=True, batch_size=4, lr=5e-4, epochs=1.25, max_len=96,
+                        held_out=4, eval_rows=2, eval_every=57, eval_batches=5, save_every=57,
                         out="runs/demo", device="cpu"),
 }
 
@@ -157,6 +157,13 @@ def load_data(cfg):
     return data.read_rows(cfg.data)
 
 
+def split_rows(cfg, rows):
+    """(train, held-in, held-out) positive rows of the run: the one split every script rebuilds."""
+    rows = data.positives(rows)
+    held_out = cfg.held_out if cfg.held_out < 1 else cfg.held_out / len({r["concept_id"] for r in rows})
+    return data.split_concepts(rows, held_out, cfg.seed, cfg.eval_rows)
+
+
 def train(cfg, resume=False, two_pass=False):
     torch.manual_seed(cfg.seed)
     out = Path(cfg.out)
@@ -171,9 +178,7 @@ def train(cfg, resume=False, two_pass=False):
     hyper = H.HyperSteer.from_base(base, hcfg).float().train()
     amp = (lambda: torch.autocast("cuda", torch.bfloat16)) if cuda else contextlib.nullcontext
 
-    rows = data.positives(load_data(cfg))
-    held_out = cfg.held_out if cfg.held_out < 1 else cfg.held_out / len({r["concept_id"] for r in rows})
-    train_rows, in_rows, out_rows = data.split_concepts(rows, held_out, cfg.seed, cfg.eval_rows)
+    train_rows, in_rows, out_rows = split_rows(cfg, load_data(cfg))
     make = lambda rs: data.encode(tok, rs, lambda t, c, i: H.hyper_input(t, c, i, cfg.variant), cfg.max_len)
     train_ex, in_ex, out_ex = make(train_rows), make(in_rows), make(out_rows)
     per_epoch = max(1, math.ceil(len(train_ex) / cfg.batch_size) // cfg.grad_accum)
@@ -314,6 +319,13 @@ def main():
     except (OSError, ValueError) as e:
         raise SystemExit(f"error: {e}")
     hyper.eval()
+    last = [json.loads(l) for l in open(Path(cfg.out) / "metrics.jsonl")][-1]
+    print(f"\nevaluation loss after {last['step']} steps (token-mean cross-entropy on the reference outputs):")
+    print(f"{'':10}{'steered':>9}{'unsteered':>11}")
+    for name in ("held_in", "held_out"):
+        if f"{name}_steered" in last:
+            print(f"{name.replace('_', '-'):10}{last[name + '_steered']:9.3f}{last[name + '_unsteered']:11.3f}")
+    print(f"checkpoint: {Path(cfg.out) / 'hypernet.safetensors'}")
     show_samples(base, tok, hyper, in_rows, cfg.samples // 2, "held-in")
     show_samples(base, tok, hyper, out_rows, cfg.samples - cfg.samples // 2, "held-out")
 
