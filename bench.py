@@ -63,10 +63,12 @@ def bench_pair(ours, hf, vocab, device, repeats, decode_tokens):
 
 
 def peak_load_memory(which, folder):
-    """Peak resident memory (GiB) of a fresh process that imports torch and loads the model."""
-    code = {"ours": f"import model, torch; model.load({str(folder)!r})",
+    """Peak resident memory (GiB) of a fresh process that imports torch, loads the model and runs one
+    short forward pass (which pages in every weight that a lazily memory-mapped load left on disk)."""
+    code = {"ours": f"import model, torch; model.load({str(folder)!r})[0](torch.tensor([[2, 3]]))",
             "transformers": ("import torch; from transformers import AutoModelForCausalLM; "
-                             f"AutoModelForCausalLM.from_pretrained({str(folder)!r}, dtype=torch.float32)"),
+                             f"AutoModelForCausalLM.from_pretrained({str(folder)!r}, dtype=torch.float32)"
+                             "(torch.tensor([[2, 3]]))"),
             "torch only": "import torch, model"}[which]
     code += "; import resource; print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -82,7 +84,8 @@ def cpu_bench(args):
     base = peak_load_memory("torch only", folder)
     mem = {k: peak_load_memory(k, folder) for k in ("ours", "transformers")}
     size = (folder / "model.safetensors").stat().st_size / 2**30
-    print(f"peak RSS of a process that loads gemma-3-270m fp32 (weights {size:.2f} GiB): ours {mem['ours']:.2f} GiB, "
+    print(f"peak RSS of a process that loads gemma-3-270m fp32 (weights {size:.2f} GiB) and runs a forward: "
+          f"ours {mem['ours']:.2f} GiB, "
           f"transformers {mem['transformers']:.2f} GiB (importing torch alone: {base:.2f} GiB)")
     ours, _ = M.load(folder)
     hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()

@@ -491,11 +491,39 @@ def _checkpoint_files(folder):
     raise FileNotFoundError(f"{folder}: no model.safetensors or model.safetensors.index.json")
 
 
+SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+
+
+def safetensors_header(path):
+    """A .safetensors file is an 8-byte little-endian header length, a JSON header mapping each tensor
+    name to its dtype, shape and byte range, then the raw bytes. Returns (header, data start)."""
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(n))
+        header.pop("__metadata__", None)
+        return header, 8 + n
+    except (ValueError, UnicodeDecodeError, MemoryError, OverflowError):
+        raise ValueError(f"{path}: not a readable safetensors file") from None
+
+
+def read_tensor(f, start, info, path):
+    """One tensor's bytes straight from the file (no memory map, so nothing else stays resident)."""
+    if info["dtype"] not in SAFETENSORS_DTYPES:
+        raise ValueError(f"{path}: unsupported dtype {info['dtype']}")
+    lo, hi = info["data_offsets"]
+    f.seek(start + lo)
+    buf = bytearray(hi - lo)
+    if f.readinto(buf) != hi - lo:
+        raise ValueError(f"{path}: truncated file (tensor data ends early)")
+    return torch.frombuffer(buf, dtype=SAFETENSORS_DTYPES[info["dtype"]]).reshape(info["shape"])
+
+
 def load(path_or_repo=DEMO_MODEL, device="cpu", dtype=torch.float32, revision="main"):
     """(model, tokenizer) from a local Hugging Face folder or a hub repo id. Strict: every checkpoint
-    tensor must match a parameter by name and shape. Streams one tensor at a time into an empty
-    (meta) model, so peak memory stays near one copy of the model in `dtype`."""
-    from safetensors import safe_open
+    tensor must match a parameter by name and shape, checked from the headers before any data is read.
+    Then one tensor at a time goes into an empty (meta) model, so peak memory stays near one copy of
+    the model in `dtype` plus its largest tensor."""
     folder = Path(path_or_repo)
     if not folder.exists():
         if str(path_or_repo).count("/") == 1 and not str(path_or_repo).startswith((".", "/")):
@@ -507,25 +535,22 @@ def load(path_or_repo=DEMO_MODEL, device="cpu", dtype=torch.float32, revision="m
     tokenizer = Tokenizer(folder / "tokenizer.json")
     with torch.device("meta"):
         model = Gemma(cfg)
-    want = {k: p.shape for k, p in model.named_parameters()}
-    state, unexpected, wrong = {}, [], []
-    for f in _checkpoint_files(folder):
-        with safe_open(str(f), framework="pt", device="cpu") as sf:
-            for k in sf.keys():
-                if k not in want:
-                    unexpected.append(k)
-                    continue
-                shape = tuple(sf.get_slice(k).get_shape())
-                if shape != tuple(want[k]):
-                    wrong.append(f"{k} {list(shape)} (expected {list(want[k])})")
-                    continue
-                state[k] = sf.get_tensor(k).to(device=device, dtype=dtype)
-    missing = sorted(set(want) - set(state) - {w.split(" ")[0] for w in wrong})
+    want = {k: list(p.shape) for k, p in model.named_parameters()}
+    files = {f: safetensors_header(f) for f in _checkpoint_files(folder)}
+    found = {k: info["shape"] for header, _ in files.values() for k, info in header.items()}
+    missing = sorted(set(want) - set(found))
+    unexpected = sorted(set(found) - set(want))
+    wrong = [f"{k} {found[k]} (expected {want[k]})" for k in want if k in found and found[k] != want[k]]
     problems = [f"missing {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}"] if missing else []
     problems += [f"unexpected {', '.join(unexpected[:5])}"] if unexpected else []
     problems += [f"wrong shape {', '.join(wrong[:5])}"] if wrong else []
     if problems:
         raise ValueError(f"{folder}: checkpoint does not fit the config: {'; '.join(problems)}")
+    state = {}
+    for path, (header, start) in files.items():
+        with open(path, "rb") as f:
+            for k, info in header.items():
+                state[k] = read_tensor(f, start, info, path).to(device=device, dtype=dtype)
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval().requires_grad_(False), tokenizer
 

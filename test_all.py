@@ -251,6 +251,13 @@ def test_bad_checkpoints_give_one_line_errors(tmp_path):
     msg = err(f)
     assert "missing model.layers.0.mlp.up_proj.weight" in msg and "unexpected lm_head.weight" in msg
     assert "no such model folder" in err(tmp_path / "nowhere")
+    f = tmp_path / "truncated"
+    write_checkpoint(f)
+    data_bytes = (f / "model.safetensors").read_bytes()
+    (f / "model.safetensors").write_bytes(data_bytes[:len(data_bytes) // 2])
+    assert "truncated file" in err(f)
+    (f / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!")
+    assert "not a readable safetensors file" in err(f)
 
 
 # ---------------------------------------------------------------- hub downloads on 127.0.0.1
