@@ -301,7 +301,13 @@ class Gemma(nn.Module):
 
     def head(self, h):
         """Final norm, tied LM head, final soft-capping: residual (..., d) -> logits (..., vocab)."""
-        logits = self.model.norm(h) @ self.model.embed_tokens.weight.T
+        x, w = self.model.norm(h), self.model.embed_tokens.weight
+        if x.dim() == 2 and x.shape[0] <= 16:
+            # Decoding a few rows: the same product as (vocab, d) @ (d, B) is about 2x faster on
+            # CPU for B = 8 (bench.py); a transposed view, equal to x @ w.T (test_all.py).
+            logits = (w @ x.T).T
+        else:
+            logits = x @ w.T
         cap = self.cfg.final_logit_softcapping
         return logits if cap is None else cap * torch.tanh(logits / cap)
 

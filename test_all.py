@@ -147,6 +147,13 @@ def test_steering_strength_zero_and_layer_convention():
     assert M.generate(ours, p, 8, steer=M.Steer(L, delta[:2] * 50, 1.0), steer_from=[1, 1], stop_ids=()) != base
 
 
+def test_decode_head_layout_equals_plain_head():
+    _, ours = hf_pair("gemma2")
+    h = torch.randn(8, 64)
+    plain = ours.model.norm(h) @ ours.model.embed_tokens.weight.T
+    assert (ours.head(h) - 30 * torch.tanh(plain / 30)).abs().max() < 1e-5
+
+
 def test_run_from_equals_full_forward():
     _, ours = hf_pair("gemma3_text")
     ids, mask = padded_batch()
