@@ -65,7 +65,7 @@ PRESETS = {
     "paper-9b": TrainConfig(model="google/gemma-2-9b-it", data="concept16k:9b/l20/train/data.parquet",
                             batch_size=4, lr=5e-6, out="runs/paper-9b"),
     "demo": TrainConfig(model=str(M.DEMO_MODEL), data=str(data.DEMO_DATA), n_blocks=2, layer=9,
-                        freeze_embeddings=True, batch_size=4, lr=5e-4, epochs=1.25, max_len=96,
+                        freeze_embeddings=True, batch_size=4, lr=1e-3, epochs=1.25, max_len=96,
                         held_out=4, eval_rows=2, eval_every=57, eval_batches=5, save_every=57,
                         out="runs/demo", device="cpu"),
 }
@@ -167,6 +167,7 @@ def split_rows(cfg, rows):
 def train(cfg, resume=False, two_pass=False):
     torch.manual_seed(cfg.seed)
     out = Path(cfg.out)
+    train_rows, in_rows, out_rows = split_rows(cfg, load_data(cfg))   # bad data fails before the model loads
     out.mkdir(parents=True, exist_ok=True)
     if Path(cfg.model) == M.DEMO_MODEL and not M.DEMO_MODEL.exists():
         import convert_gguf
@@ -178,7 +179,6 @@ def train(cfg, resume=False, two_pass=False):
     hyper = H.HyperSteer.from_base(base, hcfg).float().train()
     amp = (lambda: torch.autocast("cuda", torch.bfloat16)) if cuda else contextlib.nullcontext
 
-    train_rows, in_rows, out_rows = split_rows(cfg, load_data(cfg))
     make = lambda rs: data.encode(tok, rs, lambda t, c, i: H.hyper_input(t, c, i, cfg.variant), cfg.max_len)
     train_ex, in_ex, out_ex = make(train_rows), make(in_rows), make(out_rows)
     per_epoch = max(1, math.ceil(len(train_ex) / cfg.batch_size) // cfg.grad_accum)
