@@ -430,20 +430,19 @@ def generate(model, prompts, max_new_tokens=64, temperature=0.0, top_k=0, top_p=
         steer_gen = Steer(steer.layer, steer.vector, steer.strength, None)
     h = model.run(model.embed(ids), pad, steer=steer_prompt if steer else None, cache=cache)
     logits = model.head(h[:, -1])                                      # only the last position
-    out, done = [[] for _ in range(B)], torch.zeros(B, dtype=torch.bool, device=dev)
+    tokens, done = [], torch.zeros(B, dtype=torch.bool, device=dev)
     ones = torch.ones(B, 1, dtype=torch.bool, device=dev)
-    stops = torch.tensor(stop_ids, device=dev)
+    stops = torch.tensor(stop_ids, dtype=torch.long, device=dev)
     for _ in range(max_new_tokens):
         nxt = sample(logits, temperature, top_k, top_p, gens)          # (B,)
-        for b in range(B):
-            if not done[b]:
-                out[b].append(nxt[b].item())
+        tokens.append(nxt)
         done |= torch.isin(nxt, stops)
-        if done.all():
+        if done.all():                                                 # one host sync per step
             break
         h = model.run(model.embed(nxt[:, None]), ones, steer=steer_gen if steer else None, cache=cache)
         logits = model.head(h[:, -1])
-    return [o[:-1] if o and o[-1] in stop_ids else o for o in out]
+    rows = torch.stack(tokens, 1).tolist() if tokens else [[] for _ in range(B)]
+    return [row[:next((i for i, t in enumerate(row) if t in stop_ids), len(row))] for row in rows]
 
 
 # ----------------------------------------------------------------------------- tokenizer

@@ -58,8 +58,11 @@ def load_instructions(source="alpaca", revision="main"):
         path = hf_file("tatsu-lab/alpaca_eval", "alpaca_eval.json", revision, kind="dataset")
     else:
         path = DEMO_INSTRUCTIONS if source == "demo" else Path(source)
-    items = json.loads(Path(path).read_text(encoding="utf-8"))
-    return [x["instruction"] if isinstance(x, dict) else str(x) for x in items]
+    try:
+        items = json.loads(Path(path).read_text(encoding="utf-8"))
+        return [x["instruction"] if isinstance(x, dict) else str(x) for x in items]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"{path}: not a JSON list of instructions ({type(e).__name__}: {e})") from None
 
 
 def pick_instructions(instructions, concept_id, n=10):

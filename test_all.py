@@ -335,6 +335,22 @@ def test_hub_download_resume_token_and_errors(fake_hub, tmp_path, capsys):
     assert not (tmp_path / "cache" / "escaped.safetensors").exists()
 
 
+def test_dataset_downloads_axbench_and_alpaca(fake_hub, tmp_path):
+    import pyarrow as pa, pyarrow.parquet as pq
+    rows = [axbench_row(3, i) for i in range(4)]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "d.parquet")
+    fake_hub.files = {
+        "/datasets/pyvene/axbench-concept500/resolve/v1/2b/l20/train/data.parquet": (tmp_path / "d.parquet").read_bytes(),
+        "/datasets/tatsu-lab/alpaca_eval/resolve/main/alpaca_eval.json":
+            json.dumps([{"instruction": f"task {i}", "output": "x"} for i in range(805)]).encode()}
+    assert data.read_rows(data.download_axbench("concept500", "2b/l20/train/data.parquet", "v1")) == rows
+    instructions = steer.load_instructions("alpaca")
+    order = np.random.RandomState(17).permutation(805)[:10]
+    assert steer.pick_instructions(instructions, 17) == [f"task {i}" for i in order]
+    with pytest.raises(ValueError, match="unknown dataset"):
+        data.download_axbench("concept9")
+
+
 # ============================================================================ hypernet.py (SPEC §3)
 
 KINDS = ["gemma2", "gemma3_text"]

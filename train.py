@@ -212,12 +212,13 @@ def train(cfg, resume=False, two_pass=False):
     stop = {"now": False}
     old_handler = signal.signal(signal.SIGINT, lambda *a: stop.update(now=True))  # Ctrl-C: finish the step, save, exit
     bar = tqdm(total=total, initial=step, desc="train", dynamic_ncols=True)
-    t0, tokens, epoch_batches = time.time(), 0, {}
+    t0, tokens, orders = time.time(), 0, {}
     while step < total and not stop["now"]:
         epoch, first = step // per_epoch, (step % per_epoch) * cfg.grad_accum
-        if epoch not in epoch_batches:  # the epoch's fixed order: a resumed run continues it exactly
-            epoch_batches = {epoch: list(data.batches(train_ex, cfg.batch_size, cfg.seed, epoch))}
-        micro = epoch_batches[epoch][first:first + cfg.grad_accum]
+        if epoch not in orders:  # the epoch's fixed order: a resumed run continues it exactly
+            orders = {epoch: data.epoch_order(len(train_ex), cfg.seed, epoch)}
+        micro = [data.collate([train_ex[j] for j in orders[epoch][i * cfg.batch_size:(i + 1) * cfg.batch_size]])
+                 for i in range(first, first + cfg.grad_accum)]
         lr = cfg.lr * (1 - step / total)                                   # linear decay, no warmup
         for g in opt.param_groups:
             g["lr"] = lr
