@@ -11,13 +11,15 @@ blocks L+1.. from h_L + Δ; the loss reaches H through Δ alone.
 """
 import argparse
 import contextlib
+import inspect
 import json
 import math
 import os
+import re
 import signal
 import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import torch
@@ -41,11 +43,11 @@ class TrainConfig:
     layer: int = 20                            # steering layer L (SPEC §4)
     random_init: bool = False                  # paper Table 2 ablation
     freeze_embeddings: bool = False            # keep the hypernetwork's embeddings fixed (CPU demos)
-    batch_size: int = 12
+    batch_size: int = 12                       # examples per micro-batch (paper 2b: 12)
     grad_accum: int = 1                        # micro-batches per optimizer step
-    lr: float = 8e-5                           # paper: 8e-5 * sqrt(20 / N) rule of thumb
-    weight_decay: float = 0.0
-    epochs: float = 3.0
+    lr: float = 8e-5                           # peak learning rate, decayed linearly to 0 (paper: 8e-5 * sqrt(20 / N))
+    weight_decay: float = 0.0                  # AdamW weight decay (paper: 0)
+    epochs: float = 3.0                        # passes over the training rows (fractions allowed)
     max_steps: int = 0                         # stop after this many steps (0 = epochs decide)
     clip: float = 1.0                          # gradient-norm clip
     max_len: int = 256                         # prompt + output tokens per example
@@ -56,8 +58,9 @@ class TrainConfig:
     save_every: int = 500                      # steps between checkpoints
     samples: int = 4                           # steered generations printed at the end
     out: str = "runs/paper-2b"                 # checkpoints, metrics.jsonl, loss.png
-    seed: int = 0
-    device: str = "cuda" if torch.cuda.is_available() else "cpu"
+    bf16: str = "auto"                         # frozen base in bf16 + bf16 autocast: yes | no | auto (= on cuda)
+    seed: int = 0                              # data order, held-out split and init seed
+    device: str = "cuda" if torch.cuda.is_available() else "cpu"   # cpu or cuda
 
 
 PRESETS = {
@@ -100,14 +103,19 @@ def two_pass_loss(base, hyper, batch):
 
 @torch.no_grad()
 def evaluate(base, hyper, examples, cfg, amp):
-    """Mean steered and unsteered (strength 0) loss over the first eval_batches batches."""
-    steered, plain = [], []
+    """Mean loss over the first eval_batches batches: steered; steered with Δ from another concept's
+    steering prompt (if that is as good, Δ learned the task, not the concept); unsteered (strength 0)."""
+    half = len(examples) // 2  # rows are grouped by concept: half a split away is another concept
+    other = [replace(e, hyper_ids=o.hyper_ids) for e, o in zip(examples, examples[half:] + examples[:half])]
+    losses = {"steered": [], "other_concept": [], "unsteered": []}
     for i in range(0, min(len(examples), cfg.eval_batches * cfg.batch_size), cfg.batch_size):  # fixed order
         batch = {k: v.to(cfg.device) for k, v in data.collate(examples[i:i + cfg.batch_size]).items()}
+        swapped = {k: v.to(cfg.device) for k, v in data.collate(other[i:i + cfg.batch_size]).items()}
         with amp():
-            steered.append(steered_loss(base, hyper, batch).item())
-            plain.append(steered_loss(base, hyper, batch, strength=0.0).item())
-    return sum(steered) / max(len(steered), 1), sum(plain) / max(len(plain), 1)
+            losses["steered"].append(steered_loss(base, hyper, batch).item())
+            losses["other_concept"].append(steered_loss(base, hyper, swapped).item())
+            losses["unsteered"].append(steered_loss(base, hyper, batch, strength=0.0).item())
+    return {k: sum(v) / max(len(v), 1) for k, v in losses.items()}
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -173,11 +181,13 @@ def train(cfg, resume=False, two_pass=False):
         import convert_gguf
         convert_gguf.build(M.DEMO_MODEL)
     cuda = cfg.device.startswith("cuda")
-    # fp32 master weights and AdamW state; bf16 autocast on CUDA (SPEC §5). The frozen base is bf16 there.
-    base, tok = M.load(cfg.model, cfg.device, torch.bfloat16 if cuda else torch.float32)
+    bf16 = cfg.bf16 == "yes" or (cfg.bf16 == "auto" and cuda)
+    # fp32 master weights and AdamW state; with bf16 (default on CUDA) the frozen base is bf16 and the
+    # forward runs under bf16 autocast (SPEC §5).
+    base, tok = M.load(cfg.model, cfg.device, torch.bfloat16 if bf16 else torch.float32)
     hcfg = H.HyperConfig(cfg.variant, cfg.n_blocks, cfg.layer, cfg.random_init, cfg.freeze_embeddings)
     hyper = H.HyperSteer.from_base(base, hcfg).float().train()
-    amp = (lambda: torch.autocast("cuda", torch.bfloat16)) if cuda else contextlib.nullcontext
+    amp = (lambda: torch.autocast(cfg.device.split(":")[0], torch.bfloat16)) if bf16 else contextlib.nullcontext
 
     make = lambda rs: data.encode(tok, rs, lambda t, c, i: H.hyper_input(t, c, i, cfg.variant), cfg.max_len)
     train_ex, in_ex, out_ex = make(train_rows), make(in_rows), make(out_rows)
@@ -188,8 +198,8 @@ def train(cfg, resume=False, two_pass=False):
     n_train = sum(p.numel() for p in trainable)
     n_frozen = sum(p.numel() for p in hyper.parameters()) - n_train
     n_base = sum(p.numel() for p in base.parameters())
-    est = (n_base * (2 if cuda else 4) + (n_train + n_frozen) * 4 + n_train * 12) / 2**30
-    print(f"base {cfg.model}: {n_base / 1e6:.1f}M frozen parameters ({'bf16' if cuda else 'fp32'}) on {cfg.device}")
+    est = (n_base * (2 if bf16 else 4) + (n_train + n_frozen) * 4 + n_train * 12) / 2**30
+    print(f"base {cfg.model}: {n_base / 1e6:.1f}M frozen parameters ({'bf16' if bf16 else 'fp32'}) on {cfg.device}")
     print(f"hypernet {cfg.variant}, N={cfg.n_blocks}, layer {cfg.layer}: {n_train / 1e6:.1f}M trainable, "
           f"{n_frozen / 1e6:.1f}M frozen; weights + AdamW ~{est:.1f} GiB before activations")
     print(f"data: {len(train_ex)} train examples ({len({e.concept_id for e in train_ex})} concepts), "
@@ -248,12 +258,12 @@ def train(cfg, resume=False, two_pass=False):
             report = []
             for name, ex in (("held_in", in_ex), ("held_out", out_ex)):
                 if ex:
-                    rec[f"{name}_steered"], rec[f"{name}_unsteered"] = evaluate(base, hyper, ex, cfg, amp)
-                    report.append(f"{name.replace('_', '-')} loss {rec[f'{name}_steered']:.3f} "
-                                  f"(unsteered {rec[f'{name}_unsteered']:.3f})")
+                    rec.update({f"{name}_{k}": v for k, v in evaluate(base, hyper, ex, cfg, amp).items()})
+                    report.append(f"{name.replace('_', '-')} {rec[f'{name}_steered']:.3f} (other concept "
+                                  f"{rec[f'{name}_other_concept']:.3f}, unsteered {rec[f'{name}_unsteered']:.3f})")
             hyper.train()
             if report:
-                bar.write(f"step {step}: " + ", ".join(report))
+                bar.write(f"step {step} eval loss: " + "; ".join(report))
         log.write(json.dumps(rec) + "\n")
         log.flush()
         if step % cfg.save_every == 0 or step == total or stop["now"]:
@@ -308,10 +318,12 @@ def main():
     ap.add_argument("--preset", default="paper-2b", choices=list(PRESETS), help="starting settings")
     ap.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.safetensors")
     ap.add_argument("--two-pass", action="store_true", help="run the base twice per step (speed comparison only)")
+    # Each field's flag takes its help text from the comment beside it in TrainConfig.
+    comments = dict(re.findall(r"^    (\w+): .*?  # (.*)$", inspect.getsource(TrainConfig), re.M))
     for f in fields(TrainConfig):
         kind = {bool: lambda s: s.lower() in ("1", "true", "yes")}.get(f.type, f.type)
-        ap.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=None,
-                        help=f"override the preset's {f.name}")
+        ap.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=None, metavar=f.type.__name__.upper(),
+                        help=comments[f.name])
     args = ap.parse_args()
     cfg = PRESETS[args.preset]
     cfg = type(cfg)(**{**asdict(cfg), **{k: v for k, v in vars(args).items() if k in asdict(cfg) and v is not None}})
@@ -322,10 +334,11 @@ def main():
     hyper.eval()
     last = [json.loads(l) for l in open(Path(cfg.out) / "metrics.jsonl")][-1]
     print(f"\nevaluation loss after {last['step']} steps (token-mean cross-entropy on the reference outputs):")
-    print(f"{'':10}{'steered':>9}{'unsteered':>11}")
+    print(f"{'':10}{'steered':>9}{'other concept':>15}{'unsteered':>11}")
     for name in ("held_in", "held_out"):
         if f"{name}_steered" in last:
-            print(f"{name.replace('_', '-'):10}{last[name + '_steered']:9.3f}{last[name + '_unsteered']:11.3f}")
+            print(f"{name.replace('_', '-'):10}{last[name + '_steered']:9.3f}{last[name + '_other_concept']:15.3f}"
+                  f"{last[name + '_unsteered']:11.3f}")
     print(f"checkpoint: {Path(cfg.out) / 'hypernet.safetensors'}")
     show_samples(base, tok, hyper, in_rows, cfg.samples // 2, "held-in")
     show_samples(base, tok, hyper, out_rows, cfg.samples - cfg.samples // 2, "held-out")
