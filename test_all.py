@@ -1191,6 +1191,7 @@ def test_interrupt_and_resume_equal_an_uninterrupted_run(tmp_path, monkeypatch):
     TR.train(cfg, resume=True)
     a, b = load_file(tmp_path / "straight" / "hypernet.safetensors"), load_file(tmp_path / "resumed" / "hypernet.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert [json.loads(l)["step"] for l in open(tmp_path / "resumed" / "metrics.jsonl")] == [1, 2, 3, 4, 5, 6]
 
 
 def test_checkpoint_round_trip_and_corruption(tmp_path):

@@ -213,6 +213,9 @@ def train(cfg, resume=False, two_pass=False):
             raise FileNotFoundError(f"{ckpt}: nothing to resume")
         step = load_checkpoint(ckpt, hyper, opt)
         print(f"resumed from {ckpt} at step {step}")
+        if (out / "metrics.jsonl").exists():  # drop records of steps after the checkpoint: they are redone
+            kept = [l for l in open(out / "metrics.jsonl") if json.loads(l)["step"] <= step]
+            (out / "metrics.jsonl").write_text("".join(kept))
     log = open(out / "metrics.jsonl", "a")
 
     def save():
@@ -223,53 +226,56 @@ def train(cfg, resume=False, two_pass=False):
     old_handler = signal.signal(signal.SIGINT, lambda *a: stop.update(now=True))  # Ctrl-C: finish the step, save, exit
     bar = tqdm(total=total, initial=step, desc="train", dynamic_ncols=True)
     t0, tokens, orders = time.time(), 0, {}
-    while step < total and not stop["now"]:
-        epoch, first = step // per_epoch, (step % per_epoch) * cfg.grad_accum
-        if epoch not in orders:  # the epoch's fixed order: a resumed run continues it exactly
-            orders = {epoch: data.epoch_order(len(train_ex), cfg.seed, epoch)}
-        micro = [data.collate([train_ex[j] for j in orders[epoch][i * cfg.batch_size:(i + 1) * cfg.batch_size]])
-                 for i in range(first, first + cfg.grad_accum)]
-        lr = cfg.lr * (1 - step / total)                                   # linear decay, no warmup
-        for g in opt.param_groups:
-            g["lr"] = lr
-        loss_sum = 0.0
-        for batch in micro:
-            batch = {k: v.to(cfg.device) for k, v in batch.items()}
-            with amp():
-                loss = (two_pass_loss if two_pass else steered_loss)(base, hyper, batch) / len(micro)
-            loss.backward()
-            loss_sum += loss.item()
-            tokens += int(batch["pad"].sum())
-        if not math.isfinite(loss_sum):
-            msg = f"loss is {loss_sum} at step {step}: stopping; the last good checkpoint is {ckpt}"
-            raise SystemExit(msg if ckpt.exists() else msg.replace(f"the last good checkpoint is {ckpt}", "no checkpoint yet"))
-        gnorm = torch.nn.utils.clip_grad_norm_(trainable, cfg.clip).item()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        step += 1
-        rec = {"step": step, "loss": loss_sum, "lr": lr, "grad_norm": gnorm,
-               "tokens_per_s": tokens / (time.time() - t0)}
-        if cuda:
-            rec["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss_sum:.3f}", **({"mem": f"{rec['peak_mem_gib']:.1f}G"} if cuda else {}))
-        if step % cfg.eval_every == 0 or step == total:
-            hyper.eval()
-            report = []
-            for name, ex in (("held_in", in_ex), ("held_out", out_ex)):
-                if ex:
-                    rec.update({f"{name}_{k}": v for k, v in evaluate(base, hyper, ex, cfg, amp).items()})
-                    report.append(f"{name.replace('_', '-')} {rec[f'{name}_steered']:.3f} (other concept "
-                                  f"{rec[f'{name}_other_concept']:.3f}, unsteered {rec[f'{name}_unsteered']:.3f})")
-            hyper.train()
-            if report:
-                bar.write(f"step {step} eval loss: " + "; ".join(report))
-        log.write(json.dumps(rec) + "\n")
-        log.flush()
-        if step % cfg.save_every == 0 or step == total or stop["now"]:
-            save()
-    bar.close()
-    signal.signal(signal.SIGINT, old_handler)
+    try:
+        while step < total and not stop["now"]:
+            epoch, first = step // per_epoch, (step % per_epoch) * cfg.grad_accum
+            if epoch not in orders:  # the epoch's fixed order: a resumed run continues it exactly
+                orders = {epoch: data.epoch_order(len(train_ex), cfg.seed, epoch)}
+            micro = [data.collate([train_ex[j] for j in orders[epoch][i * cfg.batch_size:(i + 1) * cfg.batch_size]])
+                     for i in range(first, first + cfg.grad_accum)]
+            lr = cfg.lr * (1 - step / total)                                   # linear decay, no warmup
+            for g in opt.param_groups:
+                g["lr"] = lr
+            loss_sum = 0.0
+            for batch in micro:
+                batch = {k: v.to(cfg.device) for k, v in batch.items()}
+                with amp():
+                    loss = (two_pass_loss if two_pass else steered_loss)(base, hyper, batch) / len(micro)
+                loss.backward()
+                loss_sum += loss.item()
+                tokens += int(batch["pad"].sum())
+            if not math.isfinite(loss_sum):
+                where = f"the last good checkpoint is {ckpt}" if ckpt.exists() else "no checkpoint written yet"
+                raise SystemExit(f"loss is {loss_sum} at step {step}: stopping; {where}")
+            gnorm = torch.nn.utils.clip_grad_norm_(trainable, cfg.clip).item()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            rec = {"step": step, "loss": loss_sum, "lr": lr, "grad_norm": gnorm,
+                   "tokens_per_s": tokens / (time.time() - t0)}
+            if cuda:
+                rec["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_sum:.3f}", **({"mem": f"{rec['peak_mem_gib']:.1f}G"} if cuda else {}))
+            if step % cfg.eval_every == 0 or step == total:
+                hyper.eval()
+                report = []
+                for name, ex in (("held_in", in_ex), ("held_out", out_ex)):
+                    if ex:
+                        rec.update({f"{name}_{k}": v for k, v in evaluate(base, hyper, ex, cfg, amp).items()})
+                        report.append(f"{name.replace('_', '-')} {rec[f'{name}_steered']:.3f} (other concept "
+                                      f"{rec[f'{name}_other_concept']:.3f}, unsteered {rec[f'{name}_unsteered']:.3f})")
+                hyper.train()
+                if report:
+                    bar.write(f"step {step} eval loss: " + "; ".join(report))
+            log.write(json.dumps(rec) + "\n")
+            log.flush()
+            if step % cfg.save_every == 0 or step == total or stop["now"]:
+                save()
+    finally:  # also on a NaN stop or an error: the Ctrl-C handler must not outlive the run
+        bar.close()
+        log.close()
+        signal.signal(signal.SIGINT, old_handler)
     if stop["now"]:
         save()
         sys.exit(f"interrupted at step {step}: saved {ckpt}; continue with --resume")
