@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from hub import hf_file
+from model import left_pad
 
 DEMO_DATA = Path(__file__).resolve().parent / "demo" / "concepts.jsonl"
 COLUMNS = {"input": str, "output": str, "output_concept": str, "concept_genre": str,
@@ -140,17 +141,6 @@ def encode(tok, rows, hyper_input, max_len=128, quiet=False):
     if (cut or dropped) and not quiet:
         print(f"tokenised {len(rows)} rows: {cut} outputs truncated to max_len {max_len}, {dropped} dropped")
     return out
-
-
-def left_pad(seqs, pad_id):
-    """Token lists -> (ids (B, T), mask (B, T) bool), padded on the left so the last token is at -1."""
-    T = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
-    mask = torch.zeros(len(seqs), T, dtype=torch.bool)
-    for b, s in enumerate(seqs):
-        ids[b, T - len(s):] = torch.as_tensor(s)
-        mask[b, T - len(s):] = True
-    return ids, mask
 
 
 def collate(examples, pad_id=0):

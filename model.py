@@ -402,6 +402,17 @@ def sample(logits, temperature, top_k, top_p, generators):
     return torch.cat([torch.multinomial(p, 1, generator=g) for p, g in zip(probs, generators)])
 
 
+def left_pad(seqs, pad_id, device=None):
+    """Token lists -> (ids (B, T), mask (B, T) bool), padded on the left so the last token is at -1."""
+    T = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long, device=device)
+    mask = torch.zeros(len(seqs), T, dtype=torch.bool, device=device)
+    for b, s in enumerate(seqs):
+        ids[b, T - len(s):] = torch.as_tensor(s, device=device)
+        mask[b, T - len(s):] = True
+    return ids, mask
+
+
 @torch.inference_mode()
 def generate(model, prompts, max_new_tokens=64, temperature=0.0, top_k=0, top_p=1.0, seeds=0,
              steer=None, steer_from=None, stop_ids=(1, 106)):
@@ -413,12 +424,8 @@ def generate(model, prompts, max_new_tokens=64, temperature=0.0, top_k=0, top_p=
     its own seed, so a batch samples what one-by-one runs sample.
     Returns the new token ids per row, cut at the first stop id (<eos>=1, <end_of_turn>=106)."""
     cfg, dev = model.cfg, model.model.embed_tokens.weight.device
-    B, L = len(prompts), max(len(p) for p in prompts)
-    ids = torch.full((B, L), cfg.pad_token_id, dtype=torch.long, device=dev)
-    pad = torch.zeros(B, L, dtype=torch.bool, device=dev)
-    for b, p in enumerate(prompts):
-        ids[b, L - len(p):] = torch.tensor(p, device=dev)
-        pad[b, L - len(p):] = True
+    ids, pad = left_pad(prompts, cfg.pad_token_id, dev)
+    B, L = ids.shape
     seeds = [seeds + b for b in range(B)] if isinstance(seeds, int) else list(seeds)
     gens = [torch.Generator(device=dev).manual_seed(s) for s in seeds]
     cache = KVCache(cfg, B, L + max_new_tokens, dev, model.model.embed_tokens.weight.dtype)

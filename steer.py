@@ -83,9 +83,9 @@ def hyper_deltas(base, tok, hyper, concept, instructions):
     """Δ = H(s, x) (n, d) for one concept and n instructions, read from the unsteered residual at the
     steering layer over each chat-templated prompt: once per (s, x), fixed while decoding (SPEC §4)."""
     dev, pad_id = base.model.embed_tokens.weight.device, base.cfg.pad_token_id
-    ids, pad = data.left_pad([tok.chat(x)[0] for x in instructions], pad_id)
+    ids, pad = M.left_pad([tok.chat(x)[0] for x in instructions], pad_id)
     x = base.residual(ids.to(dev), pad.to(dev), hyper.hcfg.layer)                  # (n, T, d)
-    s_ids, s_pad = data.left_pad([H.hyper_input(tok, concept, i, hyper.hcfg.variant) for i in instructions], pad_id)
+    s_ids, s_pad = M.left_pad([H.hyper_input(tok, concept, i, hyper.hcfg.variant) for i in instructions], pad_id)
     return hyper(s_ids.to(dev), s_pad.to(dev), x, pad.to(dev)).float()           # Eq. 2-3
 
 
