@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 
 from model import (Attention, Block, Gemma, GemmaConfig, RMSNorm, attend, attention_inputs, embed, gemma2_2b,
-                   gemma2_9b)
+                   gemma2_9b, left_pad)
 
 VARIANTS = ("no_context", "in_context", "cross_attention")
 
@@ -171,6 +171,17 @@ def hyper_input(tok, concept, instruction, variant):
     if variant not in VARIANTS:
         raise ValueError(f"unknown hypernetwork variant {variant!r}")
     return tok.encode(f"{concept}\n{instruction}" if variant == "in_context" else concept)
+
+
+@torch.no_grad()
+def deltas(base, tok, hyper, concept, instructions):
+    """Δ = H(s, x) (n, d) for one concept and n instructions, read from the unsteered residual at the
+    steering layer over each chat-templated prompt: once per (s, x), fixed while decoding (SPEC §4)."""
+    dev, pad_id = base.model.embed_tokens.weight.device, base.cfg.pad_token_id
+    ids, pad = left_pad([tok.chat(x)[0] for x in instructions], pad_id)
+    x = base.residual(ids.to(dev), pad.to(dev), hyper.hcfg.layer)                  # (n, T, d)
+    s_ids, s_pad = left_pad([hyper_input(tok, concept, i, hyper.hcfg.variant) for i in instructions], pad_id)
+    return hyper(s_ids.to(dev), s_pad.to(dev), x, pad.to(dev)).float()           # Eq. 2-3
 
 
 # ----------------------------------------------------------------------------- checkpoints

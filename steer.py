@@ -79,17 +79,6 @@ def row_seed(concept_id, instruction_index, strength, seed=0):
 # ----------------------------------------------------------------------------- steering vectors
 
 @torch.no_grad()
-def hyper_deltas(base, tok, hyper, concept, instructions):
-    """Δ = H(s, x) (n, d) for one concept and n instructions, read from the unsteered residual at the
-    steering layer over each chat-templated prompt: once per (s, x), fixed while decoding (SPEC §4)."""
-    dev, pad_id = base.model.embed_tokens.weight.device, base.cfg.pad_token_id
-    ids, pad = M.left_pad([tok.chat(x)[0] for x in instructions], pad_id)
-    x = base.residual(ids.to(dev), pad.to(dev), hyper.hcfg.layer)                  # (n, T, d)
-    s_ids, s_pad = M.left_pad([H.hyper_input(tok, concept, i, hyper.hcfg.variant) for i in instructions], pad_id)
-    return hyper(s_ids.to(dev), s_pad.to(dev), x, pad.to(dev)).float()           # Eq. 2-3
-
-
-@torch.no_grad()
 def activations(base, tok, rows, layer, max_len=256, batch_size=8):
     """Layer-L residuals (N_tokens, d) over rows' prompt + output tokens after the chat prefix, no padding."""
     dev, out = base.model.embed_tokens.weight.device, []
@@ -349,7 +338,7 @@ def cmd_generate(args, method):
     deltas, prompt_for, name = None, None, METHODS.get(method)
     if method == "hypersteer":
         name = f"HyperSteer {hyper.hcfg.variant.replace('_', ' ')}"
-        deltas = lambda cid, concept, ins: hyper_deltas(base, tok, hyper, concept, ins)
+        deltas = lambda cid, concept, ins: H.deltas(base, tok, hyper, concept, ins)
         grid = grid or HYPER_GRID
     elif method == "prompting":  # one row per instruction, strength 1: there is no knob to select
         judge_cfg = None
@@ -380,7 +369,7 @@ def cmd_export(args):
         w, max_act = vector_baseline(base, tok, rows, args.concept_id, layer, args.method, cfg.max_len)
         vector, method = max_act * w, METHODS[args.method]          # strength 1 = max_act (SPEC §8)
     else:
-        vector = hyper_deltas(base, tok, hyper, args.concept, [args.prompt])[0]
+        vector = H.deltas(base, tok, hyper, args.concept, [args.prompt])[0]
         method, concept = f"HyperSteer {hyper.hcfg.variant.replace('_', ' ')}", args.concept
     save_vector(args.out, vector, layer, base.cfg.model_type, method, concept)
     print(f"{method} vector for {concept!r}, layer {layer}, |Δ| = {vector.norm():.2f}: "
@@ -390,7 +379,7 @@ def cmd_export(args):
 def cmd_steer(args):
     cfg, base, tok, hyper, layer = load_run(args)
     if hyper is not None and args.concept:
-        delta = hyper_deltas(base, tok, hyper, args.concept, [args.prompt])[0]
+        delta = H.deltas(base, tok, hyper, args.concept, [args.prompt])[0]
     elif args.vector and hyper is None:
         delta, layer, meta = load_vector(args.vector)
         args.concept = f"{meta.get('concept')!r} ({meta.get('method')} vector from {args.vector})"

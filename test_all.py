@@ -1339,14 +1339,14 @@ def test_hyper_deltas_match_training_path(setup):
     b = data.collate(ex)
     x = base.residual(b["ids"], b["pad"], LAYER)
     want = hyper(b["hyper_ids"], b["hyper_pad"], x, b["prompt"])
-    got = steer.hyper_deltas(base, tok, hyper, "w5 w6", [r["input"] for r in rows])
+    got = H.deltas(base, tok, hyper, "w5 w6", [r["input"] for r in rows])
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_resumed_run_writes_no_duplicates(setup, tmp_path):
     base, tok, hyper = setup
     ins, concepts = instructions(), [(3, "w3 w4"), (11, "w7")]
-    deltas = lambda cid, concept, xs: steer.hyper_deltas(base, tok, hyper, concept, xs)
+    deltas = lambda cid, concept, xs: H.deltas(base, tok, hyper, concept, xs)
     run = lambda out, **kw: steer.generate_rows(base, tok, out, "HyperSteer", "held-out", concepts, ins, [0.0, 2.0],
                                                 LAYER, deltas, batch_size=7, max_new_tokens=6, **kw)
     full, part = tmp_path / "full.jsonl", tmp_path / "part.jsonl"

@@ -306,10 +306,7 @@ def show_samples(base, tok, hyper, rows, n, title):
             picked.append(r)
     for r in picked[:n]:
         ids, n_prefix = tok.chat(r["input"])
-        with torch.no_grad():
-            x = base.residual(torch.tensor([ids]), None, hyper.hcfg.layer)
-            hid, hpad = M.left_pad([H.hyper_input(tok, r["output_concept"], r["input"], hyper.hcfg.variant)], 0)
-            delta = hyper(hid.to(x.device), hpad.to(x.device), x, torch.ones(x.shape[:2], dtype=torch.bool))
+        delta = H.deltas(base, tok, hyper, r["output_concept"], [r["input"]])             # (1, d)
         plain = M.generate(base, [ids], 48)[0]
         steered = M.generate(base, [ids], 48, steer=M.Steer(hyper.hcfg.layer, delta, 1.0), steer_from=[n_prefix])[0]
         print(f"\n[{title}] concept: {r['output_concept']}\nprompt:    {r['input']}\n"
