@@ -29,6 +29,14 @@ def safe_join(folder, name):
     return p
 
 
+def shard_names(index):
+    """The shard file names listed by a model.safetensors.index.json."""
+    try:
+        return sorted(set(json.loads(Path(index).read_text())["weight_map"].values()))
+    except (json.JSONDecodeError, KeyError, AttributeError, TypeError) as e:
+        raise ValueError(f"{index}: malformed index ({e})") from None
+
+
 def fetch(url, dest, what):
     """Download url to dest (resuming dest.part); a clear one-line error on HTTP failure."""
     dest = Path(dest)
@@ -87,10 +95,10 @@ def hf_download(repo, revision="main"):
         hf_file(repo, "model.safetensors", revision)
         return folder
     try:
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    except (json.JSONDecodeError, KeyError, AttributeError) as e:
-        index.unlink()
-        raise ValueError(f"{repo}: malformed model.safetensors.index.json ({e})") from None
+        shards = shard_names(index)
+    except ValueError:
+        index.unlink()  # fetched again next time
+        raise
     for name in shards:
         safe_join(folder, name)  # refuse before fetching anything outside the folder
     for name in shards:

@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from hub import hf_download, safe_join
+from hub import hf_download, safe_join, shard_names
 
 DEMO_MODEL = Path(__file__).resolve().parent / "models" / "gemma-3-270m"  # built by convert_gguf.py
 
@@ -489,11 +489,7 @@ class Tokenizer:
 def _checkpoint_files(folder):
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        try:
-            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError, AttributeError) as e:
-            raise ValueError(f"{index}: malformed index ({e})") from None
-        files = [safe_join(folder, n) for n in names]
+        files = [safe_join(folder, n) for n in shard_names(index)]
         for f in files:
             if not f.is_file():
                 raise FileNotFoundError(f"{folder}: missing shard {f.name} listed in {index.name}")
