@@ -8,16 +8,26 @@ alternating the two implementations so that both see the same machine state.
     python bench.py                       # gemma-3-270m, fp32, CPU (the offline model)
     python bench.py --repeats 1 --decode-tokens 16      # quicker
 On a CUDA machine it also runs random weights in the Gemma-2-2b shapes in bf16 (--gpu-only for just that).
+
+train_memory() traces training memory without a GPU; `python train.py --trace-memory` runs it.
 """
 import argparse
 import statistics
 import subprocess
 import sys
 import time
+import weakref
+from pathlib import Path
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
+import data
+import hypernet as H
 import model as M
+import train
 
 
 def timed(fn, sync):
@@ -105,6 +115,108 @@ def gpu_bench(args):
     print(f"\nrandom weights, Gemma-2-2b shapes, bf16, {torch.cuda.get_device_name()}, median of {args.repeats}")
     bench_pair(ours, hf, cfg.vocab_size, "cuda", args.repeats, args.decode_tokens)
     print(f"peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB (both models loaded)")
+
+
+# ----------------------------------------------------------------------------- training memory, no GPU
+
+class LiveBytes(TorchDispatchMode):
+    """Bytes of live tensor storage, counted as ops create tensors and as Python frees them, with the
+    peak: what torch.cuda.max_memory_allocated reports, less the caching allocator's rounding.
+    Fake tensors have shapes but no values, so the step's value reads are answered without data: a
+    scalar read gives 1 (the input validation's boolean checks pass; AdamW's step count only sets its
+    bias correction), and selecting rows of a (B, T) tensor with a boolean mask gives `selected` rows
+    (the labelled positions of train.steered_loss's `out[sel]`)."""
+
+    def __init__(self, tensors, selected):
+        super().__init__()
+        self.now = self.peak = 0
+        self.seen, self.selected = set(), selected
+        self.track(tensors)
+
+    def track(self, tensors):
+        for t in tensors:
+            st = t.untyped_storage()
+            if st._cdata not in self.seen:
+                self.seen.add(st._cdata)
+                self.now += st.nbytes()
+                weakref.finalize(st, self.free, st._cdata, st.nbytes())
+        self.peak = max(self.peak, self.now)
+
+    def free(self, key, nbytes):
+        self.seen.discard(key)
+        self.now -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        x = args[0] if args else None
+        if isinstance(x, FakeTensor) and func is torch.ops.aten._local_scalar_dense.default:
+            return True if x.dtype == torch.bool else 1
+        if isinstance(x, FakeTensor) and func is torch.ops.aten.index.Tensor and args[1][0].dtype == torch.bool:
+            out = x.new_empty((self.selected, *x.shape[args[1][0].dim():]))
+        else:
+            out = func(*args, **(kwargs or {}))
+        self.track(t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor))
+        return out
+
+
+def base_config(name):
+    """The base model's GemmaConfig: the paper models by name, else config.json (local or hub)."""
+    known = {"google/gemma-2-2b-it": M.gemma2_2b, "google/gemma-2-9b-it": M.gemma2_9b}
+    if name in known:
+        return known[name]()
+    path = Path(name) / "config.json"
+    if not path.is_file():
+        from hub import hf_file
+        path = hf_file(name, "config.json")
+    return M.GemmaConfig.from_json(path)
+
+
+def train_memory(cfg, base_cfg, prompt_tokens=64, fake=True, steps=2):
+    """Live tensor bytes over `steps` steps of train.py's loop (train.steered_loss, backward, clip, AdamW)
+    at cfg's shapes, every row max_len tokens with `prompt_tokens` of prompt. The base is bf16 with
+    bf16 autocast unless cfg.bf16 == "no", as train.py runs on CUDA; autocast is traced as CPU
+    autocast, which casts the same matrix products. Returns {"weights", "after_step", "peak"} in bytes."""
+    g = torch.Generator().manual_seed(0)
+    rows = [data.Example(torch.randint(3, base_cfg.vocab_size, (cfg.max_len,), generator=g).int().numpy(),
+                         prompt_tokens, 4, torch.randint(3, base_cfg.vocab_size, (12,), generator=g).int().numpy(),
+                         "a concept", i) for i in range(cfg.batch_size)]
+    batch = data.collate(rows)
+    selected = int((batch["labels"] != -100).sum())
+    bf16 = cfg.bf16 != "no"
+    mode = FakeTensorMode() if fake else torch.device("cpu")
+    with mode:
+        if fake:
+            batch = {k: mode.from_tensor(v) for k, v in batch.items()}
+        torch.set_default_dtype(torch.bfloat16 if bf16 else torch.float32)   # a fake module cannot be cast
+        try:
+            base = M.Gemma(base_cfg).eval().requires_grad_(False)
+        finally:
+            torch.set_default_dtype(torch.float32)
+        hyper = H.HyperSteer.from_base(base, H.HyperConfig(cfg.variant, cfg.n_blocks, cfg.layer, cfg.random_init,
+                                                           cfg.freeze_embeddings)).train()
+        trainable = [p for p in hyper.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=False)
+        counter = LiveBytes([*base.parameters(), *hyper.parameters(), *batch.values()], selected)
+        weights = counter.now
+        with counter:
+            for _ in range(steps):  # the second step is the steady state: AdamW state lives from the first
+                with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+                    loss = train.steered_loss(base, hyper, batch)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(trainable, cfg.clip)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+    return {"weights": weights, "after_step": counter.now, "peak": counter.peak}
+
+
+def print_train_memory(cfg, prompt_tokens):
+    t0 = time.perf_counter()
+    gib = {k: v / 2**30 for k, v in train_memory(cfg, base_config(cfg.model), prompt_tokens).items()}
+    print(f"{cfg.model}, {cfg.variant} N={cfg.n_blocks}, layer {cfg.layer}, batch {cfg.batch_size} x {cfg.max_len} "
+          f"tokens ({prompt_tokens} prompt), {'bf16 base + autocast' if cfg.bf16 != 'no' else 'fp32'}; "
+          f"traced on fake tensors in {time.perf_counter() - t0:.0f} s:")
+    print(f"  weights (base + hypernetwork) {gib['weights']:.1f} GiB; + AdamW state after a step "
+          f"{gib['after_step']:.1f} GiB; peak during a step {gib['peak']:.1f} GiB")
+    print("  (a GPU adds its CUDA context, ~0.5 GiB, and the caching allocator's rounding)")
 
 
 def main():

@@ -1230,6 +1230,26 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
     assert meta["step"] == "2"
 
 
+@pytest.mark.parametrize("bf16", ["no", "yes"])
+def test_traced_training_memory_equals_a_real_step(bf16):
+    """bench.py --train-memory traces a step on fake tensors; on a tiny model the same counter over a
+    real CPU step gives the same bytes, and the counts are what the parameters and AdamW state need."""
+    import bench
+    cfg = TR.TrainConfig(n_blocks=2, layer=1, batch_size=3, max_len=24, bf16=bf16)
+    base_cfg = M.GemmaConfig(model_type="gemma2", **LAYOUT)
+    fake = bench.train_memory(cfg, base_cfg, prompt_tokens=8, fake=True)
+    real = bench.train_memory(cfg, base_cfg, prompt_tokens=8, fake=False)
+    assert fake == real
+    base = M.Gemma(base_cfg).requires_grad_(False)
+    hyper = HyperSteer.from_base(base, HyperConfig("cross_attention", 2, 1))
+    batch_bytes = 3 * 24 * (8 + 8 + 1 + 1 + 1) + 3 * 12 * (8 + 1)   # ids, labels, pad, steer, prompt; hyper ids, pad
+    params = sum(p.numel() for p in base.parameters()) * (2 if bf16 == "yes" else 4) + count_params(hyper) * 4
+    assert fake["weights"] == params + batch_bytes
+    adam = sum(p.numel() * 8 + 4 for p in hyper.parameters())                # exp_avg, exp_avg_sq (fp32), step
+    assert fake["after_step"] == fake["weights"] + adam + 4                # + the last loss, a fp32 scalar
+    assert fake["peak"] >= fake["after_step"] + count_params(hyper) * 4   # gradients live during opt.step
+
+
 def safe_open_meta(path):
     with safe_open(str(path), "pt") as f:
         return f.metadata()

@@ -198,7 +198,7 @@ def train(cfg, resume=False, two_pass=False):
     est = (n_base * (2 if bf16 else 4) + (n_train + n_frozen) * 4 + n_train * 12) / 2**30
     print(f"base {cfg.model}: {n_base / 1e6:.1f}M frozen parameters ({'bf16' if bf16 else 'fp32'}) on {cfg.device}")
     print(f"hypernet {cfg.variant}, N={cfg.n_blocks}, layer {cfg.layer}: {n_train / 1e6:.1f}M trainable, "
-          f"{n_frozen / 1e6:.1f}M frozen; weights + AdamW ~{est:.1f} GiB before activations")
+          f"{n_frozen / 1e6:.1f}M frozen; weights + AdamW ~{est:.1f} GiB before activations (--trace-memory for the peak)")
     print(f"data: {len(train_ex)} train examples ({len({e.concept_id for e in train_ex})} concepts), "
           f"{len(in_ex)} held-in eval, {len(out_ex)} held-out eval ({len({e.concept_id for e in out_ex})} concepts); "
           f"{total} steps of {cfg.batch_size * cfg.grad_accum} examples")
@@ -318,6 +318,9 @@ def main():
     ap.add_argument("--preset", default="paper-2b", choices=list(PRESETS), help="starting settings")
     ap.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.safetensors")
     ap.add_argument("--two-pass", action="store_true", help="run the base twice per step (speed comparison only)")
+    ap.add_argument("--trace-memory", action="store_true",
+                    help="print the peak memory of a step at this run's shapes, traced on fake tensors (no GPU "
+                         "or weights needed; rows max-len long, a quarter prompt; bf16 auto = as on CUDA), then exit")
     # Each field's flag takes its help text from the comment beside it in TrainConfig.
     comments = dict(re.findall(r"^    (\w+): .*?  # (.*)$", inspect.getsource(TrainConfig), re.M))
     for f in fields(TrainConfig):
@@ -327,6 +330,9 @@ def main():
     args = ap.parse_args()
     cfg = PRESETS[args.preset]
     cfg = type(cfg)(**{**asdict(cfg), **{k: v for k, v in vars(args).items() if k in asdict(cfg) and v is not None}})
+    if args.trace_memory:
+        import bench
+        return bench.print_train_memory(cfg, cfg.max_len // 4)
     try:
         base, tok, hyper, in_rows, out_rows = train(cfg, args.resume, args.two_pass)
     except (OSError, ValueError) as e:
