@@ -126,16 +126,16 @@ def encode(tok, rows, hyper_input, max_len=128, quiet=False):
     """Rows -> Examples, truncating the output so prompt + output <= max_len tokens. Rows whose
     prompt alone leaves no room for an output token are dropped. Prints how many were cut."""
     out, cut, dropped = [], 0, 0
-    for r in rows:
-        prompt, n_prefix = tok.chat(r["input"])
-        answer = tok.encode(r["output"], bos=False)   # the raw output, no <end_of_turn> (SPEC §5)
+    prompts = tok.encode_batch(tok.CHAT.format(prompt=r["input"]) for r in rows)   # = tok.chat(input)
+    answers = tok.encode_batch((r["output"] for r in rows), bos=False)  # the raw output, no <end_of_turn> (SPEC §5)
+    for r, prompt, answer in zip(rows, prompts, answers):
         room = max_len - len(prompt)
         if room < 1:
             dropped += 1
             continue
         cut += len(answer) > room
         # int32 arrays, not lists: Concept16k has ~1M rows, and a list of Python ints costs ~9x more
-        out.append(Example(np.asarray(prompt + answer[:room], dtype=np.int32), len(prompt), n_prefix,
+        out.append(Example(np.asarray(prompt + answer[:room], dtype=np.int32), len(prompt), tok.chat_prefix_len,
                            np.asarray(hyper_input(tok, r["output_concept"], r["input"]), dtype=np.int32),
                            r["output_concept"], r["concept_id"]))
     if (cut or dropped) and not quiet:

@@ -476,6 +476,11 @@ class Tokenizer:
         ids = self.tok.encode(text, add_special_tokens=False).ids
         return [self.bos_id] + ids if bos else ids
 
+    def encode_batch(self, texts, bos=True):
+        """encode() of many texts at once, in parallel threads (tokenizers' Rust side)."""
+        head = [self.bos_id] if bos else []
+        return [head + e.ids for e in self.tok.encode_batch(list(texts), add_special_tokens=False)]
+
     def decode(self, ids):
         return self.tok.decode(list(ids), skip_special_tokens=True)
 

@@ -1048,6 +1048,7 @@ def test_real_tokenizer_equals_transformers(real_pair):
     _, tok, _, hf_tok = real_pair
     for s in TOKENIZER_CASES:
         assert tok.encode(s) == hf_tok(s)["input_ids"], s
+    assert tok.encode_batch(TOKENIZER_CASES, bos=False) == [tok.encode(s, bos=False) for s in TOKENIZER_CASES]
     ids, n = tok.chat("Tell me\tabout 🤗\n\nnewlines")
     assert n == 4 and ids[:4] == [2, 105, 2364, 107]
     assert ids == hf_tok("<start_of_turn>user\nTell me\tabout 🤗\n\nnewlines<end_of_turn>\n"

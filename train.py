@@ -102,9 +102,10 @@ def two_pass_loss(base, hyper, batch):
 
 
 @torch.no_grad()
-def evaluate(base, hyper, examples, cfg, amp):
+def evaluate(base, hyper, examples, cfg, amp, unsteered=None):
     """Mean loss over the first eval_batches batches: steered; steered with Δ from another concept's
-    steering prompt (if that is as good, Δ learned the task, not the concept); unsteered (strength 0)."""
+    steering prompt (if that is as good, Δ learned the task, not the concept); unsteered (strength 0).
+    The frozen base's unsteered loss never changes: pass an earlier evaluation's value to skip it."""
     half = len(examples) // 2  # rows are grouped by concept: half a split away is another concept
     other = [replace(e, hyper_ids=o.hyper_ids) for e, o in zip(examples, examples[half:] + examples[:half])]
     losses = {"steered": [], "other_concept": [], "unsteered": []}
@@ -114,8 +115,10 @@ def evaluate(base, hyper, examples, cfg, amp):
         with amp():
             losses["steered"].append(steered_loss(base, hyper, batch).item())
             losses["other_concept"].append(steered_loss(base, hyper, swapped).item())
-            losses["unsteered"].append(steered_loss(base, hyper, batch, strength=0.0).item())
-    return {k: sum(v) / max(len(v), 1) for k, v in losses.items()}
+            if unsteered is None:
+                losses["unsteered"].append(steered_loss(base, hyper, batch, strength=0.0).item())
+    means = {k: sum(v) / max(len(v), 1) for k, v in losses.items()}
+    return {**means, "unsteered": means["unsteered"] if unsteered is None else unsteered}
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -222,7 +225,7 @@ def train(cfg, resume=False, two_pass=False):
     stop = {"now": False}
     old_handler = signal.signal(signal.SIGINT, lambda *a: stop.update(now=True))  # Ctrl-C: finish the step, save, exit
     bar = tqdm(total=total, initial=step, desc="train", dynamic_ncols=True)
-    t0, tokens, orders = time.time(), 0, {}
+    t0, tokens, orders, unsteered = time.time(), 0, {}, {}
     try:
         while step < total and not stop["now"]:
             epoch, first = step // per_epoch, (step % per_epoch) * cfg.grad_accum
@@ -259,7 +262,9 @@ def train(cfg, resume=False, two_pass=False):
                 report = []
                 for name, ex in (("held_in", in_ex), ("held_out", out_ex)):
                     if ex:
-                        rec.update({f"{name}_{k}": v for k, v in evaluate(base, hyper, ex, cfg, amp).items()})
+                        res = evaluate(base, hyper, ex, cfg, amp, unsteered.get(name))
+                        unsteered[name] = res["unsteered"]
+                        rec.update({f"{name}_{k}": v for k, v in res.items()})
                         report.append(f"{name.replace('_', '-')} {rec[f'{name}_steered']:.3f} (other concept "
                                       f"{rec[f'{name}_other_concept']:.3f}, unsteered {rec[f'{name}_unsteered']:.3f})")
                 hyper.train()
