@@ -9,9 +9,10 @@ alternating the two implementations so that both see the same machine state.
     python bench.py --repeats 1 --decode-tokens 16      # quicker
 On a CUDA machine it also runs random weights in the Gemma-2-2b shapes in bf16 (--gpu-only for just that).
 
-train_memory() traces training memory without a GPU; `python train.py --trace-memory` runs it.
+train_memory() traces a training step's memory and FLOPs without a GPU; `python train.py --trace-memory` runs it.
 """
 import argparse
+import contextlib
 import statistics
 import subprocess
 import sys
@@ -22,6 +23,7 @@ from pathlib import Path
 import torch
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import FlopCounterMode
 from torch.utils._pytree import tree_flatten
 
 import data
@@ -170,11 +172,12 @@ def base_config(name):
     return M.GemmaConfig.from_json(path)
 
 
-def train_memory(cfg, base_cfg, prompt_tokens=64, fake=True, steps=2):
-    """Live tensor bytes over `steps` steps of train.py's loop (train.steered_loss, backward, clip, AdamW)
-    at cfg's shapes, every row max_len tokens with `prompt_tokens` of prompt. The base is bf16 with
-    bf16 autocast unless cfg.bf16 == "no", as train.py runs on CUDA; autocast is traced as CPU
-    autocast, which casts the same matrix products. Returns {"weights", "after_step", "peak"} in bytes."""
+def train_memory(cfg, base_cfg, prompt_tokens=64, fake=True, steps=2, loss_fn=train.steered_loss):
+    """Live tensor bytes over `steps` steps of train.py's loop (loss_fn, backward, clip, AdamW) at cfg's
+    shapes, every row max_len tokens with `prompt_tokens` of prompt. The base is bf16 with bf16
+    autocast unless cfg.bf16 == "no", as train.py runs on CUDA; autocast is traced as CPU autocast,
+    which casts the same matrix products. Returns {"weights", "after_step", "peak"} in bytes and
+    "flops", the floating-point operations of one step's forward and backward (matrix products)."""
     g = torch.Generator().manual_seed(0)
     rows = [data.Example(torch.randint(3, base_cfg.vocab_size, (cfg.max_len,), generator=g).int().numpy(),
                          prompt_tokens, 4, torch.randint(3, base_cfg.vocab_size, (12,), generator=g).int().numpy(),
@@ -196,26 +199,30 @@ def train_memory(cfg, base_cfg, prompt_tokens=64, fake=True, steps=2):
         trainable = [p for p in hyper.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=False)
         counter = LiveBytes([*base.parameters(), *hyper.parameters(), *batch.values()], selected)
-        weights = counter.now
+        weights, flops = counter.now, FlopCounterMode(display=False)
         with counter:
-            for _ in range(steps):  # the second step is the steady state: AdamW state lives from the first
-                with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
-                    loss = train.steered_loss(base, hyper, batch)
-                loss.backward()
+            for step in range(steps):  # the second step is the steady state: AdamW state lives from the first
+                with flops if step == 0 else contextlib.nullcontext():
+                    with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+                        loss = loss_fn(base, hyper, batch)
+                    loss.backward()
                 torch.nn.utils.clip_grad_norm_(trainable, cfg.clip)
                 opt.step()
                 opt.zero_grad(set_to_none=True)
-    return {"weights": weights, "after_step": counter.now, "peak": counter.peak}
+    return {"weights": weights, "after_step": counter.now, "peak": counter.peak, "flops": flops.get_total_flops()}
 
 
 def print_train_memory(cfg, prompt_tokens):
-    t0 = time.perf_counter()
-    gib = {k: v / 2**30 for k, v in train_memory(cfg, base_config(cfg.model), prompt_tokens).items()}
+    """Memory and FLOPs of a step with the SPEC §5 structure and with the base run twice (--two-pass)."""
+    t0, base_cfg = time.perf_counter(), base_config(cfg.model)
+    fast, slow = (train_memory(cfg, base_cfg, prompt_tokens, loss_fn=f) for f in (train.steered_loss, train.two_pass_loss))
     print(f"{cfg.model}, {cfg.variant} N={cfg.n_blocks}, layer {cfg.layer}, batch {cfg.batch_size} x {cfg.max_len} "
           f"tokens ({prompt_tokens} prompt), {'bf16 base + autocast' if cfg.bf16 != 'no' else 'fp32'}; "
           f"traced on fake tensors in {time.perf_counter() - t0:.0f} s:")
-    print(f"  weights (base + hypernetwork) {gib['weights']:.1f} GiB; + AdamW state after a step "
-          f"{gib['after_step']:.1f} GiB; peak during a step {gib['peak']:.1f} GiB")
+    print(f"  weights (base + hypernetwork) {fast['weights'] / 2**30:.1f} GiB; + AdamW state after a step "
+          f"{fast['after_step'] / 2**30:.1f} GiB; peak during a step {fast['peak'] / 2**30:.1f} GiB")
+    print(f"  a step: {fast['flops'] / 1e12:.1f} TFLOP (SPEC §5 structure) vs {slow['flops'] / 1e12:.1f} TFLOP and "
+          f"{slow['peak'] / 2**30:.1f} GiB peak with the base run twice: {slow['flops'] / fast['flops']:.2f}x the work")
     print("  (a GPU adds its CUDA context, ~0.5 GiB, and the caching allocator's rounding)")
 
 
