@@ -27,7 +27,6 @@ from torch.utils.flop_counter import FlopCounterMode
 from torch.utils._pytree import tree_flatten
 
 import data
-import hypernet as H
 import model as M
 import train
 
@@ -194,10 +193,7 @@ def train_memory(cfg, base_cfg, prompt_tokens=64, fake=True, steps=2, loss_fn=tr
             base = M.Gemma(base_cfg).eval().requires_grad_(False)
         finally:
             torch.set_default_dtype(torch.float32)
-        hyper = H.HyperSteer.from_base(base, H.HyperConfig(cfg.variant, cfg.n_blocks, cfg.layer, cfg.random_init,
-                                                           cfg.freeze_embeddings)).train()
-        trainable = [p for p in hyper.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=False)
+        hyper, trainable, opt = train.hypernet_and_optimizer(base, cfg)
         counter = LiveBytes([*base.parameters(), *hyper.parameters(), *batch.values()], selected)
         weights, flops = counter.now, FlopCounterMode(display=False)
         with counter:

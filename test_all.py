@@ -1233,7 +1233,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
 
 @pytest.mark.parametrize("bf16", ["no", "yes"])
 def test_traced_training_memory_equals_a_real_step(bf16):
-    """bench.py --train-memory traces a step on fake tensors; on a tiny model the same counter over a
+    """train.py --trace-memory traces a step on fake tensors; on a tiny model the same counter over a
     real CPU step gives the same bytes, and the counts are what the parameters and AdamW state need."""
     import bench
     cfg = TR.TrainConfig(n_blocks=2, layer=1, batch_size=3, max_len=24, bf16=bf16)

@@ -175,6 +175,15 @@ def split_rows(cfg, rows):
     return data.split_concepts(rows, held_out, cfg.seed, cfg.eval_rows)
 
 
+def hypernet_and_optimizer(base, cfg):
+    """The hypernetwork in fp32 (master weights, SPEC §5) on the base's device, its trainable
+    parameters, and their AdamW (one tensor at a time: no foreach copies of 2.6B parameters)."""
+    hcfg = H.HyperConfig(cfg.variant, cfg.n_blocks, cfg.layer, cfg.random_init, cfg.freeze_embeddings)
+    hyper = H.HyperSteer.from_base(base, hcfg).train()   # built in fp32 (the default dtype), base weights copied in
+    trainable = [p for p in hyper.parameters() if p.requires_grad]
+    return hyper, trainable, torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=False)
+
+
 def train(cfg, resume=False, two_pass=False):
     torch.manual_seed(cfg.seed)
     out = Path(cfg.out)
@@ -185,8 +194,7 @@ def train(cfg, resume=False, two_pass=False):
     # fp32 master weights and AdamW state; with bf16 (default on CUDA) the frozen base is bf16 and the
     # forward runs under bf16 autocast (SPEC §5).
     base, tok = M.load(cfg.model, cfg.device, torch.bfloat16 if bf16 else torch.float32)
-    hcfg = H.HyperConfig(cfg.variant, cfg.n_blocks, cfg.layer, cfg.random_init, cfg.freeze_embeddings)
-    hyper = H.HyperSteer.from_base(base, hcfg).float().train()
+    hyper, trainable, opt = hypernet_and_optimizer(base, cfg)
     amp = (lambda: torch.autocast(cfg.device.split(":")[0], torch.bfloat16)) if bf16 else contextlib.nullcontext
 
     make = lambda rs: data.encode(tok, rs, lambda t, c, i: H.hyper_input(t, c, i, cfg.variant), cfg.max_len)
@@ -194,7 +202,6 @@ def train(cfg, resume=False, two_pass=False):
     per_epoch = max(1, math.ceil(len(train_ex) / cfg.batch_size) // cfg.grad_accum)
     total = cfg.max_steps or math.ceil(cfg.epochs * per_epoch)
 
-    trainable = [p for p in hyper.parameters() if p.requires_grad]
     n_train = sum(p.numel() for p in trainable)
     n_frozen = sum(p.numel() for p in hyper.parameters()) - n_train
     n_base = sum(p.numel() for p in base.parameters())
@@ -206,7 +213,6 @@ def train(cfg, resume=False, two_pass=False):
           f"{len(in_ex)} held-in eval, {len(out_ex)} held-out eval ({len({e.concept_id for e in out_ex})} concepts); "
           f"{total} steps of {cfg.batch_size * cfg.grad_accum} examples")
 
-    opt = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=False)
     ckpt, step = out / "checkpoint.safetensors", 0
     if resume:
         if not ckpt.exists():
@@ -324,8 +330,8 @@ def main():
     ap.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.safetensors")
     ap.add_argument("--two-pass", action="store_true", help="run the base twice per step (speed comparison only)")
     ap.add_argument("--trace-memory", action="store_true",
-                    help="print the peak memory of a step at this run's shapes, traced on fake tensors (no GPU "
-                         "or weights needed; rows max-len long, a quarter prompt; bf16 auto = as on CUDA), then exit")
+                    help="print a step's peak memory and FLOPs at this run's shapes, traced on fake tensors (no "
+                         "GPU or weights needed; rows max-len long, a quarter prompt; bf16 auto = as on CUDA), then exit")
     # Each field's flag takes its help text from the comment beside it in TrainConfig.
     comments = dict(re.findall(r"^    (\w+): .*?  # (.*)$", inspect.getsource(TrainConfig), re.M))
     for f in fields(TrainConfig):
@@ -335,10 +341,10 @@ def main():
     args = ap.parse_args()
     cfg = PRESETS[args.preset]
     cfg = type(cfg)(**{**asdict(cfg), **{k: v for k, v in vars(args).items() if k in asdict(cfg) and v is not None}})
-    if args.trace_memory:
-        import bench
-        return bench.print_train_memory(cfg, cfg.max_len // 4)
     try:
+        if args.trace_memory:
+            import bench
+            return bench.print_train_memory(cfg, cfg.max_len // 4)
         base, tok, hyper, in_rows, out_rows = train(cfg, args.resume, args.two_pass)
     except (OSError, ValueError) as e:
         raise SystemExit(f"error: {e}")
