@@ -178,7 +178,7 @@ def train_memory(cfg, base_cfg, prompt_tokens=64, fake=True, steps=2, loss_fn=tr
     which casts the same matrix products. Returns {"weights", "after_step", "peak"} in bytes and
     "flops", the floating-point operations of one step's forward and backward (matrix products)."""
     g = torch.Generator().manual_seed(0)
-    rows = [data.Example(torch.randint(3, base_cfg.vocab_size, (cfg.max_len,), generator=g).int().numpy(),
+    rows = [data.Example(torch.randint(3, base_cfg.vocab_size, (cfg.max_len,), generator=g).int().numpy(),  # 4: chat prefix
                          prompt_tokens, 4, torch.randint(3, base_cfg.vocab_size, (12,), generator=g).int().numpy(),
                          "a concept", i) for i in range(cfg.batch_size)]
     batch = data.collate(rows)

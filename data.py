@@ -126,7 +126,7 @@ def encode(tok, rows, hyper_input, max_len=128, quiet=False):
     """Rows -> Examples, truncating the output so prompt + output <= max_len tokens. Rows whose
     prompt alone leaves no room for an output token are dropped. Prints how many were cut."""
     out, cut, dropped = [], 0, 0
-    prompts = tok.encode_batch(tok.CHAT.format(prompt=r["input"]) for r in rows)   # = tok.chat(input)
+    prompts = tok.chat_batch(r["input"] for r in rows)
     answers = tok.encode_batch((r["output"] for r in rows), bos=False)  # the raw output, no <end_of_turn> (SPEC §5)
     for r, prompt, answer in zip(rows, prompts, answers):
         room = max_len - len(prompt)

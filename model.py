@@ -486,7 +486,11 @@ class Tokenizer:
 
     def chat(self, prompt):
         """Token ids of the user turn in the Gemma chat template, and the chat-prefix length."""
-        return self.encode(self.CHAT.format(prompt=prompt)), self.chat_prefix_len
+        return self.chat_batch([prompt])[0], self.chat_prefix_len
+
+    def chat_batch(self, prompts):
+        """chat() ids of many prompts at once (the prefix length is the same for all)."""
+        return self.encode_batch(self.CHAT.format(prompt=p) for p in prompts)
 
 
 # ----------------------------------------------------------------------------- loading
