@@ -9,7 +9,8 @@ alternating the two implementations so that both see the same machine state.
     python bench.py --repeats 1 --decode-tokens 16      # quicker
 On a CUDA machine it also runs random weights in the Gemma-2-2b shapes in bf16 (--gpu-only for just that).
 
-train_memory() traces a training step's memory and FLOPs without a GPU; `python train.py --trace-memory` runs it.
+    python bench.py memory                      # a training step's peak memory and FLOPs, traced (no GPU)
+    python bench.py memory --preset paper-9b --batch-size 8     # any train.py preset and flags
 """
 import argparse
 import contextlib
@@ -27,6 +28,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from torch.utils._pytree import tree_flatten
 
 import data
+import loader
 import model as M
 import train
 
@@ -76,11 +78,11 @@ def bench_pair(ours, hf, vocab, device, repeats, decode_tokens):
 def peak_load_memory(which, folder):
     """Peak resident memory (GiB) of a fresh process that imports torch, loads the model and runs one
     short forward pass (which pages in every weight that a lazily memory-mapped load left on disk)."""
-    code = {"ours": f"import model, torch; model.load({str(folder)!r})[0](torch.tensor([[2, 3]]))",
+    code = {"ours": f"import loader, torch; loader.load({str(folder)!r})[0](torch.tensor([[2, 3]]))",
             "transformers": ("import torch; from transformers import AutoModelForCausalLM; "
                              f"AutoModelForCausalLM.from_pretrained({str(folder)!r}, dtype=torch.float32)"
                              "(torch.tensor([[2, 3]]))"),
-            "torch only": "import torch, model"}[which]
+            "torch only": "import torch, loader"}[which]
     code += "; import resource; print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return int(out.stdout.split()[-1]) / 2**20
@@ -88,7 +90,7 @@ def peak_load_memory(which, folder):
 
 def cpu_bench(args):
     from transformers import AutoModelForCausalLM
-    folder = M.DEMO_MODEL
+    folder = loader.DEMO_MODEL
     import convert_gguf
     convert_gguf.build(folder)   # before the memory measurements, so that none of them includes a build
     base = peak_load_memory("torch only", folder)
@@ -97,7 +99,7 @@ def cpu_bench(args):
     print(f"peak RSS of a process that loads gemma-3-270m fp32 (weights {size:.2f} GiB) and runs a forward: "
           f"ours {mem['ours']:.2f} GiB, "
           f"transformers {mem['transformers']:.2f} GiB (importing torch alone: {base:.2f} GiB)")
-    ours, _ = M.load(folder)
+    ours, _ = loader.load(folder)
     hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     print(f"\ngemma-3-270m, fp32, CPU ({torch.get_num_threads()} threads), median of {args.repeats}")
     bench_pair(ours, hf, ours.cfg.vocab_size, "cpu", args.repeats, args.decode_tokens)
@@ -166,9 +168,8 @@ def base_config(name):
         return known[name]()
     path = Path(name) / "config.json"
     if not path.is_file():
-        from hub import hf_file
-        path = hf_file(name, "config.json")
-    return M.GemmaConfig.from_json(path)
+        path = loader.hf_file(name, "config.json")
+    return loader.config_from_json(path)
 
 
 def train_memory(cfg, base_cfg, prompt_tokens=64, fake=True, steps=2, loss_fn=train.steered_loss):
@@ -182,19 +183,19 @@ def train_memory(cfg, base_cfg, prompt_tokens=64, fake=True, steps=2, loss_fn=tr
                          prompt_tokens, 4, torch.randint(3, base_cfg.vocab_size, (12,), generator=g).int().numpy(),
                          "a concept", i) for i in range(cfg.batch_size)]
     batch = data.collate(rows)
-    selected = int((batch["labels"] != -100).sum())
+    selected = int((batch.labels != -100).sum())
     bf16 = cfg.bf16 != "no"
     mode = FakeTensorMode() if fake else torch.device("cpu")
     with mode:
         if fake:
-            batch = {k: mode.from_tensor(v) for k, v in batch.items()}
+            batch = data.Batch(**{k: mode.from_tensor(v) for k, v in vars(batch).items()})
         torch.set_default_dtype(torch.bfloat16 if bf16 else torch.float32)   # a fake module cannot be cast
         try:
             base = M.Gemma(base_cfg).eval().requires_grad_(False)
         finally:
             torch.set_default_dtype(torch.float32)
         hyper, trainable, opt = train.hypernet_and_optimizer(base, cfg)
-        counter = LiveBytes([*base.parameters(), *hyper.parameters(), *batch.values()], selected)
+        counter = LiveBytes([*base.parameters(), *hyper.parameters(), *vars(batch).values()], selected)
         weights, flops = counter.now, FlopCounterMode(display=False)
         with counter:
             for step in range(steps):  # the second step is the steady state: AdamW state lives from the first
@@ -222,12 +223,27 @@ def print_train_memory(cfg, prompt_tokens):
     print("  (a GPU adds its CUDA context, ~0.5 GiB, and the caching allocator's rounding)")
 
 
-def main():
-    ap = argparse.ArgumentParser(description="Ours vs transformers: prefill and decode tokens/s, load memory.")
-    ap.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (median reported)")
-    ap.add_argument("--decode-tokens", type=int, default=32, help="new tokens per decode measurement")
-    ap.add_argument("--gpu-only", action="store_true", help="skip the CPU benchmark")
-    args = ap.parse_args()
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="Ours vs transformers: prefill and decode tokens/s, load memory; "
+                                             "'memory': a training step's traced peak memory and FLOPs.")
+    sub = ap.add_subparsers(dest="command")
+    speed = sub.add_parser("speed", help="the default: speed and load memory against transformers")
+    for p in (ap, speed):
+        p.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (median reported)")
+        p.add_argument("--decode-tokens", type=int, default=32, help="new tokens per decode measurement")
+        p.add_argument("--gpu-only", action="store_true", help="skip the CPU benchmark")
+    mem = sub.add_parser("memory", help="peak memory and FLOPs of a training step at a run's real shapes, traced on "
+                                        "fake tensors (no GPU or weights needed; rows max-len long, a quarter prompt; "
+                                        "bf16 auto = as on CUDA)")
+    train.add_config_flags(mem)
+    args = ap.parse_args(argv)
+    if args.command == "memory":
+        cfg = train.config_from_args(args)
+        try:
+            train.check_config(cfg)
+            return print_train_memory(cfg, cfg.max_len // 4)
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"error: {e}")
     if not args.gpu_only:
         cpu_bench(args)
     if torch.cuda.is_available():

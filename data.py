@@ -8,7 +8,7 @@ HyperSteer trains on the positives. One row becomes one training example:
     labels =  -100 ............................................................... output ids
     steer  =  0 0 0 0 (chat prefix) 1 1 1 ...................................... 1 1 1 1 (SPEC §4)
 
-    python data.py                          # summarise the bundled demo data
+    python data.py                          # summarise the bundled demo data and its split
     python data.py --dataset concept500     # download AxBench Concept500 (2b, l20) and summarise it
 """
 import argparse
@@ -22,10 +22,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hub import hf_file
+from hypernet import hyper_input
+from loader import DEMO_MODEL, hf_file
 from model import left_pad
 
 DEMO_DATA = Path(__file__).resolve().parent / "demo" / "concepts.jsonl"
+DEMO_RUN = dict(model=str(DEMO_MODEL), data=str(DEMO_DATA), layer=9, held_out_concepts=4, eval_rows=2, seed=0)
+# ^ the offline demo's model, data, layer and split: train.py's demo preset, and steer.py without a checkpoint
 COLUMNS = {"input": str, "output": str, "output_concept": str, "concept_genre": str,
            "category": str, "dataset_category": str, "concept_id": int}
 AXBENCH_PATHS = {  # SPEC §6: dataset name -> (hub repo, default path for a model/layer)
@@ -58,7 +61,11 @@ def read_rows(path):
         have, raw = set(table.column_names), table.to_pylist()
     else:
         raw, bad_json = [], 0
-        for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path}: not UTF-8 text (byte {e.start})") from None
+        for line in text.splitlines():
             if line.strip():
                 try:
                     raw.append(json.loads(line))
@@ -91,13 +98,34 @@ def positives(rows):
     return [r for r in rows if r["category"] == "positive" and r["concept_id"] >= 0]
 
 
-def split_concepts(rows, held_out=0.1, seed=0, eval_rows=2):
-    """Deterministic split (SPEC §5). Held-out: a fraction of concepts removed from training.
+def fetch_file(source, revision="main"):
+    """A local path, or an AxBench "dataset:path" on the hub (downloaded once into the cache)."""
+    if ":" in source and not Path(source).exists():
+        name, path = source.split(":", 1)
+        return download_axbench(name, path, revision)
+    return Path(source)
+
+
+def load_rows(source, revision="main"):
+    """Rows of a run's data: a local .parquet/.jsonl or an AxBench "dataset:path"."""
+    return read_rows(fetch_file(source, revision))
+
+
+def split_concepts(rows, held_out_concepts=0, held_out_fraction=0.0, seed=0, eval_rows=2, held_in_ids=None):
+    """The run's deterministic split of positive rows (SPEC §5) -> (train, held_in, held_out) row lists.
+    Held-out: `held_out_concepts` concepts (or, when held_out_fraction > 0, that fraction of them)
+    removed from training, sampled by `seed`, never from held_in_ids (a paper run's Concept500 list).
     Held-in: the last `eval_rows` rows of every other concept, kept from training (unseen
-    instructions of trained concepts). Returns (train, held_in, held_out) row lists."""
+    instructions of trained concepts); with held_in_ids, only those concepts are evaluated."""
     ids = sorted({r["concept_id"] for r in rows})
-    n_out = max(1, round(held_out * len(ids))) if held_out > 0 else 0
-    out_ids = set(random.Random(seed).sample(ids, n_out))
+    pool = [c for c in ids if held_in_ids is None or c not in held_in_ids]
+    n_out = round(held_out_fraction * len(ids)) if held_out_fraction > 0 else held_out_concepts
+    if held_out_fraction > 0:
+        n_out = max(1, n_out)
+    if not 0 <= n_out < len(ids) or n_out > len(pool):
+        raise ValueError(f"held-out: {n_out} concepts asked of {len(pool)} available ({len(ids)} in the data); "
+                         "lower --held-out-concepts / --held-out-fraction")
+    out_ids = set(random.Random(seed).sample(pool, n_out))
     train, held_in, held_out_rows, seen = [], [], [], Counter()
     per_concept = Counter(r["concept_id"] for r in rows)
     for r in rows:
@@ -106,8 +134,42 @@ def split_concepts(rows, held_out=0.1, seed=0, eval_rows=2):
             held_out_rows.append(r)
             continue
         seen[cid] += 1
-        (held_in if seen[cid] > per_concept[cid] - eval_rows else train).append(r)
+        if seen[cid] > per_concept[cid] - eval_rows:
+            if held_in_ids is None or cid in held_in_ids:
+                held_in.append(r)
+        else:
+            train.append(r)
     return train, held_in, held_out_rows
+
+
+def concept_names(path):
+    """Concepts of an AxBench metadata.jsonl (one {"concept_id", "concept", ...} per line), e.g.
+    Concept500's: the paper's held-in set (SPEC §5). Matched by text: concept ids differ between datasets."""
+    path, names = Path(path), set()
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not UTF-8 text") from None
+    for n, line in enumerate(lines, 1):
+        if line.strip():
+            try:
+                names.add(str(json.loads(line)["concept"]))
+            except (ValueError, KeyError, TypeError):
+                raise ValueError(f"{path}:{n}: not a metadata row with a concept field") from None
+    return names
+
+
+def split_run(rows, run):
+    """(train, held-in, held-out) positive rows of a training run: `run` is its TrainConfig, or the
+    train_config dict a checkpoint carries, so every script rebuilds exactly the split it trained on."""
+    get = run.get if isinstance(run, dict) else lambda k, d=None: getattr(run, k, d)
+    pos, held_in = positives(rows), None
+    if get("held_in_concepts"):
+        names = concept_names(fetch_file(get("held_in_concepts"), get("data_revision", "main")))
+        held_in = {r["concept_id"] for r in pos if r["output_concept"] in names}
+        print(f"held-in: {len(held_in)} of the {len(names)} concepts of {get('held_in_concepts')} are in the data")
+    return split_concepts(pos, get("held_out_concepts", 0), get("held_out_fraction", 0.0), get("seed", 0),
+                          get("eval_rows", 2), held_in)
 
 
 # ----------------------------------------------------------------------------- tokenisation
@@ -122,9 +184,10 @@ class Example:
     concept_id: int
 
 
-def encode(tok, rows, hyper_input, max_len=128, quiet=False):
+def encode(tok, rows, max_len=128, variant=None, quiet=False):
     """Rows -> Examples, truncating the output so prompt + output <= max_len tokens. Rows whose
-    prompt alone leaves no room for an output token are dropped. Prints how many were cut."""
+    prompt alone leaves no room for an output token are dropped. Prints how many were cut.
+    variant: the hypernetwork variant whose input each example carries (None: no hypernetwork)."""
     out, cut, dropped = [], 0, 0
     prompts = tok.chat_batch(r["input"] for r in rows)
     answers = tok.encode_batch((r["output"] for r in rows), bos=False)  # the raw output, no <end_of_turn> (SPEC §5)
@@ -136,19 +199,39 @@ def encode(tok, rows, hyper_input, max_len=128, quiet=False):
         cut += len(answer) > room
         # int32 arrays, not lists: Concept16k has ~1M rows, and a list of Python ints costs ~9x more
         out.append(Example(np.asarray(prompt + answer[:room], dtype=np.int32), len(prompt), tok.chat_prefix_len,
-                           np.asarray(hyper_input(tok, r["output_concept"], r["input"]), dtype=np.int32),
+                           np.asarray(hyper_input(tok, r["output_concept"], r["input"], variant) if variant else [],
+                                      dtype=np.int32),
                            r["output_concept"], r["concept_id"]))
     if (cut or dropped) and not quiet:
         print(f"tokenised {len(rows)} rows: {cut} outputs truncated to max_len {max_len}, {dropped} dropped")
     return out
 
 
+@dataclass
+class Batch:
+    """Tensors of a batch, all (B, T) unless noted, left padded:
+
+        ids      = <pad> <bos><start_of_turn>user\\n {input} <end_of_turn>\\n<start_of_turn>model\\n {output}
+        real     =   0     1 .................................................................. 1
+        labels   = -100 ............................................................. output ids (shifted)
+        steer    =   0     0 0 0 0 (chat prefix) 1 ............................................ 1
+        x_mask   =   0     1 ........................................ 1   0 ............... 0
+    """
+    ids: torch.Tensor         # token ids
+    real: torch.Tensor        # bool: True on real tokens, False on padding
+    labels: torch.Tensor      # next-token targets: -100 except where the next token is an output token
+    steer: torch.Tensor       # bool: where Δ is added, real tokens after the chat prefix (SPEC §4)
+    x_mask: torch.Tensor      # bool: the base-prompt tokens, X for the cross-attention hypernetwork (never the output)
+    hyper_ids: torch.Tensor   # (B, Ts) what the hypernetwork reads (hypernet.hyper_input)
+    hyper_real: torch.Tensor  # (B, Ts) bool: True on its real tokens
+
+    def to(self, device):
+        return Batch(**{k: v.to(device) for k, v in vars(self).items()})
+
+
 def collate(examples, pad_id=0):
-    """A batch of Examples -> tensors, all (B, T) unless noted:
-    ids, pad (real tokens), labels (next-token targets: -100 except where the next token is an
-    output token), steer (positions after the chat prefix), prompt (prompt tokens: the cross-attention
-    hypernetwork's context X; the output is never visible), hyper_ids / hyper_pad (B, Ts)."""
-    ids, pad = left_pad([e.ids for e in examples], pad_id)
+    """A list of Examples -> a Batch."""
+    ids, real = left_pad([e.ids for e in examples], pad_id)
     T = ids.shape[1]
     idx = torch.arange(T)[None]
     start = torch.tensor([T - len(e.ids) for e in examples])[:, None]           # first real token
@@ -157,10 +240,9 @@ def collate(examples, pad_id=0):
     labels = torch.full_like(ids, -100)
     predicts = (idx >= start + n_prompt - 1) & (idx < T - 1)                    # positions predicting output
     labels[:, :-1] = torch.where(predicts[:, :-1], ids[:, 1:], -100)
-    hyper_ids, hyper_pad = left_pad([e.hyper_ids for e in examples], pad_id)
-    return {"ids": ids, "pad": pad, "labels": labels,
-            "steer": idx >= start + n_prefix, "prompt": pad & (idx < start + n_prompt),
-            "hyper_ids": hyper_ids, "hyper_pad": hyper_pad}
+    hyper_ids, hyper_real = left_pad([e.hyper_ids for e in examples], pad_id)
+    return Batch(ids=ids, real=real, labels=labels, steer=idx >= start + n_prefix,
+                 x_mask=real & (idx < start + n_prompt), hyper_ids=hyper_ids, hyper_real=hyper_real)
 
 
 def epoch_order(n, seed, epoch):
@@ -185,10 +267,10 @@ def main():
     try:
         path = download_axbench(args.dataset, args.path, args.revision) if args.dataset else DEMO_DATA
         rows = read_rows(path)
+        pos = positives(rows)
+        train, held_in, held_out = split_concepts(pos, held_out_fraction=0.1)
     except (OSError, ValueError) as e:
         raise SystemExit(f"error: {e}")
-    pos = positives(rows)
-    train, held_in, held_out = split_concepts(pos)
     genres = Counter(r["concept_genre"] for r in pos)
     print(f"{path}: {len(rows)} rows, {len(pos)} positives, {len({r['concept_id'] for r in pos})} concepts, "
           f"genres {dict(genres)}")

@@ -13,17 +13,17 @@ safetensors with both configs as JSON metadata.
 
     python hypernet.py                          # parameter counts of the paper's 2b hypernetwork (meta device)
     python hypernet.py --variant no_context --n-blocks 26
-    python -m pytest -q _hypernet_tests.py      # CPU tests, seconds
+    python -m pytest -q test_all.py -k hyper    # its CPU tests, seconds
 """
 import argparse
 import json
-import os
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
+from loader import check_state_dict, read_header, read_safetensors, save_safetensors
 from model import (Attention, Block, Gemma, GemmaConfig, RMSNorm, attend, attention_inputs, embed, gemma2_2b,
                    gemma2_9b, left_pad)
 
@@ -79,6 +79,7 @@ class CrossBlock(Block):
         self.kv_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, s, cos, sin, mask, x, x_mask):
+        """s (B, T, d) the hypernetwork stream; x (B, Tx, d) the base residual; x_mask (B, 1, T, Tx)."""
         # App. A.3: S = S + PostNorm_a(SelfAttn(PreNorm_a(S)))            causal, RoPE, softcap as in Gemma
         s = s + self.post_attention_layernorm(self.self_attn(self.input_layernorm(s), cos, sin, mask))
         # App. A.3: S = S + PostNorm_c(CrossAttn(Q = PreNorm_c(S), K = V = KVNorm(X)))
@@ -137,19 +138,20 @@ class HyperSteer(nn.Module):
                 assert not mine.load_state_dict(theirs.state_dict(), strict=False).unexpected_keys
         return hyper
 
-    def forward(self, steer_ids, steer_mask, x=None, x_mask=None):
-        """steer_ids, steer_mask (B, Ts): left-padded ids of the hypernetwork's input and its real-token
+    def forward(self, s_ids, s_real, x=None, x_mask=None):
+        """s_ids, s_real (B, Ts): left-padded ids of the hypernetwork's input and its real-token
         mask. x (B, Tx, d), x_mask (B, Tx): the base's unsteered residual at the steering layer over
         the base prompt and its mask; read by cross_attention, ignored otherwise. Returns Δ (B, d) in
         the base compute dtype (that of x, else of the embeddings)."""
-        B, T = steer_ids.shape
-        steer_mask = steer_mask.bool()
-        if not steer_mask[:, -1].all():
-            raise ValueError("steer_ids must be left-padded: the head reads the last token")
-        h = embed(self.embed_tokens, steer_ids)                     # (B, T, d), times sqrt(d) as in the base
-        rot, masks = attention_inputs(self.cfg, steer_mask, T, h.dtype)   # causal + sliding masks, RoPE
-        ctx = ()
-        if self.hcfg.variant == "cross_attention":
+        B, T = s_ids.shape
+        out_dtype = x.dtype if x is not None else self.embed_tokens.weight.dtype   # the base compute dtype
+        s_real = s_real.bool()
+        if not s_real[:, -1].all():
+            raise ValueError("s_ids must be left-padded: the head reads the last token")
+        h = embed(self.embed_tokens, s_ids)                     # (B, T, d), times sqrt(d) as in the base
+        rot, masks = attention_inputs(self.cfg, s_real, T, h.dtype)   # causal + sliding masks, RoPE
+        cross = self.hcfg.variant == "cross_attention"
+        if cross:
             if x is None:
                 raise ValueError("the cross_attention hypernetwork needs x, the base residual at the steering layer")
             x_mask = torch.ones(x.shape[:2], dtype=torch.bool) if x_mask is None else x_mask
@@ -158,11 +160,15 @@ class HyperSteer(nn.Module):
                 raise ValueError("every example needs at least one real base-prompt token in x_mask")
             # Every query row, the hypernetwork's own padding rows included, sees exactly the real
             # tokens of X: never padding, never an all-masked row (which would give NaN).
-            ctx = (x.to(h.dtype), x_mask[:, None, None, :].expand(B, 1, T, -1))  # (B, Tx, d), (B, 1, T, Tx)
+            x, x_mask = x.to(h.dtype), x_mask[:, None, None, :].expand(B, 1, T, -1)   # (B, Tx, d), (B, 1, T, Tx)
         for block in self.layers:
-            h = block(h, *rot[block.layer_type], masks[block.layer_type], *ctx)
+            cos, sin = rot[block.layer_type]
+            if cross:
+                h = block(h, cos=cos, sin=sin, mask=masks[block.layer_type], x=x, x_mask=x_mask)
+            else:
+                h = block(h, cos=cos, sin=sin, mask=masks[block.layer_type])
         delta = self.head(self.norm(h[:, -1]))  # Eq. 2-3: Δ = H(s, x) = W · RMSNorm(h_last) + b, (B, d)
-        return delta.to(x.dtype if x is not None else self.embed_tokens.weight.dtype)
+        return delta.to(out_dtype)
 
 
 def hyper_input(tok, concept, instruction, variant):
@@ -174,14 +180,15 @@ def hyper_input(tok, concept, instruction, variant):
 
 
 @torch.no_grad()
-def deltas(base, tok, hyper, concept, instructions):
+def deltas(base, tok, hyper, concept, instructions, chat_ids=None):
     """Δ = H(s, x) (n, d) for one concept and n instructions, read from the unsteered residual at the
-    steering layer over each chat-templated prompt: once per (s, x), fixed while decoding (SPEC §4)."""
+    steering layer over each chat-templated prompt (chat_ids, when the caller has them already):
+    once per (s, x), fixed while decoding (SPEC §4)."""
     dev, pad_id = base.model.embed_tokens.weight.device, base.cfg.pad_token_id
-    ids, pad = left_pad([tok.chat(x)[0] for x in instructions], pad_id)
-    x = base.residual(ids.to(dev), pad.to(dev), hyper.hcfg.layer)                  # (n, T, d)
-    s_ids, s_pad = left_pad([hyper_input(tok, concept, i, hyper.hcfg.variant) for i in instructions], pad_id)
-    return hyper(s_ids.to(dev), s_pad.to(dev), x, pad.to(dev)).float()           # Eq. 2-3
+    ids, pad = left_pad(chat_ids or tok.chat_batch(instructions), pad_id, dev)
+    x = base.residual(ids, pad, hyper.hcfg.layer)                                   # (n, T, d)
+    s_ids, s_pad = left_pad([hyper_input(tok, concept, i, hyper.hcfg.variant) for i in instructions], pad_id, dev)
+    return hyper(s_ids, s_pad, x, pad).float()                                     # Eq. 2-3
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -192,41 +199,32 @@ def _describe(cfg: dict):
 
 
 def save(hyper, path, extra_meta=None):
-    """safetensors with the hypernetwork and base configs as JSON metadata; written to a temp file
-    in the same folder, then renamed, so a crash never leaves half a checkpoint."""
-    path = Path(path)
-    meta = {k: str(v) for k, v in (extra_meta or {}).items()}
+    """safetensors with the hypernetwork and base configs as JSON metadata, written atomically."""
+    meta = dict(extra_meta or {})
     meta.update(hyper_config=json.dumps(asdict(hyper.hcfg)), base_config=json.dumps(asdict(hyper.base_cfg)))
-    from safetensors.torch import save_file
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in hyper.state_dict().items()}, str(tmp), metadata=meta)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    save_safetensors(path, hyper.state_dict(), meta)
+
+
+def check_base(path, meta, base_cfg: GemmaConfig):
+    """A file's base_config metadata must describe this base model (one error format for every file kind)."""
+    theirs, ours = json.loads(meta.get("base_config", "{}")), json.loads(json.dumps(asdict(base_cfg)))
+    if theirs != ours:
+        diff = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
+        raise ValueError(f"{path}: was trained for base model {_describe(theirs)}, "
+                         f"not {_describe(ours)} (differs in {', '.join(diff)})")
 
 
 def load_hypernet(path, base: Gemma, expected: HyperConfig = None):
     """A HyperSteer from `save`, on the base's device. Strict: the checkpoint must have been trained
     for this base model (and for `expected`'s variant, N and layer when given) and hold exactly the
     parameters, by name and shape. freeze_embeddings comes from `expected` when given."""
-    from safetensors import safe_open
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such hypernetwork checkpoint")
-    try:
-        with safe_open(str(path), framework="pt", device=str(base.model.embed_tokens.weight.device)) as f:
-            meta = f.metadata() or {}
-            state = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:
-        raise ValueError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0]})") from None
+    header, _, meta = read_header(path)                        # everything is checked before reading the data
     if "hyper_config" not in meta or "base_config" not in meta:
         raise ValueError(f"{path}: not a HyperSteer checkpoint (no hyper_config/base_config metadata)")
-    theirs, ours = json.loads(meta["base_config"]), json.loads(json.dumps(asdict(base.cfg)))
-    if theirs != ours:
-        diff = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
-        raise ValueError(f"{path}: checkpoint was trained for base model {_describe(theirs)}, "
-                         f"not {_describe(ours)} (differs in {', '.join(diff)})")
+    check_base(path, meta, base.cfg)
     try:
         hcfg = HyperConfig(**json.loads(meta["hyper_config"]))
     except (TypeError, ValueError) as e:
@@ -238,15 +236,11 @@ def load_hypernet(path, base: Gemma, expected: HyperConfig = None):
         hcfg = replace(hcfg, freeze_embeddings=expected.freeze_embeddings)
     with torch.device("meta"):
         hyper = HyperSteer(hcfg, base.cfg)
-    want = {k: tuple(p.shape) for k, p in hyper.state_dict().items()}
-    missing, unexpected = sorted(set(want) - set(state)), sorted(set(state) - set(want))
-    wrong = [f"{k} {list(state[k].shape)} (expected {list(want[k])})"
-             for k in want if k in state and tuple(state[k].shape) != want[k]]
-    problems = [f"{what} {', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''}"
-                for what, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if keys]
-    if problems:
-        raise ValueError(f"{path}: checkpoint does not fit a {hcfg.variant} hypernetwork: {'; '.join(problems)}")
-    hyper.load_state_dict(state, strict=True, assign=True)
+    check_state_dict(path, {k: p.shape for k, p in hyper.state_dict().items()},
+                     {k: v["shape"] for k, v in header.items() if not k.startswith("optim.")},   # train.py's too
+                     f"a {hcfg.variant} hypernetwork")
+    state, _ = read_safetensors(path, base.model.embed_tokens.weight.device)
+    hyper.load_state_dict({k: v for k, v in state.items() if not k.startswith("optim.")}, strict=True, assign=True)
     hyper.embed_tokens.requires_grad_(not hcfg.freeze_embeddings)
     return hyper
 

