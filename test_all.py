@@ -1714,3 +1714,111 @@ def test_cli_eval_baseline_export_and_interactive(setup, tmp_path, capsys):
     assert "strength    2 |" in printed and "strength    1 |" in printed
     with pytest.raises(SystemExit, match="no concept with id 99"):
         steer.main(["eval", "--method", "prompting", "--hypernet", str(ckpt), "--concept-ids", "99", *common])
+
+
+# ============================================================================ fidelity to the paper (SPEC §2-3, §5, §7-8)
+
+def gemma2_tokenizer_json(path):
+    """A tokenizer numbered like Gemma-2's specials: <eos> 1, <bos> 2, <start_of_turn> 106, <end_of_turn> 107."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3, "user": 4, "model": 5, "\n": 6,
+             **{f"w{i}": 7 + i for i in range(99)}, "<start_of_turn>": 106, "<end_of_turn>": 107}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split("\n", "isolated"),
+                                                 pre_tokenizers.Split(" ", "removed")])
+    tok.add_special_tokens(["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"])
+    tok.save(str(path))
+
+
+def test_generation_stops_at_gemma2_end_of_turn(tmp_path):
+    """SPEC §2: Gemma-2's <end_of_turn> is 107 (106 is <start_of_turn>); generation stops on the loaded
+    tokenizer's ids, in model.generate and in every command that generates."""
+    folder = tmp_path / "g2"
+    write_checkpoint(folder)
+    gemma2_tokenizer_json(folder / "tokenizer.json")
+    base, tok = loader.load(folder)
+    assert tok.stop_ids == (1, 107) and tok.chat_prefix_len == 4
+    ids, n_prefix = tok.chat("w1 w2")
+    with torch.no_grad():   # rig the tied head: token 107's row points along the last position's normed residual
+        h = base.model.norm(base.run(base.embed(torch.tensor([ids])))[0, -1])
+        base.model.embed_tokens.weight[107] = 50 * h / h.norm()
+    assert M.generate(base, [ids], 5, stop_ids=(1, 106))[0][0] == 107     # the old hard-coded ids run on past it
+    assert M.generate(base, [ids], 5, stop_ids=tok.stop_ids) == [[]]
+    rows = steer.generate_rows(base, tok, tmp_path / "g.jsonl", "m", "list", [(0, "w9")], ["w1 w2"] * 10, [0.0],
+                               max_new_tokens=5, temperature=0.0)
+    assert rows == (0, 10) and all(json.loads(l)["text"] == "" for l in open(tmp_path / "g.jsonl"))
+
+
+def test_evaluation_samples_with_top_k_50(setup, tmp_path, monkeypatch):
+    """SPEC §7: the reference samples with Hugging Face's default top-k 50; so does steer.py eval."""
+    base, tok, hyper = setup
+    seen = []
+    real = M.generate
+    monkeypatch.setattr(M, "generate", lambda *a, **k: seen.append(k) or real(*a, **k))
+    steer.generate_rows(base, tok, tmp_path / "g.jsonl", "m", "list", [(0, "w9")], instructions(10), [1.0],
+                        max_new_tokens=2)
+    assert seen and all(k["top_k"] == 50 and k["temperature"] == 1.0 for k in seen)
+    # sampling with top_k keeps only the k likeliest tokens
+    logits = torch.arange(100.0)[None]
+    draws = {M.sample(logits, 50.0, 3, 1.0, [torch.Generator().manual_seed(s)]).item() for s in range(200)}
+    assert draws == {97, 98, 99}
+
+
+def test_eval_cli_default_top_k_is_50(capsys):
+    with pytest.raises(SystemExit):
+        steer.main(["eval", "--help"])
+    assert "SPEC §7: 50" in capsys.readouterr().out
+
+
+def test_prompting_baseline_template_and_request(monkeypatch):
+    """SPEC §8: the user turn is `{steering prompt}\\n\\nQuestion: {instruction}`; the LLM is asked for a prompt
+    that makes the model reference the concept even where it does not answer the question."""
+    assert baselines.prompted("Talk about cats.", "How do I bake bread?") == \
+        "Talk about cats.\n\nQuestion: How do I bake bread?"
+    fixed = baselines.steering_prompt("rental equipment")
+    assert "rental equipment" in fixed and "out of context" in fixed and "does not answer the question" in fixed
+    import judge
+    asked = []
+    monkeypatch.setattr(judge, "chat", lambda messages, cfg: asked.append(messages) or "Always mention rentals.")
+    assert baselines.steering_prompt("rental equipment", judge.JudgeConfig()) == "Always mention rentals."
+    (msg,) = asked[0]
+    assert msg["role"] == "user" and "rental equipment" in msg["content"]
+    for clause in ("prompt", "include content related to", "out of context", "Return only the prompt"):
+        assert clause in msg["content"]
+
+
+def test_presets_follow_paper_table_3():
+    P = train.PRESETS
+    assert (P["paper-2b"].variant, P["paper-2b"].n_blocks, P["paper-2b"].batch_size, P["paper-2b"].lr) == \
+        ("cross_attention", 22, 12, 8e-5)
+    for v in ("in-context", "no-context"):
+        c = P[f"paper-2b-{v}"]
+        assert (c.variant, c.n_blocks, c.batch_size, c.lr) == (v.replace("-", "_"), 26, 6, 8e-5)
+        c = P[f"paper-9b-{v}"]
+        assert (c.variant, c.n_blocks, c.batch_size, c.lr, c.model) == (v.replace("-", "_"), 42, 6, 5e-6,
+                                                                          "google/gemma-2-9b-it")
+    c = P["paper-9b"]
+    assert (c.variant, c.n_blocks, c.batch_size, c.lr, c.layer) == ("cross_attention", 34, 4, 5e-6, 20)
+    assert all(c.layer == 20 and c.epochs == 3 and c.weight_decay == 0 for k, c in P.items() if k.startswith("paper"))
+
+
+def test_held_in_set_from_a_metadata_file(tmp_path, capsys):
+    """SPEC §5: a paper run evaluates held-in on Concept500's list (matched by concept text) and never holds
+    one of them out."""
+    rows = [axbench_row(c, i, concept=f"concept {c}") for c in range(10) for i in range(4)]
+    meta = tmp_path / "metadata.jsonl"
+    meta.write_text("".join(json.dumps({"concept_id": 500 + c, "concept": f"concept {c}", "ref": ""}) + "\n"
+                            for c in (1, 3, 5, 7, 42)))
+    for seed in range(5):
+        run = dict(held_in_concepts=str(meta), held_out_concepts=4, seed=seed, eval_rows=1)
+        tr, held_in, held_out = data.split_run(rows, run)
+        assert {r["concept_id"] for r in held_in} == {1, 3, 5, 7}
+        out_ids = {r["concept_id"] for r in held_out}
+        assert len(out_ids) == 4 and not out_ids & {1, 3, 5, 7}
+        assert {r["concept_id"] for r in tr} == set(range(10)) - out_ids
+    assert "held-in: 4 of the 5 concepts" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="held-out: 7 concepts asked of 6 available"):
+        data.split_run(rows, dict(held_in_concepts=str(meta), held_out_concepts=7))
+    meta.write_text('{"concept_id": 1}\n')
+    with pytest.raises(ValueError, match=r"metadata.jsonl:1: not a metadata row"):
+        data.split_run(rows, dict(held_in_concepts=str(meta)))
