@@ -1822,3 +1822,222 @@ def test_held_in_set_from_a_metadata_file(tmp_path, capsys):
     meta.write_text('{"concept_id": 1}\n')
     with pytest.raises(ValueError, match=r"metadata.jsonl:1: not a metadata row"):
         data.split_run(rows, dict(held_in_concepts=str(meta)))
+
+
+# ============================================================================ bad input: nothing lost, nothing silent
+
+def one_line_exit(fn, *args, match=""):
+    """A command that fails must exit with one line naming what is wrong (no traceback)."""
+    with pytest.raises(SystemExit) as e:
+        fn(*args)
+    msg = str(e.value.code)
+    assert "\n" not in msg and "Traceback" not in msg and msg.startswith("error") or "stopping" in msg, msg
+    assert match in msg, msg
+    return msg
+
+
+def train_flags(tmp_path, *extra):
+    cfg = tiny_run(tmp_path)
+    return ["--preset", "demo", "--model", cfg.model, "--data", cfg.data, "--n-blocks", "2", "--layer", "1",
+            "--batch-size", "4", "--lr", "1e-2", "--held-out-concepts", "1", "--max-len", "32", "--samples", "0",
+            "--eval-batches", "1", "--out", str(tmp_path / "run"), *extra]
+
+
+def test_finished_work_is_never_overwritten(tmp_path):
+    flags = train_flags(tmp_path, "--max-steps", "2")
+    train.main(flags)
+    before = (tmp_path / "run" / "hypernet.safetensors").read_bytes()
+    one_line_exit(train.main, flags, match="already holds a run: pass --resume")
+    assert (tmp_path / "run" / "hypernet.safetensors").read_bytes() == before
+    assert [json.loads(l)["step"] for l in open(tmp_path / "run" / "metrics.jsonl")] == [1, 2]
+    train.main(flags + ["--overwrite"])                                     # explicit: starts over
+    assert [json.loads(l)["step"] for l in open(tmp_path / "run" / "metrics.jsonl")] == [1, 2]
+    # --resume with settings that change the split or the trajectory is refused, listing them
+    msg = one_line_exit(train.main, flags + ["--resume", "--seed", "5", "--lr", "0.5", "--batch-size", "2"])
+    assert "seed 0 -> 5" in msg and "lr 0.01 -> 0.5" in msg and "batch_size 4 -> 2" in msg
+    train.main(train_flags(tmp_path, "--max-steps", "3", "--resume"))       # the step budget may grow
+    assert [json.loads(l)["step"] for l in open(tmp_path / "run" / "metrics.jsonl")] == [1, 2, 3]
+
+
+def test_exploding_weights_are_never_saved(tmp_path):
+    """--lr 1e30: the run stops at the first exploded step; the last checkpoint on disk is a good one."""
+    msg = one_line_exit(train.main, train_flags(tmp_path, "--lr", "1e30", "--max-steps", "4", "--save-every", "1"))
+    assert "exploded" in msg or "loss is" in msg or "gradient norm" in msg
+    ckpt = tmp_path / "run" / "checkpoint.safetensors"
+    if ckpt.exists():                                                      # only steps that were still sane
+        tensors, _ = loader.read_safetensors(ckpt)
+        assert all(torch.isfinite(t).all() and t.abs().max() <= 1e6 for t in tensors.values() if t.is_floating_point())
+    with pytest.raises(ValueError, match="refusing to save non-finite values in w"):
+        loader.save_safetensors(tmp_path / "x.safetensors", {"w": torch.tensor([1.0, float("nan")])})
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_corrupted_checkpoint_bytes_are_detected(tmp_path):
+    train.main(train_flags(tmp_path, "--max-steps", "1"))
+    ckpt = tmp_path / "run" / "hypernet.safetensors"
+    raw = bytearray(ckpt.read_bytes())
+    raw[-5] ^= 0xFF                                                        # one flipped byte in the data
+    ckpt.write_bytes(bytes(raw))
+    base, _ = loader.load(tiny_run(tmp_path).model)
+    with pytest.raises(ValueError, match="corrupted"):
+        load_hypernet(ckpt, base)
+
+
+def test_a_half_written_metrics_line_is_dropped_on_resume(tmp_path):
+    train.main(train_flags(tmp_path, "--max-steps", "2"))
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    metrics.write_text(metrics.read_text() + '{"step": 3, "lo')
+    with pytest.warns(UserWarning, match="half-written last line"):
+        train.main(train_flags(tmp_path, "--max-steps", "3", "--resume"))
+    assert [json.loads(l)["step"] for l in open(metrics)] == [1, 2, 3]
+
+
+def test_disk_full_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    train.main(train_flags(tmp_path, "--max-steps", "1"))
+    ckpt = tmp_path / "run" / "checkpoint.safetensors"
+    before = ckpt.read_bytes()
+    import safetensors.torch as st
+    def full_disk(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"partial")
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(st, "save_file", full_disk)
+    one_line_exit(train.main, train_flags(tmp_path, "--max-steps", "2", "--resume"), match="No space left on device")
+    assert ckpt.read_bytes() == before and not list(ckpt.parent.glob(".*tmp"))
+
+
+@pytest.mark.parametrize("flag,value,match", [
+    ("--batch-size", "0", "--batch-size must be positive"), ("--batch-size", "-3", "--batch-size must be positive"),
+    ("--grad-accum", "0", "--grad-accum must be positive"), ("--lr", "nan", "--lr must be positive"),
+    ("--held-out-concepts", "3", "held-out: 3 concepts asked of 3"), ("--max-len", "4", "--max-len must be at least"),
+    ("--max-len", "100000", "exceeds the model's context"), ("--bf16", "maybe", "--bf16 must be yes, no or auto"),
+    ("--variant", "big", "unknown hypernetwork variant 'big'")])
+def test_bad_training_flags_fail_before_any_work(tmp_path, flag, value, match):
+    one_line_exit(train.main, train_flags(tmp_path, flag, value), match=match)
+    assert not (tmp_path / "run").exists()
+
+
+def test_no_examples_left_is_one_line(tmp_path):
+    cfg = tiny_run(tmp_path)
+    write_rows(tmp_path / "d.jsonl", [dict(axbench_row(c, i), input=" ".join(["w1"] * 40)) for c in range(3) for i in range(4)])
+    one_line_exit(train.main, train_flags(tmp_path), match="no training examples left")
+
+
+def test_steering_values_must_be_finite_and_fit(setup, tmp_path):
+    base, tok, hyper = setup
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(asdict(base.cfg)))
+    save_file({k: v.contiguous() for k, v in base.state_dict().items()}, str(folder / "model.safetensors"))
+    tiny_tokenizer(folder / "tokenizer.json")
+    good = tmp_path / "v"
+    steer.save_vector(good, torch.randn(64), LAYER, "gemma2", "DiffMean", "c")
+    common = ["--model", str(folder), "--prompt", "w1 w2", "--max-new-tokens", "2"]
+    for bad in ("nan", "inf", "-inf"):
+        with pytest.raises(SystemExit):                                     # argparse: exit 2 with the flag named
+            steer.main(["compare", "--vector", f"{good}.safetensors", "--strength", bad, *common])
+    one_line_exit(steer.main, ["compare", "--vector", f"{good}.safetensors", "--sweep", "0,nan", *common],
+                  match="--sweep: strengths must be finite")
+    save_file({"direction.2": torch.randn(32)}, str(tmp_path / "small.safetensors"))
+    one_line_exit(steer.main, ["compare", "--vector", str(tmp_path / "small.safetensors"), *common],
+                  match="the model needs [64]")
+    save_file({"direction.2": torch.full((64,), float("nan"))}, str(tmp_path / "nan.safetensors"))
+    one_line_exit(steer.main, ["compare", "--vector", str(tmp_path / "nan.safetensors"), *common],
+                  match="non-finite")
+    (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 50)
+    one_line_exit(steer.main, ["compare", "--vector", str(tmp_path / "junk.safetensors"), *common],
+                  match="junk.safetensors")
+    one_line_exit(steer.main, ["compare", "--prompt", " ".join(["w1"] * 40), "--model", str(folder),
+                               "--max-new-tokens", "8190"], match="exceed the model's context")
+    with pytest.raises(SystemExit):
+        steer.main(["eval", "--grid", "nan", "--out", str(tmp_path / "g.jsonl"), "--model", str(folder)])
+    # an existing export is never replaced silently
+    one_line_exit(steer.save_vector and steer.main,
+                  ["export", "--method", "diffmean", "--concept-id", "0", "--model", str(folder), "--layer", "2",
+                   "--data", str(tmp_path / "none.jsonl"), "--out", str(good)], match="none.jsonl")
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in demo_rows()))
+    one_line_exit(steer.main, ["export", "--method", "diffmean", "--concept-id", "0", "--model", str(folder),
+                               "--layer", "2", "--data", str(tmp_path / "d.jsonl"), "--out", str(good)],
+                  match="pass --overwrite")
+    steer.main(["export", "--method", "diffmean", "--concept-id", "0", "--model", str(folder), "--layer", "2",
+                "--data", str(tmp_path / "d.jsonl"), "--out", str(good), "--overwrite"])
+
+
+def test_eval_refuses_rows_of_another_producer(setup, tmp_path):
+    base, tok, hyper = setup
+    ins, concepts = instructions(), [(3, "w3 w4")]
+    edits = lambda cid, concept, xs, ids: [{LAYER: d} for d in H.deltas(base, tok, hyper, concept, xs, ids)]
+    out = tmp_path / "g.jsonl"
+    steer.generate_rows(base, tok, out, "HyperSteer", "held-out", concepts, ins, [1.0], edits, producer="ckpt-A",
+                        max_new_tokens=2)
+    with pytest.raises(ValueError, match="holds 10 HyperSteer rows made by another checkpoint"):
+        steer.generate_rows(base, tok, out, "HyperSteer", "held-out", concepts, ins, [1.0], edits, producer="ckpt-B",
+                            max_new_tokens=2)
+    assert steer.generate_rows(base, tok, out, "HyperSteer", "held-out", concepts, ins, [1.0], edits,
+                               producer="ckpt-B", max_new_tokens=2, overwrite=True) == (0, 10)
+    assert {json.loads(l)["producer"] for l in open(out)} == {"ckpt-B"}
+
+
+def write_header(path, header, data=b""):
+    raw = json.dumps(header).encode()
+    path.write_bytes(len(raw).to_bytes(8, "little") + raw + data)
+
+
+def test_safetensors_headers_are_validated_before_reading(tmp_path):
+    f = tmp_path / "x.safetensors"
+    cases = [
+        ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+          "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, 12, "overlap"),
+        ({"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 8]}}, 8, "bad dtype, shape or byte range"),
+        ({"a": {"dtype": "F32", "shape": [2 ** 40], "data_offsets": [0, 2 ** 42]}}, 8, "truncated"),
+        ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [-8, 0]}}, 8, "bad dtype, shape or byte range"),
+        ({"a": {"dtype": "Q4", "shape": [2], "data_offsets": [0, 8]}}, 8, "bad dtype"),
+        ({"a": {"dtype": "F32", "shape": ["2"], "data_offsets": [0, 8]}}, 8, "bad dtype")]
+    for header, n, match in cases:
+        write_header(f, header, b"\x00" * n)
+        with pytest.raises(ValueError, match=match):
+            loader.read_safetensors(f)
+    f.write_bytes((10 ** 12).to_bytes(8, "little") + b"{}")                # a header length past the file
+    with pytest.raises(ValueError, match="not a readable safetensors file"):
+        loader.read_header(f)
+
+
+def test_downloads_stay_inside_the_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("HYPERSTEER_CACHE", str(tmp_path / "cache"))
+    for rev in ("../../etc", "main/../../x", "/abs", "a b", "", ".."):
+        with pytest.raises(ValueError, match="refusing revision"):
+            loader.hf_file("org/repo", "config.json", rev)
+    for repo in ("../x", "org/../../x", "org", "a/b/c"):
+        with pytest.raises(ValueError, match="refusing repository id"):
+            loader.hf_file(repo, "config.json")
+    with pytest.raises(ValueError, match="points outside"):
+        loader.hf_file("org/repo", "../../escape.json")
+    assert not (tmp_path / "escape.json").exists()
+
+
+def test_bad_config_and_data_files_name_the_file_and_field(tmp_path):
+    f = tmp_path / "m"
+    write_checkpoint(f)
+    cfg = json.loads((f / "config.json").read_text())
+    for field, value in [("hidden_size", "64"), ("num_hidden_layers", 4.5), ("sliding_window", [5]),
+                         ("rms_norm_eps", "tiny")]:
+        (f / "config.json").write_text(json.dumps({**cfg, field: value}))
+        with pytest.raises(ValueError, match=f"config.json: field {field} must be"):
+            loader.load(f)
+    (f / "config.json").write_bytes(b'{"model_type": "gemma2", "x": "\xff\xfe"}')
+    with pytest.raises(ValueError, match=r"config.json: malformed config.json \(UnicodeDecodeError\)"):
+        loader.load(f)
+    (tmp_path / "d.jsonl").write_bytes(b'{"input": "\xff"}\n')
+    with pytest.raises(ValueError, match=r"d.jsonl: not UTF-8 text"):
+        data.read_rows(tmp_path / "d.jsonl")
+
+
+def test_every_command_line_error_is_one_line(tmp_path, capsys):
+    one_line_exit(train.main, ["--preset", "demo", "--data", str(tmp_path / "absent.jsonl")], match="absent.jsonl")
+    one_line_exit(steer.main, ["compare", "--prompt", "x", "--model", str(tmp_path / "nowhere")], match="nowhere")
+    one_line_exit(steer.main, ["compare", "--prompt", "x", "--hypernet", str(tmp_path / "h.safetensors")],
+                  match="h.safetensors")
+    import bench
+    one_line_exit(bench.main, ["memory", "--batch-size", "0"], match="--batch-size must be positive")
+    with pytest.raises(FileNotFoundError):                                # --debug shows the traceback instead
+        train.main(["--preset", "demo", "--data", str(tmp_path / "absent.jsonl"), "--debug", "--out",
+                    str(tmp_path / "r")])
