@@ -143,17 +143,22 @@ def split_concepts(rows, held_out_concepts=0, held_out_fraction=0.0, seed=0, eva
 
 
 def concept_names(path):
-    """Concepts of an AxBench metadata.jsonl (one {"concept_id", "concept", ...} per line), e.g.
-    Concept500's: the paper's held-in set (SPEC §5). Matched by text: concept ids differ between datasets."""
-    path, names = Path(path), set()
+    """The concepts of a held-in list (SPEC §5): an AxBench data file (its positives' output_concept),
+    e.g. Concept500's train parquet, or a metadata.jsonl (one {"concept_id", "concept", ...} per line).
+    Matched by text: concept ids differ between datasets."""
+    path = Path(path)
+    if path.suffix == ".parquet":
+        return {r["output_concept"] for r in positives(read_rows(path))}
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError:
         raise ValueError(f"{path}: not UTF-8 text") from None
+    names = set()
     for n, line in enumerate(lines, 1):
         if line.strip():
             try:
-                names.add(str(json.loads(line)["concept"]))
+                row = json.loads(line)
+                names.add(str(row["concept"] if "concept" in row else row["output_concept"]))
             except (ValueError, KeyError, TypeError):
                 raise ValueError(f"{path}:{n}: not a metadata row with a concept field") from None
     return names

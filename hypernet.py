@@ -36,6 +36,7 @@ class HyperConfig:
     n_blocks: int = 22                # N, base blocks the hypernetwork copies (paper 2b: 22 cross attention, 26 others)
     layer: int = 20                   # steering layer: Δ is added after this base block and X read there (SPEC §4)
     random_init: bool = False         # paper Table 2 ablation: fresh weights instead of the base's
+    unit_norm: bool = False           # App. A.4 (no context): unit-norm Δ_s scaled by its max activation on the prompt
     freeze_embeddings: bool = False   # no gradients or AdamW state for the (vocab, d) embeddings (CPU demos)
 
     def __post_init__(self):
@@ -43,6 +44,8 @@ class HyperConfig:
             raise ValueError(f"unknown hypernetwork variant {self.variant!r}; expected one of {', '.join(VARIANTS)}")
         if self.n_blocks < 1:
             raise ValueError(f"n_blocks must be at least 1, got {self.n_blocks}")
+        if self.unit_norm and self.variant != "no_context":
+            raise ValueError("unit_norm is the no-context variant's head (paper App. A.4); the others leave Δ unnormalised")
 
 
 class CrossAttention(Attention):
@@ -138,7 +141,7 @@ class HyperSteer(nn.Module):
                 assert not mine.load_state_dict(theirs.state_dict(), strict=False).unexpected_keys
         return hyper
 
-    def forward(self, s_ids, s_real, x=None, x_mask=None):
+    def forward(self, s_ids, s_real, x=None, x_mask=None, scale_mask=None):
         """s_ids, s_real (B, Ts): left-padded ids of the hypernetwork's input and its real-token
         mask. x (B, Tx, d), x_mask (B, Tx): the base's unsteered residual at the steering layer over
         the base prompt and its mask; read by cross_attention, ignored otherwise. Returns Δ (B, d) in
@@ -168,7 +171,21 @@ class HyperSteer(nn.Module):
             else:
                 h = block(h, cos=cos, sin=sin, mask=masks[block.layer_type])
         delta = self.head(self.norm(h[:, -1]))  # Eq. 2-3: Δ = H(s, x) = W · RMSNorm(h_last) + b, (B, d)
+        if self.hcfg.unit_norm:
+            delta = max_activation_scaled(delta, x, x_mask if scale_mask is None else scale_mask)
         return delta.to(out_dtype)
+
+
+def max_activation_scaled(delta, x, mask):
+    """App. A.4, no context end to end: the head's Δ_s is made unit-norm and scaled by its max activation,
+    as ReFT-r1's max_act (SPEC §8). This project reads that activation from the base prompt itself:
+    max_t ReLU(h_t · Δ̂_s) over the steered prompt tokens (mask (B, Tx)), so it exists for held-out
+    concepts too, in training and at inference alike."""
+    if x is None:
+        raise ValueError("unit_norm needs x, the base residual at the steering layer, for its max activation")
+    unit = delta / delta.norm(dim=-1, keepdim=True).clamp_min(1e-6)                # (B, d), 0 stays 0
+    acts = torch.einsum("btd,bd->bt", x.float(), unit.float()).clamp_min(0)          # (B, Tx) latents
+    return unit * acts.masked_fill(~mask.bool(), 0).amax(-1, keepdim=True).to(unit.dtype)
 
 
 def hyper_input(tok, concept, instruction, variant):
@@ -188,7 +205,8 @@ def deltas(base, tok, hyper, concept, instructions, chat_ids=None):
     ids, pad = left_pad(chat_ids or tok.chat_batch(instructions), pad_id, dev)
     x = base.residual(ids, pad, hyper.hcfg.layer)                                   # (n, T, d)
     s_ids, s_pad = left_pad([hyper_input(tok, concept, i, hyper.hcfg.variant) for i in instructions], pad_id, dev)
-    return hyper(s_ids, s_pad, x, pad).float()                                     # Eq. 2-3
+    after_prefix = pad & (pad.cumsum(-1) > tok.chat_prefix_len)                       # steered prompt tokens
+    return hyper(s_ids, s_pad, x, pad, after_prefix).float()                          # Eq. 2-3
 
 
 # ----------------------------------------------------------------------------- checkpoints

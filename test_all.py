@@ -2041,3 +2041,32 @@ def test_every_command_line_error_is_one_line(tmp_path, capsys):
     with pytest.raises(FileNotFoundError):                                # --debug shows the traceback instead
         train.main(["--preset", "demo", "--data", str(tmp_path / "absent.jsonl"), "--debug", "--out",
                     str(tmp_path / "r")])
+
+
+def test_no_context_unit_norm_head_scales_by_max_activation():
+    """App. A.4 option: Δ = Δ̂ · max_t ReLU(h_t · Δ̂) over the steered prompt tokens; zero head -> Δ = 0."""
+    base = tiny_base("gemma2")
+    hyper = make_hypernet(base, "no_context", unit_norm=True)
+    _, _, s_ids, s_mask, p_ids, p_mask, x = inputs(base)
+    scale_mask = p_mask.clone()
+    scale_mask[:, :2] = False
+    with torch.no_grad():
+        delta = hyper(s_ids, s_mask, x, p_mask, scale_mask)
+        unit = hyper.head(hyper.norm(hyper_last(hyper, s_ids, s_mask)))          # the head before scaling
+    unit = unit / unit.norm(dim=-1, keepdim=True)
+    want = (x @ unit[..., None])[..., 0].clamp(min=0).masked_fill(~scale_mask, 0).amax(-1)
+    torch.testing.assert_close(delta.norm(dim=-1), want, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="App. A.4"):
+        HyperConfig("cross_attention", 2, LAYER, unit_norm=True)
+    zero = make_hypernet(base, "no_context", randomise=False, unit_norm=True)
+    assert torch.equal(zero(s_ids, s_mask, x, p_mask), torch.zeros(3, 64))
+
+
+def hyper_last(hyper, s_ids, s_mask):
+    """The hypernetwork stream's last position before the head (for the test above)."""
+    captured = []
+    handle = hyper.norm.register_forward_hook(lambda m, i, o: captured.append(i[0]))
+    with torch.no_grad():
+        hyper(s_ids, s_mask, torch.zeros(s_ids.shape[0], 1, 64), torch.ones(s_ids.shape[0], 1, dtype=torch.bool))
+    handle.remove()
+    return captured[0]

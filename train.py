@@ -47,6 +47,7 @@ class TrainConfig:
     n_blocks: int = flag(22, "hypernetwork depth N (paper Table 3: 22 for 2b cross attention)")
     layer: int = flag(20, "steering layer L: Δ is added to the output of block L (SPEC §4)")
     random_init: bool = flag(False, "fresh hypernetwork weights instead of the base's (paper Table 2 ablation)")
+    unit_norm: bool = flag(False, "no context: unit-norm Δ scaled by its max activation on the prompt (App. A.4)")
     freeze_embeddings: bool = flag(False, "keep the hypernetwork's embeddings fixed (CPU demos, memory)")
     batch_size: int = flag(12, "examples per micro-batch (paper 2b: 12)")
     grad_accum: int = flag(1, "micro-batches per optimizer step")
@@ -69,11 +70,13 @@ class TrainConfig:
     device: str = flag("cuda" if torch.cuda.is_available() else "cpu", "cpu or cuda")
 
 
-PAPER_9B = dict(model="google/gemma-2-9b-it", data="concept16k:9b/l20/train/data.parquet", lr=5e-6)
+PAPER_2B = dict(held_in_concepts="concept500:2b/l20/train/data.parquet")    # held-in = Concept500's list (SPEC §5)
+PAPER_9B = dict(model="google/gemma-2-9b-it", data="concept16k:9b/l20/train/data.parquet", lr=5e-6,
+                held_in_concepts="concept500:9b/l20/train/data.parquet")
 PRESETS = {  # paper Table 3 (SPEC §3); `demo` is the offline CPU main job
-    "paper-2b": TrainConfig(),
-    "paper-2b-in-context": TrainConfig(variant="in_context", n_blocks=26, batch_size=6, out="runs/paper-2b-ic"),
-    "paper-2b-no-context": TrainConfig(variant="no_context", n_blocks=26, batch_size=6, out="runs/paper-2b-nc"),
+    "paper-2b": TrainConfig(**PAPER_2B),
+    "paper-2b-in-context": TrainConfig(**PAPER_2B, variant="in_context", n_blocks=26, batch_size=6, out="runs/paper-2b-ic"),
+    "paper-2b-no-context": TrainConfig(**PAPER_2B, variant="no_context", n_blocks=26, batch_size=6, out="runs/paper-2b-nc"),
     "paper-9b": TrainConfig(**PAPER_9B, n_blocks=34, batch_size=4, out="runs/paper-9b"),
     "paper-9b-in-context": TrainConfig(**PAPER_9B, variant="in_context", n_blocks=42, batch_size=6,
                                        out="runs/paper-9b-ic"),
@@ -112,7 +115,7 @@ def steered_loss(base, hyper, batch, strength=1.0):
     L = base.layer_index(hyper.hcfg.layer)
     with torch.no_grad():
         h = base.residual(batch.ids, batch.real, L)                           # (B, T, d), no gradients
-    delta = hyper(batch.hyper_ids, batch.hyper_real, h, batch.x_mask)         # Eq. 2-3: Δ (B, d)
+    delta = hyper(batch.hyper_ids, batch.hyper_real, h, batch.x_mask, batch.x_mask & batch.steer)  # Eq. 2-3: Δ (B, d)
     h = M.intervene(h, delta, strength, batch.steer)                          # Eq. 1: h_L + strength * Δ
     out = base.run_from(h, L, batch.real)                                     # blocks L+1.. only
     sel = batch.labels != -100
@@ -126,7 +129,7 @@ def two_pass_loss(base, hyper, batch):
     L = base.layer_index(hyper.hcfg.layer)
     with torch.no_grad():
         x = base.residual(batch.ids, batch.real, L)
-    delta = hyper(batch.hyper_ids, batch.hyper_real, x, batch.x_mask)
+    delta = hyper(batch.hyper_ids, batch.hyper_real, x, batch.x_mask, batch.x_mask & batch.steer)
     logits = base(batch.ids, batch.real, steering=M.Steering.vector(L, delta), steer_mask=batch.steer)
     sel = batch.labels != -100
     return F.cross_entropy(logits[sel].float(), batch.labels[sel])
@@ -137,7 +140,7 @@ def two_pass_loss(base, hyper, batch):
 def hypernet_and_optimizer(base, cfg):
     """The hypernetwork in fp32 (master weights, SPEC §5) on the base's device, its trainable
     parameters, and their AdamW (one tensor at a time: no foreach copies of 2.6B parameters)."""
-    hcfg = H.HyperConfig(cfg.variant, cfg.n_blocks, cfg.layer, cfg.random_init, cfg.freeze_embeddings)
+    hcfg = H.HyperConfig(cfg.variant, cfg.n_blocks, cfg.layer, cfg.random_init, cfg.unit_norm, cfg.freeze_embeddings)
     hyper = H.HyperSteer.from_base(base, hcfg).train()   # built in fp32 (the default dtype), base weights copied in
     trainable = [p for p in hyper.parameters() if p.requires_grad]
     return hyper, trainable, torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=False)
