@@ -11,6 +11,7 @@ On a CUDA machine it also runs random weights in the Gemma-2-2b shapes in bf16 (
 
     python bench.py memory                      # a training step's peak memory and FLOPs, traced (no GPU)
     python bench.py memory --preset paper-9b --batch-size 8     # any train.py preset and flags
+    python bench.py table1                      # the Table 1 sequence, with generations, judge cost and GPU hours
 """
 import argparse
 import contextlib
@@ -223,6 +224,59 @@ def print_train_memory(cfg, prompt_tokens):
     print("  (a GPU adds its CUDA context, ~0.5 GiB, and the caching allocator's rounding)")
 
 
+# ----------------------------------------------------------------------------- the Table 1 plan
+
+def table1_plan(preset, cfg, concepts=500, rows=1_150_000, judge_out=120, gpu_tflops=989.0, mfu=0.40,
+                gpu_bandwidth=3.35e12):
+    """The documented sequence that reproduces paper Table 1 for one preset, and its dry run: generations,
+    judge requests and tokens, judge cost, and GPU hours. Training hours come from the traced FLOPs of one
+    step at an assumed MFU; generation hours from the decode roofline (weights read once per step of a
+    batch of 64). Both are estimates, printed as such, until a GPU measures them."""
+    import judge
+    import steer
+    run, gens = cfg.out, f"{cfg.out}/gens.jsonl"
+    ckpt = f"{run}/hypernet.safetensors"
+    commands = [f"python train.py --preset {preset}"]
+    methods = [("HyperSteer", "", len(steer.HYPER_GRID), ("held-in", "held-out")),
+               ("Prompting", "--method prompting --judge-url URL ", 1, ("held-in", "held-out")),
+               ("DiffMean", "--method diffmean ", len(steer.VECTOR_GRID), ("held-in",)),
+               ("ReFT-r1", "--method reft-r1 ", len(steer.VECTOR_GRID), ("held-in",))]
+    n_gen = 0
+    for name, flags, grid, splits in methods:
+        for split in splits:
+            commands.append(f"python steer.py eval {flags}--hypernet {ckpt} --split {split} --out {gens}")
+            n_gen += concepts * 10 * grid
+    commands.append(f"python judge.py {gens}        # -> gens.report.md: the Table 1 rows")
+    requests = 3 * n_gen
+    example = {"concept": "references to rental services and equipment", "instruction": "Give me tips for a picnic " * 3,
+               "text": "word " * 100}                                                   # ~128 tokens of answer
+    judge_in = sum(len(m["content"]) for c in judge.CRITERIA for m in judge.judge_messages(example, c)) / 3 / 4
+    cost = judge.cost(requests * judge_in, requests * judge_out, judge.JudgeConfig())
+    base_cfg = base_config(cfg.model)
+    flops = train_memory(cfg, base_cfg, cfg.max_len // 4, steps=1)["flops"]
+    steps = cfg.epochs * rows / (cfg.batch_size * cfg.grad_accum)
+    train_h = steps * flops / (gpu_tflops * 1e12 * mfu) / 3600
+    n_params = base_params(base_cfg)
+    decode_h = n_gen / 64 * 128 * (2 * n_params / gpu_bandwidth) / 3600
+    print("The sequence (each command resumes if interrupted):")
+    for c in commands:
+        print(f"  {c}")
+    print(f"\ndry run: {n_gen:,} generations of up to 128 tokens; {requests:,} judge requests "
+          f"(~{requests * judge_in / 1e6:,.0f}M prompt tokens at ~4 characters a token + {requests * judge_out / 1e6:,.0f}M completion tokens, ~{judge_out} a reply); "
+          f"judge cost ~${cost:,.0f} at gpt-4o-mini prices")
+    print(f"GPU hours, estimated: training {steps:,.0f} steps x {flops / 1e12:.1f} TFLOP (traced) at {mfu:.0%} of "
+          f"{gpu_tflops:.0f} TFLOP/s bf16 = {train_h:,.1f} h; generations at the decode roofline "
+          f"(batch 64, {2 * n_params / 1e9:.1f} GB of bf16 weights per step, {gpu_bandwidth / 1e12:.2f} TB/s) >= "
+          f"{decode_h:,.1f} h. Not measured: no GPU was lent to this project yet.")
+    return {"generations": n_gen, "requests": requests, "cost_usd": cost, "train_hours": train_h,
+            "decode_hours": decode_h, "commands": commands}
+
+
+def base_params(base_cfg):
+    with torch.device("meta"):
+        return sum(p.numel() for p in M.Gemma(base_cfg).parameters())
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description="Ours vs transformers: prefill and decode tokens/s, load memory; "
                                              "'memory': a training step's traced peak memory and FLOPs.")
@@ -236,7 +290,11 @@ def main(argv=None):
                                         "fake tensors (no GPU or weights needed; rows max-len long, a quarter prompt; "
                                         "bf16 auto = as on CUDA)")
     train.add_config_flags(mem)
+    plan = sub.add_parser("table1", help="the sequence that reproduces paper Table 1, with a dry run of its cost")
+    train.add_config_flags(plan)
     args = ap.parse_args(argv)
+    if args.command == "table1":
+        return table1_plan(args.preset, train.config_from_args(args))
     if args.command == "memory":
         cfg = train.config_from_args(args)
         try:

@@ -23,11 +23,12 @@ import numpy as np
 import torch
 
 from hypernet import hyper_input
-from loader import DEMO_MODEL, hf_file
+from loader import DEMO_MODEL, hf_file, read_json
 from model import left_pad
 
 DEMO_DATA = Path(__file__).resolve().parent / "demo" / "concepts.jsonl"
-DEMO_RUN = dict(model=str(DEMO_MODEL), data=str(DEMO_DATA), layer=9, held_out_concepts=4, eval_rows=2, seed=0)
+DEMO_KEYWORDS = DEMO_DATA.parent / "keywords.json"   # per concept, for the demo's concept-mention rate; never trained on
+DEMO_RUN = dict(model=str(DEMO_MODEL), data=str(DEMO_DATA), layer=9, held_out_ids="4,102,202", eval_rows=8, seed=0)
 # ^ the offline demo's model, data, layer and split: train.py's demo preset, and steer.py without a checkpoint
 COLUMNS = {"input": str, "output": str, "output_concept": str, "concept_genre": str,
            "category": str, "dataset_category": str, "concept_id": int}
@@ -111,21 +112,27 @@ def load_rows(source, revision="main"):
     return read_rows(fetch_file(source, revision))
 
 
-def split_concepts(rows, held_out_concepts=0, held_out_fraction=0.0, seed=0, eval_rows=2, held_in_ids=None):
+def split_concepts(rows, held_out_concepts=0, held_out_fraction=0.0, seed=0, eval_rows=2, held_in_ids=None,
+                   held_out_ids=None):
     """The run's deterministic split of positive rows (SPEC §5) -> (train, held_in, held_out) row lists.
-    Held-out: `held_out_concepts` concepts (or, when held_out_fraction > 0, that fraction of them)
-    removed from training, sampled by `seed`, never from held_in_ids (a paper run's Concept500 list).
+    Held-out: the concepts held_out_ids when given, else `held_out_concepts` concepts (or, when
+    held_out_fraction > 0, that fraction of them) sampled by `seed`, never from held_in_ids (a paper
+    run's Concept500 list); all removed from training.
     Held-in: the last `eval_rows` rows of every other concept, kept from training (unseen
     instructions of trained concepts); with held_in_ids, only those concepts are evaluated."""
     ids = sorted({r["concept_id"] for r in rows})
     pool = [c for c in ids if held_in_ids is None or c not in held_in_ids]
-    n_out = round(held_out_fraction * len(ids)) if held_out_fraction > 0 else held_out_concepts
-    if held_out_fraction > 0:
-        n_out = max(1, n_out)
-    if not 0 <= n_out < len(ids) or n_out > len(pool):
-        raise ValueError(f"held-out: {n_out} concepts asked of {len(pool)} available ({len(ids)} in the data); "
-                         "lower --held-out-concepts / --held-out-fraction")
-    out_ids = set(random.Random(seed).sample(pool, n_out))
+    if held_out_ids:
+        unknown = sorted(set(held_out_ids) - set(pool))
+        if unknown:
+            raise ValueError(f"--held-out-ids: no concept {', '.join(map(str, unknown))} available to hold out")
+        out_ids = set(held_out_ids)
+    else:
+        n_out = max(1, round(held_out_fraction * len(ids))) if held_out_fraction > 0 else held_out_concepts
+        if not 0 <= n_out < len(ids) or n_out > len(pool):
+            raise ValueError(f"held-out: {n_out} concepts asked of {len(pool)} available ({len(ids)} in the data); "
+                             "lower --held-out-concepts / --held-out-fraction")
+        out_ids = set(random.Random(seed).sample(pool, n_out))
     train, held_in, held_out_rows, seen = [], [], [], Counter()
     per_concept = Counter(r["concept_id"] for r in rows)
     for r in rows:
@@ -173,8 +180,24 @@ def split_run(rows, run):
         names = concept_names(fetch_file(get("held_in_concepts"), get("data_revision", "main")))
         held_in = {r["concept_id"] for r in pos if r["output_concept"] in names}
         print(f"held-in: {len(held_in)} of the {len(names)} concepts of {get('held_in_concepts')} are in the data")
+    out_ids = [int(c) for c in str(get("held_out_ids") or "").split(",") if c.strip()]
     return split_concepts(pos, get("held_out_concepts", 0), get("held_out_fraction", 0.0), get("seed", 0),
-                          get("eval_rows", 2), held_in)
+                          get("eval_rows", 2), held_in, out_ids)
+
+
+def load_keywords(path):
+    """{concept text: [keywords]} from a JSON {concept_id: {"concept": ..., "keywords": [...]}} file."""
+    raw = read_json(path, "keywords file")
+    try:
+        return {v["concept"]: [k.lower() for k in v["keywords"]] for v in raw.values()}
+    except (AttributeError, KeyError, TypeError):
+        raise ValueError(f"{path}: expected {{concept_id: {{\"concept\": ..., \"keywords\": [...]}}}}") from None
+
+
+def mentions(text, keywords):
+    """A judge-free check that a concept shows up: any keyword is a substring of the lowercased text."""
+    text = text.lower()
+    return any(k in text for k in keywords)
 
 
 # ----------------------------------------------------------------------------- tokenisation

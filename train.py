@@ -59,11 +59,14 @@ class TrainConfig:
     max_len: int = flag(256, "prompt + output tokens per example")
     held_out_concepts: int = flag(500, "concepts removed from training for held-out evaluation")
     held_out_fraction: float = flag(0.0, "if > 0: this fraction of the concepts is held out instead")
+    held_out_ids: str = flag("", "comma-separated concept ids to hold out instead (the demo's fixed choice)")
     eval_rows: int = flag(2, "rows per trained concept kept from training for held-in evaluation")
     eval_every: int = flag(500, "steps between evaluations")
     eval_batches: int = flag(20, "batches per split per evaluation")
     save_every: int = flag(500, "steps between checkpoints")
-    samples: int = flag(4, "steered generations printed at the end")
+    samples: int = flag(1, "1 = finish with the report's generations (strength sweep, concept-mention rate); 0 = none")
+    keywords: str = flag("", "JSON of keywords per concept for the final report's concept-mention rate "
+                             "(never used in training); empty = no mention rate")
     out: str = flag("runs/paper-2b", "folder for checkpoints, metrics.jsonl, loss.png")
     bf16: str = flag("auto", "frozen base in bf16 + bf16 autocast: yes | no | auto (= on cuda)")
     seed: int = flag(0, "data order, held-out split and init seed")
@@ -82,8 +85,9 @@ PRESETS = {  # paper Table 3 (SPEC §3); `demo` is the offline CPU main job
                                        out="runs/paper-9b-ic"),
     "paper-9b-no-context": TrainConfig(**PAPER_9B, variant="no_context", n_blocks=42, batch_size=6,
                                        out="runs/paper-9b-nc"),
-    "demo": TrainConfig(**data.DEMO_RUN, n_blocks=2, freeze_embeddings=True, batch_size=4, lr=1e-3, epochs=1.25,
-                        max_len=96, eval_every=57, eval_batches=5, save_every=57, out="runs/demo", device="cpu"),
+    "demo": TrainConfig(**data.DEMO_RUN, n_blocks=2, freeze_embeddings=True, batch_size=4, lr=1e-3, epochs=0.9,
+                        max_len=96, eval_every=58, eval_batches=16, save_every=58, keywords=str(data.DEMO_KEYWORDS),
+                        out="runs/demo", device="cpu"),
 }
 RESUMABLE_CHANGES = {"max_steps", "eval_every", "eval_batches", "save_every", "samples", "device", "out"}
 
@@ -241,6 +245,22 @@ def check_weights(hyper, limit=1e6):
 
 # ----------------------------------------------------------------------------- evaluation
 
+def next_concept(items, concept_of):
+    """For each item, an item of the next concept (in order of first appearance, cyclic) at the same index
+    within its concept: what the 'other concept' columns steer with."""
+    groups = {}
+    for it in items:
+        groups.setdefault(concept_of(it), []).append(it)
+    order, seen = list(groups), {}
+    out = []
+    for it in items:
+        c = concept_of(it)
+        i = seen[c] = seen.get(c, -1) + 1
+        nxt = groups[order[(order.index(c) + 1) % len(order)]]
+        out.append(nxt[i % len(nxt)])
+    return out
+
+
 @torch.no_grad()
 def evaluate(run, examples, unsteered=None):
     """Mean loss over the first eval_batches batches: steered; steered with Δ from another concept's
@@ -248,8 +268,7 @@ def evaluate(run, examples, unsteered=None):
     The frozen base's unsteered loss never changes: pass an earlier evaluation's value to skip it."""
     cfg, hyper = run.cfg, run.hyper
     hyper.eval()
-    half = len(examples) // 2  # rows are grouped by concept: half a split away is another concept
-    other = [replace(e, hyper_ids=o.hyper_ids) for e, o in zip(examples, examples[half:] + examples[:half])]
+    other = [replace(e, hyper_ids=o.hyper_ids) for e, o in zip(examples, next_concept(examples, lambda e: e.concept_id))]
     losses = {"steered": [], "other_concept": [], "unsteered": []}
     for i in range(0, min(len(examples), cfg.eval_batches * cfg.batch_size), cfg.batch_size):  # fixed order
         batch = data.collate(examples[i:i + cfg.batch_size]).to(cfg.device)
@@ -395,6 +414,8 @@ def train(cfg, resume=False, overwrite=False, two_pass=False):
         signal.signal(signal.SIGINT, old_handler)
     if stop["now"]:
         sys.exit(f"interrupted at step {step}: saved {ckpt}; continue with --resume")
+    if cfg.samples:
+        final_measurements(run, step)
     plot(out)
     return run
 
@@ -406,7 +427,7 @@ def plot(out):
         import matplotlib.pyplot as plt
     except ImportError:
         return
-    recs = read_metrics(out / "metrics.jsonl")
+    recs = [r for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
     plt.figure(figsize=(6, 3.5))
     plt.plot([r["step"] for r in recs], [r["loss"] for r in recs], lw=0.8, label="train")
     for k in ("held_in_steered", "held_in_other_concept", "held_in_unsteered", "held_out_steered"):
@@ -419,34 +440,77 @@ def plot(out):
 
 # ----------------------------------------------------------------------------- the report
 
-def show_samples(run, rows, n, title):
-    """A few steered generations next to the unsteered ones (greedy, so readers can reproduce them)."""
+SWEEP = (0.0, 1.0, 2.0, 4.0)
+
+
+@torch.no_grad()
+def greedy_answers(run, rows, concepts, strength, max_new_tokens=48, batch_size=16):
+    """Greedy answers to rows' inputs, steered with Δ = H(concept, input) at `strength` (0 = unsteered)."""
     base, tok, hyper = run.base, run.tok, run.hyper
-    picked = list({r["concept_id"]: r for r in reversed(rows)}.values())[::-1][:n]   # one row per concept
-    for r in picked:
-        ids, n_prefix = tok.chat(r["input"])
-        delta = H.deltas(base, tok, hyper, r["output_concept"], [r["input"]], [ids])       # (1, d)
-        plain = M.generate(base, [ids], 48, stop_ids=tok.stop_ids)[0]
-        steered = M.generate(base, [ids], 48, stop_ids=tok.stop_ids, steering=M.Steering.vector(hyper.hcfg.layer, delta),
-                             steer_masks=M.steer_after([ids], n_prefix))[0]
-        print(f"\n[{title}] concept: {r['output_concept']}\nprompt:    {r['input']}\n"
-              f"unsteered: {tok.decode(plain)!r}\nsteered:   {tok.decode(steered)!r}")
+    ids = tok.chat_batch([r["input"] for r in rows])
+    deltas = torch.stack([H.deltas(base, tok, hyper, c, [r["input"]], [i])[0] for r, c, i in zip(rows, concepts, ids)])
+    out = []
+    for j in range(0, len(rows), batch_size):
+        steering = M.Steering.vector(hyper.hcfg.layer, deltas[j:j + batch_size], strength)
+        gens = M.generate(base, ids[j:j + batch_size], max_new_tokens, stop_ids=tok.stop_ids, steering=steering,
+                          steer_masks=M.steer_after(ids[j:j + batch_size], tok.chat_prefix_len))
+        out += [tok.decode(g) for g in gens]
+    return out
+
+
+def final_measurements(run, step):
+    """The report's generations, logged to metrics.jsonl: a strength sweep for two held-in concepts and,
+    with --keywords, how often the held-in answers mention their concept (unsteered, steered with the
+    right concept, steered with another concept's prompt), all greedy."""
+    rows, final = run.rows["held_in"], {}
+    if not rows:
+        return
+    run.hyper.eval()
+    firsts = list({r["concept_id"]: r for r in reversed(rows)}.values())[::-1][:2]   # one row of each of 2 concepts
+    final["sweep"] = [{"concept": r["output_concept"], "prompt": r["input"],
+                       "answers": {str(s): greedy_answers(run, [r], [r["output_concept"]], s)[0] for s in SWEEP}}
+                      for r in firsts]
+    if run.cfg.keywords:
+        keywords = data.load_keywords(run.cfg.keywords)
+        right = [r["output_concept"] for r in rows]
+        wrong = [r["output_concept"] for r in next_concept(rows, lambda r: r["concept_id"])]
+        answers = {"unsteered": greedy_answers(run, rows, right, 0.0), "steered": greedy_answers(run, rows, right, 1.0),
+                   "other_concept": greedy_answers(run, rows, wrong, 1.0)}
+        final["mentions"] = {k: sum(data.mentions(a, keywords.get(c, [])) for a, c in zip(v, right)) / len(rows)
+                             for k, v in answers.items()}
+        final["mentions"]["prompts"] = len(rows)
+    with open(Path(run.cfg.out) / "metrics.jsonl", "a") as log:
+        log.write(json.dumps({"step": step, "final": final}) + "\n")
+
+
+def verdict(gap, loss):
+    if gap >= 0.02:
+        return f"concept-specific: the right concept's Δ fits its outputs better by {gap:.3f} nats ({gap / loss:.1%})"
+    return f"not concept-specific: another concept's Δ does as well (gap {gap:+.3f} nats); Δ learned the task"
 
 
 def report(run):
-    """The final evaluation, read from metrics.jsonl, and a few samples."""
-    cfg = run.cfg
-    last = read_metrics(Path(cfg.out) / "metrics.jsonl")[-1]
+    """The final report, read from metrics.jsonl: evaluation losses with the right-vs-wrong-concept gap,
+    the strength sweep, and the concept-mention rates."""
+    recs = read_metrics(Path(run.cfg.out) / "metrics.jsonl")
+    last = [r for r in recs if "held_in_steered" in r or "held_out_steered" in r][-1]
     print(f"\nevaluation loss after {last['step']} steps (token-mean cross-entropy on the reference outputs):")
-    print(f"{'':10}{'steered':>9}{'other concept':>15}{'unsteered':>11}")
+    print(f"{'':10}{'steered':>9}{'other concept':>15}{'unsteered':>11}{'gap':>8}")
     for name in ("held_in", "held_out"):
         if f"{name}_steered" in last:
-            print(f"{name.replace('_', '-'):10}{last[name + '_steered']:9.3f}{last[name + '_other_concept']:15.3f}"
-                  f"{last[name + '_unsteered']:11.3f}")
-    print(f"checkpoint: {Path(cfg.out) / 'hypernet.safetensors'}")
-    run.hyper.eval()
-    show_samples(run, run.rows["held_in"], cfg.samples // 2, "held-in")
-    show_samples(run, run.rows["held_out"], cfg.samples - cfg.samples // 2, "held-out")
+            s, o, u = (last[f"{name}_{k}"] for k in ("steered", "other_concept", "unsteered"))
+            print(f"{name.replace('_', '-'):10}{s:9.3f}{o:15.3f}{u:11.3f}{o - s:+8.3f}   {verdict(o - s, s)}")
+    final = next((r["final"] for r in reversed(recs) if "final" in r), {})
+    for item in final.get("sweep", []):
+        print(f"\n[held-in] concept: {item['concept']}\nprompt: {item['prompt']}")
+        for s, text in item["answers"].items():
+            print(f"  strength {float(s):g}: {text.strip()[:160]!r}")
+    if "mentions" in final:
+        m = final["mentions"]
+        print(f"\nconcept mentioned (keywords) in greedy answers to {m['prompts']} held-in prompts: unsteered "
+              f"{m['unsteered']:.0%}, steered {m['steered']:.0%}, steered with another concept's prompt "
+              f"{m['other_concept']:.0%}")
+    print(f"\ncheckpoint: {Path(run.cfg.out) / 'hypernet.safetensors'}; curve: {Path(run.cfg.out) / 'loss.png'}")
 
 
 # ----------------------------------------------------------------------------- command line
