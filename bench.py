@@ -294,14 +294,13 @@ def main(argv=None):
     train.add_config_flags(plan)
     args = ap.parse_args(argv)
     if args.command == "table1":
-        return table1_plan(args.preset, train.config_from_args(args))
+        with loader.one_line_errors():
+            return table1_plan(args.preset, train.config_from_args(args))
     if args.command == "memory":
         cfg = train.config_from_args(args)
-        try:
+        with loader.one_line_errors():
             train.check_config(cfg)
             return print_train_memory(cfg, cfg.max_len // 4)
-        except (OSError, ValueError) as e:
-            raise SystemExit(f"error: {e}")
     if not args.gpu_only:
         cpu_bench(args)
     if torch.cuda.is_available():

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from hypernet import hyper_input
-from loader import DEMO_MODEL, hf_file, read_json
+from loader import DEMO_MODEL, hf_file, one_line_errors, read_json
 from model import left_pad
 
 DEMO_DATA = Path(__file__).resolve().parent / "demo" / "concepts.jsonl"
@@ -292,13 +292,12 @@ def main():
     ap.add_argument("--path", default="2b/l20/train/data.parquet", help="file inside the dataset repo")
     ap.add_argument("--revision", default="main", help="dataset revision (branch or commit) to pin")
     args = ap.parse_args()
-    try:
+    with one_line_errors():
         path = download_axbench(args.dataset, args.path, args.revision) if args.dataset else DEMO_DATA
         rows = read_rows(path)
         pos = positives(rows)
-        train, held_in, held_out = split_concepts(pos, held_out_fraction=0.1)
-    except (OSError, ValueError) as e:
-        raise SystemExit(f"error: {e}")
+        train, held_in, held_out = split_run(rows, DEMO_RUN) if path == DEMO_DATA else \
+            split_concepts(pos, held_out_fraction=0.1)
     genres = Counter(r["concept_genre"] for r in pos)
     print(f"{path}: {len(rows)} rows, {len(pos)} positives, {len({r['concept_id'] for r in pos})} concepts, "
           f"genres {dict(genres)}")

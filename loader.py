@@ -9,6 +9,7 @@ Hub files land in $HYPERSTEER_CACHE (default ~/.cache/hypersteer)/<kind>s--<owne
 written to `<name>.part` first (resumed with an HTTP Range request) and renamed when complete.
 HF_TOKEN, when set, is sent as a bearer token and never printed or stored. Nothing is unpickled.
 """
+import contextlib
 import json
 import os
 import re
@@ -24,7 +25,19 @@ from model import Gemma, GemmaConfig
 DEMO_MODEL = Path(__file__).resolve().parent / "models" / "gemma-3-270m"   # built by convert_gguf.py
 
 
-# ----------------------------------------------------------------------------- writing files
+# ----------------------------------------------------------------------------- errors and files
+
+@contextlib.contextmanager
+def one_line_errors(debug=False):
+    """For command-line entry points: the project's errors (a bad file, flag or value) end the command
+    with one line naming it and a non-zero exit; --debug shows the traceback instead."""
+    try:
+        yield
+    except (OSError, ValueError) as e:
+        if debug:
+            raise
+        raise SystemExit(f"error: {e}") from None
+
 
 def write_atomic(path, write):
     """write(tmp) to a temporary file beside `path`, then rename it onto `path`: a crash or a full

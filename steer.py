@@ -475,12 +475,8 @@ def main(argv=None):
     if args.command == "export" and not args.psr and not (args.method and args.concept_id is not None
                                                          or args.hypernet and args.concept):
         ap.error("export needs --hypernet with --concept (and --prompt), or --method with --concept-id")
-    try:
+    with loader.one_line_errors(args.debug):
         {"compare": cmd_compare, "eval": cmd_eval, "export": cmd_export}[args.command](args)
-    except (OSError, ValueError) as e:
-        if args.debug:
-            raise
-        raise SystemExit(f"error: {e}")
 
 
 if __name__ == "__main__":

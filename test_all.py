@@ -9,7 +9,7 @@ import json
 import socket
 import threading
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -1292,10 +1292,23 @@ def test_demo_data_is_valid():
     per = {}
     for r in rows:
         per.setdefault(r["concept_id"], []).append(r)
-    assert len(per) >= 40 and min(len(v) for v in per.values()) >= 12
-    assert {r["concept_genre"] for r in rows} == {"text", "code", "math"}
+    # issue 11's shape: few trained concepts with many rows each, across genres, plus a few held out
+    train_rows, held_in, held_out = data.split_run(rows, data.DEMO_RUN)
+    trained = {r["concept_id"] for r in train_rows}
+    assert len(trained) == 8 and all(sum(r["concept_id"] == c for r in train_rows) >= 30 for c in trained)
+    assert {r["concept_genre"] for r in train_rows} == {"text", "code", "math"}
+    assert {r["concept_genre"] for r in held_out} == {"text", "code", "math"} and not trained & {4, 102, 202}
     assert all(len({r["output_concept"] for r in v}) == 1 for v in per.values())
-    assert len({r["input"] for r in rows}) == len(rows)
+    assert all(len({r["input"] for r in v}) == len(v) for v in per.values())      # no instruction twice in a concept
+    assert all(40 <= len(r["output"].split()) <= 90 for r in rows)
+    # a keyword list for every concept, found in the concept's own outputs, rarely in the others'
+    keywords = data.load_keywords(data.DEMO_KEYWORDS)
+    assert set(keywords) == {v[0]["output_concept"] for v in per.values()}
+    for concept, kws in keywords.items():
+        own = [data.mentions(r["output"], kws) for r in rows if r["output_concept"] == concept]
+        other = [data.mentions(r["output"], kws) for r in rows if r["output_concept"] != concept]
+        assert sum(own) / len(own) > 0.95 and sum(other) / len(other) < 0.1, concept
+    assert all("keywords" not in r for r in rows)
     instructions = json.loads((data.DEMO_DATA.parent / "instructions.json").read_text())
     assert len(instructions) >= 10 and all(i["instruction"].strip() for i in instructions)
 
@@ -2070,3 +2083,33 @@ def hyper_last(hyper, s_ids, s_mask):
         hyper(s_ids, s_mask, torch.zeros(s_ids.shape[0], 1, 64), torch.ones(s_ids.shape[0], 1, dtype=torch.bool))
     handle.remove()
     return captured[0]
+
+
+def test_keywords_never_reach_training_and_the_report_reads_the_log(tmp_path, capsys):
+    """issue 11: the keyword lists only score the report's answers (weights are identical with other
+    keywords), and the report prints what metrics.jsonl holds."""
+    cfg = tiny_run(tmp_path, max_steps=3, samples=1, eval_rows=2)
+    kw = tmp_path / "kw.json"
+    kw.write_text(json.dumps({str(c): {"concept": f"w{80 + c}", "keywords": [f"w{40 + c}"]} for c in range(3)}))
+    kw2 = tmp_path / "kw2.json"
+    kw2.write_text(json.dumps({str(c): {"concept": f"w{80 + c}", "keywords": ["w1"]} for c in range(3)}))
+    run = TR.train(replace(cfg, keywords=str(kw)))
+    first = load_file(tmp_path / "run" / "hypernet.safetensors")
+    TR.train(replace(cfg, keywords=str(kw2), out=str(tmp_path / "run2")))
+    second = load_file(tmp_path / "run2" / "hypernet.safetensors")
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    log = tmp_path / "run" / "metrics.jsonl"
+    recs = [json.loads(l) for l in open(log)]
+    final = recs[-1]["final"]
+    assert set(final["mentions"]) == {"unsteered", "steered", "other_concept", "prompts"}
+    assert [list(x["answers"]) for x in final["sweep"]] == [["0.0", "1.0", "2.0", "4.0"]] * len(final["sweep"])
+    # rewrite the logged numbers: the report must print these, not recompute anything
+    evals = [r for r in recs if "held_in_steered" in r][-1]
+    evals.update(held_in_steered=1.234, held_in_other_concept=1.334, held_in_unsteered=2.5)
+    final["mentions"].update(unsteered=0.125, steered=0.875, other_concept=0.25)
+    log.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    capsys.readouterr()
+    TR.report(run)
+    out = capsys.readouterr().out
+    assert "1.234" in out and "1.334" in out and "+0.100" in out and "concept-specific" in out
+    assert "unsteered 12%, steered 88%, steered with another concept's prompt 25%" in out

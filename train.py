@@ -537,13 +537,8 @@ def main(argv=None):
     ap.add_argument("--debug", action="store_true", help="show tracebacks")
     add_config_flags(ap)
     args = ap.parse_args(argv)
-    try:
-        run = train(config_from_args(args), args.resume, args.overwrite, args.two_pass)
-        report(run)
-    except (OSError, ValueError) as e:
-        if args.debug:
-            raise
-        raise SystemExit(f"error: {e}")
+    with loader.one_line_errors(args.debug):
+        report(train(config_from_args(args), args.resume, args.overwrite, args.two_pass))
 
 
 if __name__ == "__main__":
