@@ -264,7 +264,8 @@ def table1_plan(preset, cfg, concepts=500, rows=1_150_000, judge_out=120, gpu_tf
     print(f"\ndry run: {n_gen:,} generations of up to 128 tokens; {requests:,} judge requests "
           f"(~{requests * judge_in / 1e6:,.0f}M prompt tokens at ~4 characters a token + {requests * judge_out / 1e6:,.0f}M completion tokens, ~{judge_out} a reply); "
           f"judge cost ~${cost:,.0f} at gpt-4o-mini prices")
-    print(f"GPU hours, estimated: training {steps:,.0f} steps x {flops / 1e12:.1f} TFLOP (traced) at {mfu:.0%} of "
+    print(f"GPU hours, estimated: training {cfg.epochs:g} epochs of ~{rows / 1e6:.2f}M rows (Concept16k: 16k concepts x "
+          f"72) = {steps:,.0f} steps x {flops / 1e12:.1f} TFLOP (traced) at {mfu:.0%} of "
           f"{gpu_tflops:.0f} TFLOP/s bf16 = {train_h:,.1f} h; generations at the decode roofline "
           f"(batch 64, {2 * n_params / 1e9:.1f} GB of bf16 weights per step, {gpu_bandwidth / 1e12:.2f} TB/s) >= "
           f"{decode_h:,.1f} h. Not measured: no GPU was lent to this project yet.")

@@ -1852,7 +1852,8 @@ def one_line_exit(fn, *args, match=""):
 def train_flags(tmp_path, *extra):
     cfg = tiny_run(tmp_path)
     return ["--preset", "demo", "--model", cfg.model, "--data", cfg.data, "--n-blocks", "2", "--layer", "1",
-            "--batch-size", "4", "--lr", "1e-2", "--held-out-concepts", "1", "--max-len", "32", "--samples", "0",
+            "--batch-size", "4", "--lr", "1e-2", "--held-out-concepts", "1", "--held-out-ids", "", "--max-len", "32",
+            "--samples", "0", "--keywords", "", "--eval-rows", "2",
             "--eval-batches", "1", "--out", str(tmp_path / "run"), *extra]
 
 

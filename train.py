@@ -68,7 +68,8 @@ class TrainConfig:
     keywords: str = flag("", "JSON of keywords per concept for the final report's concept-mention rate "
                              "(never used in training); empty = no mention rate")
     out: str = flag("runs/paper-2b", "folder for checkpoints, metrics.jsonl, loss.png")
-    bf16: str = flag("auto", "frozen base in bf16 + bf16 autocast: yes | no | auto (= on cuda)")
+    bf16: str = flag("auto", "frozen base in bf16 + bf16 autocast: yes | no | auto (= on cuda and on CPUs with "
+                             "native bf16 units)")
     seed: int = flag(0, "data order, held-out split and init seed")
     device: str = flag("cuda" if torch.cuda.is_available() else "cpu", "cpu or cuda")
 
@@ -168,8 +169,20 @@ class Run:
     total: int                  # optimizer steps of the whole run
 
 
+def cpu_has_bf16_units():
+    """Native bf16 matrix instructions (AVX512-BF16 or AMX), where bf16 matrix products run faster than fp32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def use_bf16(cfg):
-    return cfg.bf16 == "yes" or (cfg.bf16 == "auto" and cfg.device.startswith("cuda"))
+    """--bf16 auto: on CUDA, and on CPUs with native bf16 units (measured 1.4x faster on the demo, README)."""
+    if cfg.bf16 != "auto":
+        return cfg.bf16 == "yes"
+    return cfg.device.startswith("cuda") or (cfg.device == "cpu" and cpu_has_bf16_units())
 
 
 def setup(cfg):
