@@ -32,7 +32,6 @@ import os
 import random
 import re
 import sys
-import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -42,6 +41,8 @@ from pathlib import Path
 
 import requests
 from tqdm import tqdm
+
+import loader
 
 CRITERIA = ("concept", "instruction", "fluency")
 REQUIRED = ("method", "concept", "instruction_index", "instruction", "strength", "text")
@@ -144,13 +145,9 @@ def cache_path(body, cfg):
 
 
 def write_atomic(path, text):
-    """Write to a temp file in the same folder, then rename: readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    """Text through the project's one atomic writer: readers never see half a file."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    loader.write_atomic(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 def api_key(cfg):

@@ -13,6 +13,7 @@ import contextlib
 import json
 import os
 import re
+import threading
 import zlib
 from pathlib import Path
 
@@ -43,7 +44,7 @@ def write_atomic(path, write):
     """write(tmp) to a temporary file beside `path`, then rename it onto `path`: a crash or a full
     disk never leaves a half-written file, and the previous version stays until the new one is whole."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")   # unique per writer
     try:
         write(tmp)
         os.replace(tmp, path)
