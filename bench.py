@@ -194,7 +194,7 @@ def train_memory(cfg, base_cfg, prompt_tokens=64, fake=True, steps=2, loss_fn=tr
             base = M.Gemma(base_cfg).eval().requires_grad_(False)
         finally:
             torch.set_default_dtype(torch.float32)
-        hyper, trainable, opt = train.hypernet_and_optimizer(base, cfg)
+        hyper, _, trainable, opt = train.hypernet_and_optimizer(base, cfg)
         counter = LiveBytes([*base.parameters(), *hyper.parameters(), *vars(batch).values()], selected)
         weights, flops = counter.now, FlopCounterMode(display=False)
         with counter:
