@@ -26,13 +26,18 @@ def launched():
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
+def local_device(device):
+    """cuda:LOCAL_RANK for "cuda" under torchrun (one GPU per process); else `device` as it is."""
+    return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if launched() and device == "cuda" else device
+
+
 def start(device):
     """Join torchrun's process group (nccl on CUDA, gloo on CPU) if it launched us; returns this process's
-    device: cuda:LOCAL_RANK on CUDA, else `device` unchanged."""
+    device (local_device)."""
     if not launched() or dist.is_initialized():
         return device
+    device = local_device(device)
     if device.startswith("cuda"):
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.startswith("cuda") else "gloo", timeout=timedelta(hours=1))
     return device

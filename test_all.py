@@ -1803,10 +1803,8 @@ def test_export_round_trip(tmp_path):
 
 # ----------------------------------------------------------------------------- the CLI end to end
 
-def test_cli_eval_baseline_export_and_interactive(setup, tmp_path, capsys):
-    """A tiny model folder, data file and checkpoint with train_config metadata: eval's held-out concepts
-    are exactly the ones train.py held out; the rows read back through judge.py."""
-    import judge
+def cli_run_folder(setup, tmp_path):
+    """A tiny model folder, data file, instructions and a checkpoint with train_config metadata."""
     base, tok, hyper = setup
     folder = tmp_path / "model"
     folder.mkdir()
@@ -1820,6 +1818,14 @@ def test_cli_eval_baseline_export_and_interactive(setup, tmp_path, capsys):
                             held_out_concepts=1, eval_rows=1, seed=3, max_len=32)
     ckpt = tmp_path / "hypernet.safetensors"
     H.save(tiny_hyper(loader.load(folder)[0]), ckpt, {"step": "1", "train_config": json.dumps(asdict(cfg))})
+    return folder, ckpt, rows
+
+
+def test_cli_eval_baseline_export_and_interactive(setup, tmp_path, capsys):
+    """A tiny model folder, data file and checkpoint with train_config metadata: eval's held-out concepts
+    are exactly the ones train.py held out; the rows read back through judge.py."""
+    import judge
+    folder, ckpt, rows = cli_run_folder(setup, tmp_path)
     out = tmp_path / "gens.jsonl"
     common = ["--out", str(out), "--instructions", str(tmp_path / "ins.json"), "--max-new-tokens", "3", "--grid", "0,1"]
     steer.main(["eval", "--hypernet", str(ckpt), "--split", "held-out", *common])
@@ -1840,3 +1846,32 @@ def test_cli_eval_baseline_export_and_interactive(setup, tmp_path, capsys):
     assert "strength    2 |" in printed and "strength    1 |" in printed
     with pytest.raises(SystemExit, match="no concept with id 99"):
         steer.main(["eval", "--method", "prompting", "--hypernet", str(ckpt), "--concept-ids", "99", *common])
+
+
+def test_shard_eval_writes_every_row_once(setup, tmp_path, monkeypatch, capsys):
+    """Concepts split over 2 shards (--shard i/n, or torchrun's RANK/WORLD_SIZE): the merged file holds exactly
+    the unsharded run's rows, each once; re-running a shard adds nothing; merge waits for every shard."""
+    import judge
+    _, ckpt, _ = cli_run_folder(setup, tmp_path)
+    common = ["eval", "--hypernet", str(ckpt), "--split", "held-in", "--instructions", str(tmp_path / "ins.json"),
+              "--max-new-tokens", "3", "--grid", "0,1"]
+    steer.main([*common, "--out", str(tmp_path / "all.jsonl")])
+    want = sorted(judge.read_generations([tmp_path / "all.jsonl"]), key=steer.row_key)
+    out = tmp_path / "sharded.jsonl"
+    monkeypatch.setenv("RANK", "1")                            # what torchrun sets for process 1 of 2
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    steer.main([*common, "--out", str(out)])
+    monkeypatch.delenv("RANK")
+    monkeypatch.delenv("WORLD_SIZE")
+    assert not out.exists() and "shard(s) 0 of 2 not done yet" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="not every shard is done"):
+        steer.main(["merge", "--out", str(out), "--shards", "2"])
+    steer.main([*common, "--out", str(out), "--shard", "0/2"])  # the last to finish merges
+    shards = [judge.read_generations([steer.shard_path(out, i, 2)]) for i in range(2)]
+    assert {r["concept_id"] for r in shards[0]}.isdisjoint({r["concept_id"] for r in shards[1]})
+    got = judge.read_generations([out])
+    assert sorted(got, key=steer.row_key) == want and len({steer.row_key(r) for r in got}) == len(want) == 60
+    before = out.read_bytes()
+    steer.main([*common, "--out", str(out), "--shard", "1/2"])  # resumed: nothing to do, the same merge
+    steer.main(["merge", "--out", str(out), "--shards", "2"])
+    assert out.read_bytes() == before and "wrote 0 rows" in capsys.readouterr().out
