@@ -1509,7 +1509,8 @@ def test_dist_two_processes_equal_one_and_resume_under_any_world_size(tmp_path, 
 
 
 def test_dist_nan_in_one_process_stops_every_process(tmp_path, one_thread):
-    """A NaN loss in process 1 (FSDP2) stops both after step 1 with the one-process message; rank 0 wrote the files."""
+    """A NaN loss in process 1 (FSDP2) during step 3 stops both with the one-process message; the last good
+    checkpoint (step 2) and metrics come from rank 0 alone."""
     def work(rank):
         if rank == 1:
             TR.steered_loss = loss_calls(3, "nan")
