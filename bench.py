@@ -273,8 +273,9 @@ def print_fsdp_memory(cfg, traced, world_sizes=(1, 2, 4, 8), gpu_gib=80):
             smallest = k
     print(f"  smallest K whose peak (+ ~1 GiB CUDA context) fits {gpu_gib} GB GPUs: "
           f"{smallest or f'none up to {world_sizes[-1]}'} (without CPU offload)")
-    print("  an upper bound: the working set (3 x the largest unit) is added to a peak traced during the optimizer step,"
-          " when FSDP2 holds no unit whole; 'base sharded too' leaves out the base blocks it would gather (< 1 GiB)")
+    print("  an upper bound: the working set (3 x the largest unit) is added to the traced peak wherever it falls (at 9b,"
+          " the optimizer step, when FSDP2 holds no unit whole); 'base sharded too' leaves out the base blocks it"
+          " would gather (< 1 GiB)")
 
 
 def main(argv=None):
