@@ -11,6 +11,7 @@ On a CUDA machine it also runs random weights in the Gemma-2-2b shapes in bf16 (
 
     python bench.py memory                      # a training step's peak memory and FLOPs, traced (no GPU)
     python bench.py memory --preset paper-9b --batch-size 8     # any train.py preset and flags
+    python bench.py memory --preset paper-9b --fsdp   # + the per-GPU peak under torchrun --fsdp on 1, 2, 4, 8 GPUs
     python bench.py table1                      # the Table 1 sequence, with generations, judge cost and GPU hours
 """
 import argparse
@@ -129,12 +130,13 @@ class LiveBytes(TorchDispatchMode):
     Fake tensors have shapes but no values, so the step's value reads are answered without data: a
     scalar read gives 1 (the input validation's boolean checks pass; AdamW's step count only sets its
     bias correction), and selecting rows of a (B, T) tensor with a boolean mask gives `selected` rows
-    (the labelled positions of train.steered_loss's `out[sel]`)."""
+    (the labelled positions of train.steered_loss's `out[sel]`). grads_at_peak: bytes of the `watch`
+    parameters' gradients live at the peak."""
 
-    def __init__(self, tensors, selected):
+    def __init__(self, tensors, selected, watch=()):
         super().__init__()
-        self.now = self.peak = 0
-        self.seen, self.selected = set(), selected
+        self.now = self.peak = self.grads_at_peak = 0
+        self.seen, self.selected, self.watch = set(), selected, list(watch)
         self.track(tensors)
 
     def track(self, tensors):
@@ -144,7 +146,9 @@ class LiveBytes(TorchDispatchMode):
                 self.seen.add(st._cdata)
                 self.now += st.nbytes()
                 weakref.finalize(st, self.free, st._cdata, st.nbytes())
-        self.peak = max(self.peak, self.now)
+        if self.now > self.peak:
+            self.peak = self.now
+            self.grads_at_peak = sum(p.grad.untyped_storage().nbytes() for p in self.watch if p.grad is not None)
 
     def free(self, key, nbytes):
         self.seen.discard(key)
@@ -178,7 +182,9 @@ def train_memory(cfg, base_cfg, prompt_tokens=64, fake=True, steps=2, loss_fn=tr
     shapes, every row max_len tokens with `prompt_tokens` of prompt. The base is bf16 with bf16
     autocast unless cfg.bf16 == "no", as train.py runs on CUDA; autocast is traced as CPU autocast,
     which casts the same matrix products. Returns {"weights", "after_step", "peak"} in bytes and
-    "flops", the floating-point operations of one step's forward and backward (matrix products)."""
+    "flops", the floating-point operations of one step's forward and backward (matrix products); for
+    fsdp_memory, bytes of "base" and "hyper" weights, "adam" state, "grads_at_peak", and "units", the
+    hypernetwork's FSDP2 units (dist.wrap: the embeddings, one block, the rest)."""
     g = torch.Generator().manual_seed(0)
     rows = [data.Example(torch.randint(3, base_cfg.vocab_size, (cfg.max_len,), generator=g).int().numpy(),  # 4: chat prefix
                          prompt_tokens, 4, torch.randint(3, base_cfg.vocab_size, (12,), generator=g).int().numpy(),
@@ -195,8 +201,8 @@ def train_memory(cfg, base_cfg, prompt_tokens=64, fake=True, steps=2, loss_fn=tr
             base = M.Gemma(base_cfg).eval().requires_grad_(False)
         finally:
             torch.set_default_dtype(torch.float32)
-        hyper, trainable, opt = train.hypernet_and_optimizer(base, cfg)
-        counter = LiveBytes([*base.parameters(), *hyper.parameters(), *vars(batch).values()], selected)
+        hyper, _, trainable, opt = train.hypernet_and_optimizer(base, cfg)
+        counter = LiveBytes([*base.parameters(), *hyper.parameters(), *vars(batch).values()], selected, trainable)
         weights, flops = counter.now, FlopCounterMode(display=False)
         with counter:
             for step in range(steps):  # the second step is the steady state: AdamW state lives from the first
@@ -207,7 +213,28 @@ def train_memory(cfg, base_cfg, prompt_tokens=64, fake=True, steps=2, loss_fn=tr
                 torch.nn.utils.clip_grad_norm_(trainable, cfg.clip)
                 opt.step()
                 opt.zero_grad(set_to_none=True)
-    return {"weights": weights, "after_step": counter.now, "peak": counter.peak, "flops": flops.get_total_flops()}
+    size = lambda m: sum(p.numel() * p.element_size() for p in m.parameters())
+    units = {"embeddings": size(hyper.embed_tokens), "block": max(size(b) for b in hyper.layers),
+             "rest": size(hyper) - size(hyper.embed_tokens) - size(hyper.layers)}
+    adam = sum(v.untyped_storage().nbytes() for st in opt.state.values() for v in st.values())
+    return {"weights": weights, "after_step": counter.now, "peak": counter.peak, "flops": flops.get_total_flops(),
+            "base": size(base), "hyper": size(hyper), "adam": adam, "grads_at_peak": counter.grads_at_peak,
+            "units": units}
+
+
+def fsdp_memory(traced, k, offload=False):
+    """Per-GPU peak bytes of train.py --fsdp on k GPUs, computed from a one-process trace (FSDP2 does not run on
+    fake tensors). Traced: the frozen base (replicated: the same on every GPU), the activations and temporaries
+    (each GPU runs its own micro-batch of batch_size: unchanged), the hypernetwork's weights, AdamW state and the
+    gradients live at the peak. Computed: those three divided by k (FSDP2 shards every parameter, its gradient
+    and its AdamW state 1/k), plus FSDP2's working set, the largest unit's parameters gathered whole twice (the
+    running unit and the prefetched next) and its whole gradient before the reduce-scatter (an upper bound: the
+    largest unit, the embeddings, runs first in the forward and last in the backward). offload: FSDP2's
+    CPUOffloadPolicy, whose shards and AdamW step live in CPU memory instead."""
+    sharded = traced["hyper"] + traced["adam"] + traced["grads_at_peak"]
+    rest = traced["peak"] - traced["base"] - sharded                          # activations, temporaries, batch
+    working = 3 * max(traced["units"].values()) if k > 1 or offload else 0
+    return traced["base"] + rest + (0 if offload else sharded / k) + working
 
 
 def print_train_memory(cfg, prompt_tokens):
@@ -222,6 +249,34 @@ def print_train_memory(cfg, prompt_tokens):
     print(f"  a step: {fast['flops'] / 1e12:.1f} TFLOP (SPEC §5 structure) vs {slow['flops'] / 1e12:.1f} TFLOP and "
           f"{slow['peak'] / 2**30:.1f} GiB peak with the base run twice: {slow['flops'] / fast['flops']:.2f}x the work")
     print("  (a GPU adds its CUDA context, ~0.5 GiB, and the caching allocator's rounding)")
+    if cfg.fsdp:
+        print_fsdp_memory(cfg, fast)
+
+
+def print_fsdp_memory(cfg, traced, world_sizes=(1, 2, 4, 8), gpu_gib=80):
+    gib = lambda b: b / 2**30
+    u = traced["units"]
+    print(f"\ntorchrun --nproc-per-node K train.py --fsdp: per-GPU peak (fsdp_memory: traced at K = 1, sharding computed)")
+    print(f"  traced: base {gib(traced['base']):.1f} GiB (replicated), hypernetwork {gib(traced['hyper']):.1f} + AdamW "
+          f"{gib(traced['adam']):.1f} + gradients live at the peak {gib(traced['grads_at_peak']):.1f} GiB (sharded 1/K), "
+          f"the rest {gib(traced['peak'] - traced['base'] - traced['hyper'] - traced['adam'] - traced['grads_at_peak']):.1f}"
+          f" GiB; FSDP2 units: embeddings {gib(u['embeddings']):.2f}, a block {gib(u['block']):.2f} GiB")
+    print(f"  | GPUs K | global batch | per-GPU peak | + CPU offload (host RAM per GPU) | base sharded too |")
+    print(f"  | --- | --- | --- | --- | --- |")
+    smallest = None
+    for k in world_sizes:
+        peak, off = fsdp_memory(traced, k), fsdp_memory(traced, k, offload=True)
+        host = (traced["hyper"] + traced["adam"] + traced["grads_at_peak"]) / k
+        both = peak - traced["base"] * (1 - 1 / k)
+        print(f"  | {k} | {cfg.batch_size * cfg.grad_accum * k} | {gib(peak):.1f} GiB | {gib(off):.1f} GiB "
+              f"({gib(host):.1f} GiB) | {gib(both):.1f} GiB |")
+        if smallest is None and gib(peak) + 1 < gpu_gib * 1e9 / 2**30:
+            smallest = k
+    print(f"  smallest K whose peak (+ ~1 GiB CUDA context) fits {gpu_gib} GB GPUs: "
+          f"{smallest or f'none up to {world_sizes[-1]}'} (without CPU offload)")
+    print("  an upper bound: the working set (3 x the largest unit) is added to the traced peak wherever it falls (at 9b,"
+          " the optimizer step, when FSDP2 holds no unit whole); 'base sharded too' leaves out the base blocks it"
+          " would gather (< 1 GiB)")
 
 
 # ----------------------------------------------------------------------------- the Table 1 plan

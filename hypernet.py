@@ -216,11 +216,12 @@ def _describe(cfg: dict):
             f"vocab {cfg.get('vocab_size')}")
 
 
-def save(hyper, path, extra_meta=None):
-    """safetensors with the hypernetwork and base configs as JSON metadata, written atomically."""
+def save(hyper, path, extra_meta=None, weights=None):
+    """safetensors with the hypernetwork and base configs as JSON metadata, written atomically. weights:
+    its state dict when the caller has it whole already (train.py under FSDP2, where hyper holds shards)."""
     meta = dict(extra_meta or {})
     meta.update(hyper_config=json.dumps(asdict(hyper.hcfg)), base_config=json.dumps(asdict(hyper.base_cfg)))
-    save_safetensors(path, hyper.state_dict(), meta)
+    save_safetensors(path, hyper.state_dict() if weights is None else weights, meta)
 
 
 def check_base(path, meta, base_cfg: GemmaConfig):

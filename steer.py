@@ -9,6 +9,8 @@
     python steer.py eval --method diffmean --hypernet runs/demo/hypernet.safetensors --out runs/demo/gens.jsonl
     python steer.py eval --hypernet runs/demo/hypernet.safetensors --split held-out --out /tmp/gens.jsonl \
         --instructions demo --grid 0.5,1 --max-concepts 2 --max-new-tokens 16       # tiny CPU variant
+    # concepts split over processes: 8 GPUs, or --shard i/n on n machines (then steer.py merge, see shard_path)
+    torchrun --nproc-per-node 8 steer.py eval --hypernet runs/paper-2b/hypernet.safetensors --out runs/paper-2b/gens.jsonl
     # a steering vector as safetensors + llama.cpp control-vector GGUF (SPEC §4)
     python steer.py export --hypernet runs/demo/hypernet.safetensors --concept "references to cats" \
         --prompt "Give me tips for a picnic" --out runs/demo/cats        # -> cats.safetensors, cats.gguf
@@ -40,6 +42,7 @@ from tqdm import tqdm
 
 import baselines
 import data
+import dist
 import hypernet as H
 import loader
 import model as M
@@ -171,6 +174,7 @@ def load_run(args):
             warnings.warn(f"{args.hypernet}: no train_config metadata; using the demo's split", stacklevel=2)
         settings.update(json.loads(meta.get("train_config", "{}")))
     settings.update({k: getattr(args, k) for k in ("model", "data", "layer") if getattr(args, k, None) is not None})
+    args.device = dist.local_device(args.device)                      # cuda:LOCAL_RANK under torchrun
     dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
     base, tok = loader.load(settings["model"], args.device, getattr(torch, dtype))
     hyper = H.load_hypernet(args.hypernet, base).eval() if getattr(args, "hypernet", None) else None
@@ -325,6 +329,9 @@ def cmd_eval(args):
     rows = data.load_rows(settings["data"], settings.get("data_revision", "main"))
     ids = [int(c) for c in args.concept_ids.split(",")] if args.concept_ids else None
     concepts = split_concepts(rows, settings, args.split, ids)[:args.max_concepts or None]
+    shard, n_shards = dist.shard_of(args.shard)          # (rank, world size) under torchrun, else (0, 1)
+    out = shard_path(args.out, shard, n_shards) if n_shards > 1 else Path(args.out)
+    concepts = concepts[shard::n_shards]
     split = "list" if ids else args.split
     instructions = load_instructions(args.instructions, args.alpaca_revision)
     name, grid, edits_for, prompt_for, source = method_for(args, base, tok, hyper, settings, rows)
@@ -337,10 +344,50 @@ def cmd_eval(args):
     print(f"{name}: {len(concepts)} {split} concepts x {min(10, len(instructions))} instructions x {len(grid)} "
           f"strengths, layer {base.layer_index(settings['layer'])}, up to {args.max_new_tokens} new tokens at temperature "
           f"{args.temperature}, top-k {args.top_k}")
-    skipped, made = generate_rows(base, tok, args.out, name, split, concepts, instructions, grid, edits_for, prompt_for,
+    skipped, made = generate_rows(base, tok, out, name, split, concepts, instructions, grid, edits_for, prompt_for,
                                   producer, args.batch_size, args.max_new_tokens, args.temperature, args.top_k,
                                   args.seed, args.overwrite)
-    print(f"wrote {made} rows to {args.out} ({skipped} already there)")
+    print(f"wrote {made} rows to {out} ({skipped} already there)")
+    if n_shards > 1:
+        Path(f"{out}.done").write_text(f"{skipped + made}\n")
+        merge_shards(args.out, n_shards)
+
+
+def cmd_merge(args):
+    if merge_shards(args.out, args.shards) is None:
+        raise ValueError(f"{args.out}: not every shard is done (each writes its .done file when it finishes)")
+
+
+# ----------------------------------------------------------------------------- shards: concepts over processes
+
+def shard_path(out, i, n):
+    """Shard i of n writes OUT.shard-i-of-n.jsonl (resumable like OUT), taking every n-th concept from the i-th,
+    and, when done, OUT.shard-i-of-n.jsonl.done. The shard that finds all n done merges them into OUT; on
+    machines without a shared disk, copy the shard files and their .done files together and run
+    `python steer.py merge --out OUT --shards n`."""
+    out = Path(out)
+    return out.with_name(f"{out.stem}.shard-{i}-of-{n}{out.suffix}")
+
+
+def merge_shards(out, n):
+    """OUT's rows, then each shard's, each row key once, written atomically into OUT. Returns the number of
+    rows, or None while a shard is not done. Rows of one key from different producers are refused."""
+    shards = [shard_path(out, i, n) for i in range(n)]
+    waiting = [str(i) for i, p in enumerate(shards) if not Path(f"{p}.done").exists()]
+    if waiting:
+        print(f"{out}: shard(s) {', '.join(waiting)} of {n} not done yet; the last one to finish merges")
+        return None
+    rows = {}
+    for path in [Path(out), *shards]:
+        for r in read_rows_file(path):
+            first = rows.setdefault(row_key(r), r)
+            if first.get("producer") != r.get("producer"):
+                raise ValueError(f"{path}: row {row_key(r)} was made by another checkpoint or other settings "
+                                 f"than {out}'s; merge into another --out")
+    loader.write_atomic(out, lambda p: p.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n"
+                                                            for r in rows.values())))
+    print(f"merged {n} shards into {out}: {len(rows)} rows")
+    return len(rows)
 
 
 # ----------------------------------------------------------------------------- compare and export
@@ -460,6 +507,14 @@ def main(argv=None):
     p.add_argument("--batch-size", type=positive_int, default=8, help="generations per batch")
     p.add_argument("--judge-url", help="prompting: an OpenAI-compatible endpoint that writes the steering prompts")
     p.add_argument("--judge-model", default="gpt-4o-mini", help="prompting: the model behind --judge-url")
+    p.add_argument("--shard", help="i/n: this process takes every n-th concept from the i-th (0-based) into "
+                                   "OUT.shard-i-of-n.jsonl; the last shard to finish merges into OUT "
+                                   "(default under torchrun: rank/world size)")
+
+    p = sub.add_parser("merge", help="merge finished eval shards (OUT.shard-i-of-n.jsonl) into OUT")
+    p.add_argument("--out", required=True, help="the generations JSONL the shards were written for")
+    p.add_argument("--shards", type=positive_int, required=True, help="n, the number of shards")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
 
     p = sub.add_parser("export", parents=[common], help="a steering vector as safetensors + llama.cpp GGUF")
     p.add_argument("--concept", help="HyperSteer: the steering prompt s")
@@ -476,7 +531,7 @@ def main(argv=None):
                                                          or args.hypernet and args.concept):
         ap.error("export needs --hypernet with --concept (and --prompt), or --method with --concept-id")
     with loader.one_line_errors(args.debug):
-        {"compare": cmd_compare, "eval": cmd_eval, "export": cmd_export}[args.command](args)
+        {"compare": cmd_compare, "eval": cmd_eval, "export": cmd_export, "merge": cmd_merge}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -1339,7 +1339,7 @@ def tiny_run(tmp_path, **kw):
         write_rows(tmp_path / "d.jsonl", [axbench_row(c, i) for c in range(3) for i in range(8)])
     base = dict(model=str(tmp_path / "m"), data=str(tmp_path / "d.jsonl"), n_blocks=2, layer=1, batch_size=4,
                 lr=1e-2, epochs=1, held_out_concepts=1, eval_rows=2, eval_every=1000, eval_batches=2, save_every=1000,
-                max_len=32, out=str(tmp_path / "run"), device="cpu", samples=0)
+                max_len=32, out=str(tmp_path / "run"), device="cpu", samples=0, bf16="no")   # fp32: exact comparisons
     return TR.TrainConfig(**{**base, **kw})
 
 
@@ -1424,6 +1424,134 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
         TR.train(tiny_run(tmp_path, max_steps=6, save_every=1))
     meta = safe_open_meta(tmp_path / "run" / "checkpoint.safetensors")
     assert meta["step"] == "2"
+
+
+# ----------------------------------------------------------------------------- several processes (dist.py)
+
+@pytest.fixture
+def one_thread():
+    """Tiny matrices on a shared 2-core machine: one thread per process is several times faster."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def in_processes(n, work):
+    """work(rank) in n forked processes joined in one gloo group, as torchrun sets them up (fork: no
+    re-import, a second or two). Returns each process's return value, or its SystemExit message."""
+    import os
+    import dist
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    results = Path(__import__("tempfile").mkdtemp())
+
+    def worker(rank):
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(n),
+                          LOCAL_RANK=str(rank))
+        torch.set_num_threads(1)
+        dist.start("cpu")
+        try:
+            out = work(rank)
+        except SystemExit as e:
+            out = f"SystemExit: {e}"
+        finally:
+            dist.stop()
+        (results / f"{rank}.json").write_text(json.dumps(out))
+    torch.multiprocessing.start_processes(worker, nprocs=n, start_method="fork")
+    return [json.loads((results / f"{r}.json").read_text()) for r in range(n)]
+
+
+def loss_calls(on_call, what):
+    """TR.steered_loss that, at its on_call-th call, raises Ctrl-C (what="ctrl-c") or returns NaN."""
+    real, calls = TR.steered_loss, []
+
+    def patched(*a, **k):
+        calls.append(1)
+        if len(calls) == on_call and what == "ctrl-c":
+            import signal
+            signal.raise_signal(signal.SIGINT)
+        loss = real(*a, **k)
+        return loss * float("nan") if len(calls) == on_call and what == "nan" else loss
+    return patched
+
+
+def assert_same_run(got, want):
+    """Same step losses (rtol 1e-6) and weights (atol 1e-4) in two run folders. Summing a step's gradients in
+    another order changes float32 rounding (~1e-8 after one step); four AdamW steps at lr 1e-2, each moving a
+    weight by up to 1e-2, grow that to ~3e-5 even between batch 4 and batch 2 x grad_accum 2 in one process."""
+    losses = [[json.loads(l)["loss"] for l in open(p / "metrics.jsonl")] for p in (got, want)]
+    torch.testing.assert_close(*losses, rtol=1e-6, atol=0)
+    a, b = load_file(got / "hypernet.safetensors"), load_file(want / "hypernet.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-4)
+
+
+def test_dist_two_processes_equal_one_and_resume_under_any_world_size(tmp_path, monkeypatch, one_thread):
+    """One process at batch 4 = two processes at batch 2 (DDP, and FSDP2) = one at batch 2 x grad_accum 2, to
+    float32 rounding (assert_same_run): each step's loss is the token-mean over all its examples. Checkpoints move
+    between world sizes: 2 processes -> 1 and 1 -> 2 (FSDP2), each interrupted by Ctrl-C in one process."""
+    TR.train(tiny_run(tmp_path, max_steps=4, out=str(tmp_path / "one")))
+    a = tiny_run(tmp_path, max_steps=4, batch_size=2, out=str(tmp_path / "a"))
+
+    def two_then_interrupted(rank):                   # Ctrl-C reaches process 1 alone, in step 2
+        if rank == 1:
+            TR.steered_loss = loss_calls(2, "ctrl-c")
+        TR.train(a)
+    assert in_processes(2, two_then_interrupted) == ["SystemExit: interrupted at step 2: saved "
+                                                     f"{tmp_path / 'a' / 'checkpoint.safetensors'}; continue with --resume"] * 2
+    assert safe_open_meta(tmp_path / "a" / "checkpoint.safetensors")["world_size"] == "2"
+    with pytest.raises(ValueError, match=r"grad_accum x processes 1 x 2 -> 1 x 1"):
+        TR.train(a, resume=True)                      # batch 2 on one process: another step
+    TR.train(replace(a, grad_accum=2), resume=True)
+    assert_same_run(tmp_path / "a", tmp_path / "one")
+
+    b = tiny_run(tmp_path, max_steps=4, batch_size=2, grad_accum=2, out=str(tmp_path / "b"))
+    monkeypatch.setattr(TR, "steered_loss", loss_calls(3, "ctrl-c"))   # step 2's first micro-batch
+    with pytest.raises(SystemExit, match="interrupted at step 2"):
+        TR.train(b)
+    monkeypatch.undo()
+    assert in_processes(2, lambda rank: TR.train(replace(b, grad_accum=1, fsdp=True), resume=True) and None) == [None] * 2
+    assert_same_run(tmp_path / "b", tmp_path / "one")
+    ckpt = load_file(tmp_path / "b" / "checkpoint.safetensors")       # the full AdamW state, as one process writes it
+    assert {k for k in ckpt if k.startswith("optim.")} == \
+        {k for k in load_file(tmp_path / "one" / "checkpoint.safetensors") if k.startswith("optim.")}
+    assert [json.loads(l)["step"] for l in open(tmp_path / "b" / "metrics.jsonl")] == [1, 2, 3, 4]
+
+
+def test_dist_nan_in_one_process_stops_every_process(tmp_path, one_thread):
+    """A NaN loss in process 1 (FSDP2) during step 3 stops both with the one-process message; the last good
+    checkpoint (step 2) and metrics come from rank 0 alone."""
+    def work(rank):
+        if rank == 1:
+            TR.steered_loss = loss_calls(3, "nan")
+        TR.train(tiny_run(tmp_path, max_steps=6, save_every=1, batch_size=2, fsdp=True))
+    got = in_processes(2, work)
+    assert all(g.startswith("SystemExit: loss is nan at step 2: stopping; the last good checkpoint is") for g in got)
+    assert safe_open_meta(tmp_path / "run" / "checkpoint.safetensors")["step"] == "2"
+    assert [json.loads(l)["step"] for l in open(tmp_path / "run" / "metrics.jsonl")] == [1, 2]
+
+
+def test_torchrun_trains_with_one_writer(tmp_path):
+    """The real launcher: `torchrun --nproc-per-node 2 train.py ...` with no other change (FSDP2, gloo)."""
+    import subprocess
+    import sys
+    cfg = tiny_run(tmp_path, max_steps=2, samples=2)
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in asdict(cfg).items() if k in (
+        "model", "data", "n_blocks", "layer", "batch_size", "lr", "held_out_concepts", "max_len", "out", "device",
+        "samples", "eval_batches", "held_in_concepts", "bf16")]
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          "train.py", "--max-steps", "2", "--fsdp", *flags], capture_output=True, text=True,
+                         cwd=Path(__file__).parent, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.count("evaluation loss after 2 steps") == 1 and out.stdout.count("[held-in] concept") == 2
+    recs = [json.loads(l) for l in open(tmp_path / "run" / "metrics.jsonl")]
+    assert [r["step"] for r in recs if "loss" in r] == [1, 2] and [r["step"] for r in recs if "final" in r] == [2]
+    meta = safe_open_meta(tmp_path / "run" / "checkpoint.safetensors")
+    assert meta["world_size"] == "2" and json.loads(meta["train_config"])["fsdp"] is True
+    load_hypernet(tmp_path / "run" / "hypernet.safetensors", loader.load(cfg.model)[0])
 
 
 @pytest.mark.parametrize("bf16", ["no", "yes"])
@@ -1690,10 +1818,8 @@ def test_export_round_trip(tmp_path):
 
 # ----------------------------------------------------------------------------- the CLI end to end
 
-def test_cli_eval_baseline_export_and_interactive(setup, tmp_path, capsys):
-    """A tiny model folder, data file and checkpoint with train_config metadata: eval's held-out concepts
-    are exactly the ones train.py held out; the rows read back through judge.py."""
-    import judge
+def cli_run_folder(setup, tmp_path):
+    """A tiny model folder, data file, instructions and a checkpoint with train_config metadata."""
     base, tok, hyper = setup
     folder = tmp_path / "model"
     folder.mkdir()
@@ -1707,6 +1833,14 @@ def test_cli_eval_baseline_export_and_interactive(setup, tmp_path, capsys):
                             held_out_concepts=1, eval_rows=1, seed=3, max_len=32)
     ckpt = tmp_path / "hypernet.safetensors"
     H.save(tiny_hyper(loader.load(folder)[0]), ckpt, {"step": "1", "train_config": json.dumps(asdict(cfg))})
+    return folder, ckpt, rows
+
+
+def test_cli_eval_baseline_export_and_interactive(setup, tmp_path, capsys):
+    """A tiny model folder, data file and checkpoint with train_config metadata: eval's held-out concepts
+    are exactly the ones train.py held out; the rows read back through judge.py."""
+    import judge
+    folder, ckpt, rows = cli_run_folder(setup, tmp_path)
     out = tmp_path / "gens.jsonl"
     common = ["--out", str(out), "--instructions", str(tmp_path / "ins.json"), "--max-new-tokens", "3", "--grid", "0,1"]
     steer.main(["eval", "--hypernet", str(ckpt), "--split", "held-out", *common])
@@ -1853,7 +1987,7 @@ def train_flags(tmp_path, *extra):
     cfg = tiny_run(tmp_path)
     return ["--preset", "demo", "--model", cfg.model, "--data", cfg.data, "--n-blocks", "2", "--layer", "1",
             "--batch-size", "4", "--lr", "1e-2", "--held-out-concepts", "1", "--held-out-ids", "", "--max-len", "32",
-            "--samples", "0", "--keywords", "", "--eval-rows", "2",
+            "--samples", "0", "--keywords", "", "--eval-rows", "2", "--bf16", "no",
             "--eval-batches", "1", "--out", str(tmp_path / "run"), *extra]
 
 
@@ -2114,3 +2248,32 @@ def test_keywords_never_reach_training_and_the_report_reads_the_log(tmp_path, ca
     out = capsys.readouterr().out
     assert "1.234" in out and "1.334" in out and "+0.100" in out and "concept-specific" in out
     assert "unsteered 12%, steered 88%, steered with another concept's prompt 25%" in out
+
+
+def test_shard_eval_writes_every_row_once(setup, tmp_path, monkeypatch, capsys):
+    """Concepts split over 2 shards (--shard i/n, or torchrun's RANK/WORLD_SIZE): the merged file holds exactly
+    the unsharded run's rows, each once; re-running a shard adds nothing; merge waits for every shard."""
+    import judge
+    _, ckpt, _ = cli_run_folder(setup, tmp_path)
+    common = ["eval", "--hypernet", str(ckpt), "--split", "held-in", "--instructions", str(tmp_path / "ins.json"),
+              "--max-new-tokens", "3", "--grid", "0,1"]
+    steer.main([*common, "--out", str(tmp_path / "all.jsonl")])
+    want = sorted(judge.read_generations([tmp_path / "all.jsonl"]), key=steer.row_key)
+    out = tmp_path / "sharded.jsonl"
+    monkeypatch.setenv("RANK", "1")                            # what torchrun sets for process 1 of 2
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    steer.main([*common, "--out", str(out)])
+    monkeypatch.delenv("RANK")
+    monkeypatch.delenv("WORLD_SIZE")
+    assert not out.exists() and "shard(s) 0 of 2 not done yet" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="not every shard is done"):
+        steer.main(["merge", "--out", str(out), "--shards", "2"])
+    steer.main([*common, "--out", str(out), "--shard", "0/2"])  # the last to finish merges
+    shards = [judge.read_generations([steer.shard_path(out, i, 2)]) for i in range(2)]
+    assert {r["concept_id"] for r in shards[0]}.isdisjoint({r["concept_id"] for r in shards[1]})
+    got = judge.read_generations([out])
+    assert sorted(got, key=steer.row_key) == want and len({steer.row_key(r) for r in got}) == len(want) == 60
+    before = out.read_bytes()
+    steer.main([*common, "--out", str(out), "--shard", "1/2"])  # resumed: nothing to do, the same merge
+    steer.main(["merge", "--out", str(out), "--shards", "2"])
+    assert out.read_bytes() == before and "wrote 0 rows" in capsys.readouterr().out

@@ -4,9 +4,10 @@ Eq. 4; SPEC §5). The base model is frozen; only the hypernetwork learns.
     python train.py --preset demo       # offline: gemma-3-270m + bundled demo concepts, CPU, < 10 min
     python train.py                     # the paper's Gemma-2-2b cross-attention run (one 80 GB GPU)
     python train.py --preset demo --max-steps 20 --eval-batches 1 --samples 0 --out runs/smoke   # 1 minute
+    torchrun --nproc-per-node 8 train.py                # 8 GPUs (DDP); --fsdp shards the hypernetwork (dist.py)
 
 Read top to bottom: the config, the loss (one step's maths), setup, one optimizer step,
-evaluation, checkpoints, the loop, the report. One step (SPEC §5 compute structure): the base
+evaluation, checkpoints, the loop, the report. Under torchrun every process takes its slice of each optimizer step's examples (train_step). One step (SPEC §5 compute structure): the base
 residual h_L at the steering layer over prompt + output, once, without gradients; Δ = H(s, X = h_L
 over the prompt); the steered pass runs only blocks L+1.. from h_L + Δ; the loss reaches H through
 Δ alone.
@@ -15,6 +16,7 @@ import argparse
 import contextlib
 import json
 import math
+import os
 import signal
 import sys
 import time
@@ -27,6 +29,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
+import dist
 import hypernet as H
 import loader
 import model as M
@@ -49,8 +52,8 @@ class TrainConfig:
     random_init: bool = flag(False, "fresh hypernetwork weights instead of the base's (paper Table 2 ablation)")
     unit_norm: bool = flag(False, "no context: unit-norm Δ scaled by its max activation on the prompt (App. A.4)")
     freeze_embeddings: bool = flag(False, "keep the hypernetwork's embeddings fixed (CPU demos, memory)")
-    batch_size: int = flag(12, "examples per micro-batch (paper 2b: 12)")
-    grad_accum: int = flag(1, "micro-batches per optimizer step")
+    batch_size: int = flag(12, "examples per micro-batch and process (paper 2b: 12)")
+    grad_accum: int = flag(1, "micro-batches per optimizer step and process (a step: batch x accum x processes)")
     lr: float = flag(8e-5, "peak learning rate, decayed linearly to 0 (paper 2b: 8e-5)")
     weight_decay: float = flag(0.0, "AdamW weight decay (paper: 0)")
     epochs: float = flag(3.0, "passes over the training rows (fractions allowed)")
@@ -72,6 +75,8 @@ class TrainConfig:
                              "native bf16 units)")
     seed: int = flag(0, "data order, held-out split and init seed")
     device: str = flag("cuda" if torch.cuda.is_available() else "cpu", "cpu or cuda")
+    fsdp: bool = flag(False, "under torchrun: shard the hypernetwork, its gradients and AdamW state (FSDP2) "
+                             "instead of a whole copy per process (DDP)")
 
 
 PAPER_2B = dict(held_in_concepts="concept500:2b/l20/train/data.parquet")    # held-in = Concept500's list (SPEC §5)
@@ -90,7 +95,8 @@ PRESETS = {  # paper Table 3 (SPEC §3); `demo` is the offline CPU main job
                         max_len=96, eval_every=58, eval_batches=16, save_every=58, keywords=str(data.DEMO_KEYWORDS),
                         out="runs/demo", device="cpu"),
 }
-RESUMABLE_CHANGES = {"max_steps", "eval_every", "eval_batches", "save_every", "samples", "device", "out"}
+RESUMABLE_CHANGES = {"max_steps", "eval_every", "eval_batches", "save_every", "samples", "device", "out", "fsdp"}
+# grad_accum may change too, with the number of processes: a step's micro-batches (grad_accum x processes) may not
 
 
 def check_config(cfg):
@@ -143,12 +149,15 @@ def two_pass_loss(base, hyper, batch):
 # ----------------------------------------------------------------------------- setup
 
 def hypernet_and_optimizer(base, cfg):
-    """The hypernetwork in fp32 (master weights, SPEC §5) on the base's device, its trainable
-    parameters, and their AdamW (one tensor at a time: no foreach copies of 2.6B parameters)."""
+    """The hypernetwork in fp32 (master weights, SPEC §5) on the base's device, the module the training
+    forward runs (itself, or under torchrun its DDP / FSDP2 form, dist.wrap), its trainable parameters,
+    and their AdamW (one tensor at a time: no foreach copies of 2.6B parameters)."""
     hcfg = H.HyperConfig(cfg.variant, cfg.n_blocks, cfg.layer, cfg.random_init, cfg.unit_norm, cfg.freeze_embeddings)
     hyper = H.HyperSteer.from_base(base, hcfg).train()   # built in fp32 (the default dtype), base weights copied in
+    model = dist.wrap(hyper, cfg.fsdp)                   # FSDP2 shards `hyper` in place: build AdamW after
     trainable = [p for p in hyper.parameters() if p.requires_grad]
-    return hyper, trainable, torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=False)
+    return hyper, model, trainable, torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                                      foreach=False)
 
 
 @dataclass
@@ -158,6 +167,7 @@ class Run:
     base: M.Gemma
     tok: loader.Tokenizer
     hyper: H.HyperSteer
+    model: torch.nn.Module      # what the training forward runs: hyper, or its DDP wrapper (dist.wrap)
     trainable: list
     opt: torch.optim.Optimizer
     amp: object                 # a context manager factory: bf16 autocast or nothing
@@ -195,13 +205,14 @@ def setup(cfg):
     base, tok = loader.load(cfg.model, cfg.device, torch.bfloat16 if bf16 else torch.float32)
     if cfg.max_len > base.cfg.max_position_embeddings:
         raise ValueError(f"--max-len {cfg.max_len} exceeds the model's context of {base.cfg.max_position_embeddings}")
-    hyper, trainable, opt = hypernet_and_optimizer(base, cfg)
+    hyper, model, trainable, opt = hypernet_and_optimizer(base, cfg)
     amp = (lambda: torch.autocast(cfg.device.split(":")[0], torch.bfloat16)) if bf16 else contextlib.nullcontext
     make = lambda rs: data.encode(tok, rs, cfg.max_len, cfg.variant)
     train_ex, in_ex, out_ex = make(train_rows), make(in_rows), make(out_rows)
     if not train_ex:
         raise ValueError(f"{cfg.data}: no training examples left after the split and --max-len {cfg.max_len}")
-    per_epoch = max(1, math.ceil(len(train_ex) / cfg.batch_size) // cfg.grad_accum)
+    world = dist.world_size()
+    per_epoch = max(1, math.ceil(len(train_ex) / cfg.batch_size) // (cfg.grad_accum * world))
     total = cfg.max_steps or math.ceil(cfg.epochs * per_epoch)
 
     n_train = sum(p.numel() for p in trainable)
@@ -214,45 +225,56 @@ def setup(cfg):
           f"(python bench.py memory for the peak)")
     print(f"data: {len(train_ex)} train examples ({len({e.concept_id for e in train_ex})} concepts), "
           f"{len(in_ex)} held-in eval, {len(out_ex)} held-out eval ({len({e.concept_id for e in out_ex})} concepts); "
-          f"{total} steps of {cfg.batch_size * cfg.grad_accum} examples")
-    return Run(cfg, base, tok, hyper, trainable, opt, amp, train_ex, in_ex, out_ex,
+          f"{total} steps of {cfg.batch_size * cfg.grad_accum * world} examples"
+          + (f" ({world} processes, {'FSDP2' if cfg.fsdp else 'DDP'})" if world > 1 else ""))
+    return Run(cfg, base, tok, hyper, model, trainable, opt, amp, train_ex, in_ex, out_ex,
                {"held_in": in_rows, "held_out": out_rows}, per_epoch, total)
 
 
 # ----------------------------------------------------------------------------- one optimizer step
 
 def train_step(run, step, loss_fn=steered_loss):
-    """grad_accum micro-batches of the epoch's fixed order (a resumed run continues it exactly), one
-    clipped AdamW step at the linearly decayed lr. Returns the step's record."""
-    cfg = run.cfg
-    epoch, first = step // run.steps_per_epoch, (step % run.steps_per_epoch) * cfg.grad_accum
+    """One clipped AdamW step at the linearly decayed lr over the next grad_accum x processes micro-batches
+    of the epoch's fixed order (a resumed run continues it exactly); process r takes grad_accum of them,
+    the r-th group. The loss is the token-mean over all of them: each micro-batch's mean weighs by its
+    share of the step's labelled tokens, so W processes at batch B take the steps of one process at batch
+    W x B (or at B with grad_accum x W). Returns the step's record."""
+    cfg, world = run.cfg, dist.world_size()
+    epoch, step_in_epoch = step // run.steps_per_epoch, step % run.steps_per_epoch
+    first = (step_in_epoch * world + dist.rank()) * cfg.grad_accum          # this process's first micro-batch
     order = data.epoch_order(len(run.train_ex), cfg.seed, epoch)
     lr = cfg.lr * (1 - step / run.total)                                       # linear decay, no warmup
     for g in run.opt.param_groups:
         g["lr"] = lr
+    batches = [data.collate([run.train_ex[j] for j in order[i * cfg.batch_size:(i + 1) * cfg.batch_size]])
+               for i in range(first, first + cfg.grad_accum)]
+    labelled = [int((b.labels != -100).sum()) for b in batches]
+    step_labelled, = dist.sum_over_ranks(sum(labelled))                        # every process's micro-batches
     loss_sum, tokens = 0.0, 0
-    for i in range(first, first + cfg.grad_accum):
-        batch = data.collate([run.train_ex[j] for j in order[i * cfg.batch_size:(i + 1) * cfg.batch_size]])
+    for batch, n in zip(batches, labelled):
         batch = batch.to(cfg.device)
         with run.amp():
-            loss = loss_fn(run.base, run.hyper, batch) / cfg.grad_accum
-        loss.backward()
+            loss = loss_fn(run.base, run.model, batch) * (n / step_labelled)  # its share of the token-mean
+        (loss * world).backward()                     # DDP / FSDP average gradients over processes: undo the 1/W
         loss_sum += loss.item()
         tokens += int(batch.real.sum())
+    loss_sum, tokens = dist.sum_over_ranks(loss_sum, tokens)                   # the whole step's, on every process
     if not math.isfinite(loss_sum):
         raise FloatingPointError(f"loss is {loss_sum}")
-    gnorm = torch.nn.utils.clip_grad_norm_(run.trainable, cfg.clip).item()
+    gnorm = dist.item(torch.nn.utils.clip_grad_norm_(run.trainable, cfg.clip))
     if not math.isfinite(gnorm):
         raise FloatingPointError(f"gradient norm is {gnorm}")
     run.opt.step()
     run.opt.zero_grad(set_to_none=True)
-    return {"step": step + 1, "loss": loss_sum, "lr": lr, "grad_norm": gnorm, "tokens": tokens}
+    return {"step": step + 1, "loss": loss_sum, "lr": lr, "grad_norm": gnorm, "tokens": int(tokens)}
 
 
 def check_weights(hyper, limit=1e6):
-    """Weights that are non-finite or past `limit` in magnitude (an exploding run) are never saved."""
+    """Weights that are non-finite or past `limit` in magnitude (an exploding run) are never saved. Under
+    FSDP each process checks its own shards."""
     for name, p in hyper.named_parameters():
-        if p.requires_grad and not (torch.isfinite(p).all() and p.abs().max() <= limit):
+        p = dist.local(p)
+        if p.requires_grad and p.numel() and not (torch.isfinite(p).all() and p.abs().max() <= limit):
             raise FloatingPointError(f"weights of {name} are non-finite or exploded (|w| up to {p.abs().max():.3g})")
 
 
@@ -299,15 +321,24 @@ def evaluate(run, examples, unsteered=None):
 # ----------------------------------------------------------------------------- checkpoints
 
 def save_checkpoint(path, hyper, opt, step, cfg):
-    """Hypernetwork + AdamW state + step in one safetensors file, written atomically."""
-    tensors = dict(hyper.state_dict())
-    names = {p: n for n, p in hyper.named_parameters()}
-    for p, st in opt.state.items():
+    """Hypernetwork + AdamW state + step in one safetensors file, written atomically. Under torchrun every
+    process calls it (FSDP2 gathers the whole state onto rank 0) and rank 0 alone writes the same file as one
+    process would, plus the number of processes. Returns the hypernetwork's weights (on rank 0)."""
+    if dist.is_sharded(hyper):
+        weights, state = dist.full_state(hyper, opt)
+    else:
+        names = {p: n for n, p in hyper.named_parameters()}
+        weights, state = hyper.state_dict(), {names[p]: st for p, st in opt.state.items()}
+    tensors = dict(weights)
+    for name, st in state.items():
         for k, v in st.items():
-            tensors[f"optim.{names[p]}.{k}"] = v.reshape(-1).clone() if k == "step" else v
-    loader.save_safetensors(path, tensors, {"step": step, "train_config": json.dumps(asdict(cfg)),
-                                            "hyper_config": json.dumps(asdict(hyper.hcfg)),
-                                            "base_config": json.dumps(asdict(hyper.base_cfg))})
+            tensors[f"optim.{name}.{k}"] = v.reshape(-1).clone() if k == "step" else v
+    if dist.is_main():
+        loader.save_safetensors(path, tensors, {"step": step, "train_config": json.dumps(asdict(cfg)),
+                                                "hyper_config": json.dumps(asdict(hyper.hcfg)),
+                                                "base_config": json.dumps(asdict(hyper.base_cfg)),
+                                                "world_size": dist.world_size()})
+    return weights
 
 
 def load_checkpoint(path, hyper, opt, cfg):
@@ -324,7 +355,10 @@ def load_checkpoint(path, hyper, opt, cfg):
         raise ValueError(f"{path}: checkpoint hypernetwork config {meta['hyper_config']} differs from this run's")
     theirs = json.loads(meta["train_config"])
     diff = [f"{k} {theirs.get(k)!r} -> {v!r}" for k, v in asdict(cfg).items()
-            if k not in RESUMABLE_CHANGES and theirs.get(k, v) != v]
+            if k not in RESUMABLE_CHANGES | {"grad_accum"} and theirs.get(k, v) != v]
+    was, now = (theirs.get("grad_accum", cfg.grad_accum), int(meta.get("world_size", 1))), (cfg.grad_accum, dist.world_size())
+    if was[0] * was[1] != now[0] * now[1]:   # another split of a step's micro-batches resumes exactly (train_step)
+        diff.append(f"grad_accum x processes {was[0]} x {was[1]} -> {now[0]} x {now[1]}")
     if diff:
         raise ValueError(f"{path}: this run's settings differ from the checkpoint's ({'; '.join(diff)}); "
                          "resume with the same settings, or start over with --overwrite")
@@ -332,12 +366,18 @@ def load_checkpoint(path, hyper, opt, cfg):
     model_state = {k: v.to(dev) for k, v in tensors.items() if not k.startswith("optim.")}
     loader.check_state_dict(path, {k: v.shape for k, v in hyper.state_dict().items()},
                             {k: v.shape for k, v in model_state.items()}, "this run's hypernetwork")
-    hyper.load_state_dict(model_state, strict=True)
-    by_name = dict(hyper.named_parameters())
+    optim_state = {}
     for key, v in tensors.items():
         if key.startswith("optim."):
             name, k = key[len("optim."):].rsplit(".", 1)
-            opt.state[by_name[name]][k] = v.reshape(()) if k == "step" else v.to(dev)
+            optim_state.setdefault(name, {})[k] = v.reshape(()) if k == "step" else v.to(dev)
+    if dist.is_sharded(hyper):                  # every process reads the whole file and keeps its shards
+        dist.load_full_state(hyper, opt, model_state, optim_state)
+        return int(meta["step"])
+    hyper.load_state_dict(model_state, strict=True)
+    by_name = dict(hyper.named_parameters())
+    for name, st in optim_state.items():
+        opt.state[by_name[name]].update(st)
     return int(meta["step"])
 
 
@@ -364,19 +404,25 @@ def start_or_resume(run, out, resume, overwrite):
             raise FileNotFoundError(f"{ckpt}: nothing to resume")
         step = load_checkpoint(ckpt, run.hyper, run.opt, run.cfg)
         kept = read_metrics(metrics, up_to=step)   # records of steps after the checkpoint are redone
-        loader.write_atomic(metrics, lambda p: p.write_text("".join(json.dumps(r) + "\n" for r in kept)))
+        dist.barrier()                             # every process has read the files before rank 0 rewrites one
+        if dist.is_main():
+            loader.write_atomic(metrics, lambda p: p.write_text("".join(json.dumps(r) + "\n" for r in kept)))
         print(f"resumed from {ckpt} at step {step}")
         return step
     if (ckpt.exists() or metrics.exists()) and not overwrite:
         raise FileExistsError(f"{out} already holds a run: pass --resume to continue it or --overwrite to "
                               "start over, or choose another --out")
-    metrics.unlink(missing_ok=True)
+    dist.barrier()
+    if dist.is_main():
+        metrics.unlink(missing_ok=True)
     return 0
 
 
 # ----------------------------------------------------------------------------- the loop
 
 def train(cfg, resume=False, overwrite=False, two_pass=False):
+    """The run. Under torchrun (dist.start first) every process runs all of it, in step: metrics, progress
+    bar, plot and files come from rank 0; a stop (Ctrl-C or a non-finite value) in one process stops all."""
     run = setup(cfg)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -385,21 +431,29 @@ def train(cfg, resume=False, overwrite=False, two_pass=False):
 
     def save():
         check_weights(run.hyper)
-        save_checkpoint(ckpt, run.hyper, run.opt, step, cfg)
-        H.save(run.hyper, out / "hypernet.safetensors", {"step": step, "train_config": json.dumps(asdict(cfg))})
+        weights = save_checkpoint(ckpt, run.hyper, run.opt, step, cfg)
+        if dist.is_main():
+            H.save(run.hyper, out / "hypernet.safetensors", {"step": step, "train_config": json.dumps(asdict(cfg))},
+                   weights)
 
-    stop = {"now": False}
+    stop, stopping = {"now": False}, False
     old_handler = signal.signal(signal.SIGINT, lambda *a: stop.update(now=True))  # Ctrl-C: finish the step, save, exit
-    bar = tqdm(total=run.total, initial=step, desc="train", dynamic_ncols=True)
-    t0, tokens, unsteered, log = time.time(), 0, {}, open(out / "metrics.jsonl", "a")
+    bar = tqdm(total=run.total, initial=step, desc="train", dynamic_ncols=True, disable=not dist.is_main())
+    log = open(out / "metrics.jsonl" if dist.is_main() else os.devnull, "a")
+    t0, tokens, unsteered = time.time(), 0, {}
     try:
-        while step < run.total and not stop["now"]:
+        while step < run.total and not stopping:
+            error = None
             try:
                 rec = train_step(run, step, two_pass_loss if two_pass else steered_loss)
                 check_weights(run.hyper)
             except FloatingPointError as e:   # nothing of this step is saved
+                error = e
+            stopping, failed = dist.any_rank(stop["now"], error is not None)   # every process stops together
+            if failed:
                 where = f"the last good checkpoint is {ckpt}" if ckpt.exists() else "no checkpoint was written"
-                raise SystemExit(f"{e} at step {step}: stopping; {where}; try a lower --lr")
+                raise SystemExit(f"{error or 'non-finite values in another process'} at step {step}: stopping; "
+                                 f"{where}; try a lower --lr")
             step, tokens = rec["step"], tokens + rec.pop("tokens")
             rec["tokens_per_s"] = tokens / (time.time() - t0)
             if cfg.device.startswith("cuda"):
@@ -419,17 +473,19 @@ def train(cfg, resume=False, overwrite=False, two_pass=False):
                     bar.write(f"step {step} eval loss: " + "; ".join(report))
             log.write(json.dumps(rec) + "\n")
             log.flush()
-            if step % cfg.save_every == 0 or step == run.total or stop["now"]:
+            if step % cfg.save_every == 0 or step == run.total or stopping:
                 save()
     finally:  # also on a NaN stop or an error: the Ctrl-C handler must not outlive the run
         bar.close()
         log.close()
         signal.signal(signal.SIGINT, old_handler)
-    if stop["now"]:
+    dist.barrier()                                # rank 0 has written the last checkpoint and metrics
+    if stopping:
         sys.exit(f"interrupted at step {step}: saved {ckpt}; continue with --resume")
     if cfg.samples:
-        final_measurements(run, step)
-    plot(out)
+        final_measurements(run, step)             # every process generates (FSDP2 gathers); rank 0 writes
+    if dist.is_main():
+        plot(out)
     return run
 
 
@@ -492,8 +548,9 @@ def final_measurements(run, step):
         final["mentions"] = {k: sum(data.mentions(a, keywords.get(c, [])) for a, c in zip(v, right)) / len(rows)
                              for k, v in answers.items()}
         final["mentions"]["prompts"] = len(rows)
-    with open(Path(run.cfg.out) / "metrics.jsonl", "a") as log:
-        log.write(json.dumps({"step": step, "final": final}) + "\n")
+    if dist.is_main():
+        with open(Path(run.cfg.out) / "metrics.jsonl", "a") as log:
+            log.write(json.dumps({"step": step, "final": final}) + "\n")
 
 
 def verdict(gap, loss):
@@ -534,7 +591,7 @@ def add_config_flags(ap):
     for f in fields(TrainConfig):
         kind = {bool: lambda s: s.lower() in ("1", "true", "yes")}.get(f.type, f.type)
         ap.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=None, metavar=f.type.__name__.upper(),
-                        help=f.metadata["help"])
+                        help=f.metadata["help"], **({"nargs": "?", "const": True} if f.type is bool else {}))
 
 
 def config_from_args(args):
@@ -550,8 +607,14 @@ def main(argv=None):
     ap.add_argument("--debug", action="store_true", help="show tracebacks")
     add_config_flags(ap)
     args = ap.parse_args(argv)
-    with loader.one_line_errors(args.debug):
-        report(train(config_from_args(args), args.resume, args.overwrite, args.two_pass))
+    cfg = config_from_args(args)
+    try:
+        with loader.one_line_errors(args.debug):
+            cfg = replace(cfg, device=dist.start(cfg.device))      # torchrun: join the process group; else nothing
+            with dist.only_main_prints():
+                report(train(cfg, args.resume, args.overwrite, args.two_pass))
+    finally:
+        dist.stop()
 
 
 if __name__ == "__main__":
