@@ -77,19 +77,13 @@ class Job:
 
 # ----------------------------------------------------------------------------- the request schema
 
-def number(body, name, default, lo, hi):
-    v = body.get(name, default)
+def number(body, name, default, lo, hi, types=(int, float)):
+    """body[name] (default when absent or null), checked to be a finite number of `types` in [lo, hi]."""
+    v = body.get(name)
     v = default if v is None else v
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not lo <= v <= hi:
-        raise APIError(400, f"'{name}' must be a number in [{lo}, {hi}], got {json.dumps(v)[:40]}", name)
-    return v
-
-
-def integer(body, name, default, lo, hi):
-    v = body.get(name, default)
-    v = default if v is None else v
-    if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
-        raise APIError(400, f"'{name}' must be an integer in [{lo}, {hi}], got {json.dumps(v)[:40]}", name)
+    if isinstance(v, bool) or not isinstance(v, types) or not math.isfinite(v) or not lo <= v <= hi:
+        what = "an integer" if types is int else "a number"
+        raise APIError(400, f"'{name}' must be {what} in [{lo}, {hi}], got {json.dumps(v)[:40]}", name)
     return v
 
 
@@ -125,12 +119,12 @@ def parse_request(raw, engine):
     if body.get("stop") is not None:
         raise APIError(400, "'stop' strings are not supported (generation stops at <end_of_turn> and <eos>)", "stop")
     name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-    max_tokens = integer(body, name, min(128, engine.max_tokens), 1, engine.max_tokens)
+    max_tokens = number(body, name, min(128, engine.max_tokens), 1, engine.max_tokens, int)
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise APIError(400, "'stream' must be true or false", "stream")
     seed = body.get("seed")
-    seed = secrets.randbits(63) if seed is None else integer(body, "seed", 0, -2 ** 63, 2 ** 63 - 1)
+    seed = secrets.randbits(63) if seed is None else number(body, "seed", 0, -2 ** 63, 2 ** 63 - 1, int)
     ids, n_prefix = engine.tok.chat(prompt)
     if len(ids) > engine.max_prompt_tokens:
         raise APIError(400, f"the prompt has {len(ids)} tokens; this server takes at most {engine.max_prompt_tokens}",
@@ -138,8 +132,8 @@ def parse_request(raw, engine):
     if len(ids) + max_tokens > engine.base.cfg.max_position_embeddings:
         raise APIError(400, f"{len(ids)} prompt tokens + {name} {max_tokens} exceed the model's context of "
                        f"{engine.base.cfg.max_position_embeddings}", name, "context_length_exceeded")
-    job = Job(prompt, ids, n_prefix, max_tokens, number(body, "temperature", 1.0, 0, 2), number(body, "top_p", 1.0, 1e-6, 1),
-              seed, stream)
+    job = Job(prompt, ids, n_prefix, max_tokens, number(body, "temperature", 1.0, 0, 2),
+              number(body, "top_p", 1.0, 1e-6, 1), seed, stream)
     s = body.get("steering")
     if s is not None:
         if not isinstance(s, dict):
@@ -515,7 +509,7 @@ def main(argv=None):
     if args.bench:
         threading.Thread(target=server.serve_forever, daemon=True).start()
         return bench(url, engine, [int(c) for c in args.bench.split(",")], server.api_key)
-    print(f"serving on {url}/ (the page) and {url}/v1 (OpenAI base_url){'; a key is required' if key else ''}",
+    print(f"serving on {url}/ (the page) and {url}/v1 (OpenAI base_url){'; a key is required' if server.api_key else ''}",
           flush=True)
     try:
         server.serve_forever()

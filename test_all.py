@@ -1718,9 +1718,9 @@ def test_cli_eval_baseline_export_and_interactive(setup, tmp_path, capsys):
 
 # ============================================================================ serve.py (OpenAI-compatible server)
 
-import os
 import shutil
 import subprocess
+import sys
 
 import requests
 
@@ -1797,6 +1797,7 @@ def test_serve_reply_and_stream_schema(served):
     assert models["object"] == "list" and models["data"][0]["id"] == "model"
 
 
+@pytest.mark.filterwarnings("ignore:.*no train_config metadata")
 def test_serve_equals_generate_and_steer_compare(served, serve_files, capsys):
     """Greedy: strength 0 is the unsteered reply token for token; a steered reply is what model.generate gives
     with the same Steering and what `steer.py compare` prints; sampled replies follow the seed."""
@@ -1924,6 +1925,21 @@ def test_serve_api_key(serve_files, monkeypatch, capfd):
         start_server(serve_files, "--api-key-env", "SERVE_TEST_KEY")
 
 
+def test_serve_cli_starts_and_answers(serve_files):
+    """`python serve.py ...` as a user runs it: it prints where it serves, answers, and stops on SIGINT."""
+    folder, ckpt = serve_files
+    proc = subprocess.Popen([sys.executable, "serve.py", "--model", str(folder), "--hypernet", str(ckpt), "--port", "0"],
+                            cwd=Path(__file__).parent, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        lines = [proc.stdout.readline(), proc.stdout.readline()]
+        assert "steering: hypernet, layer 2" in lines[0] and lines[1].startswith("serving on http://127.0.0.1:")
+        url = lines[1].split()[2].rstrip("/")
+        assert chat(url, "w1 w2", "w3", 1.0, max_tokens=3).status_code == 200
+    finally:
+        proc.send_signal(2)
+        assert proc.wait(timeout=30) == 0
+
+
 class FakePSR:
     """What psr.load returns, as far as serve.py uses it: edits() -> {layer: per-token function}."""
     variant, layers = "S-PSR", [LAYER]
@@ -2019,8 +2035,8 @@ def test_serve_page_in_headless_chromium(served, tmp_path):
         chrome.keys("#concept", "w4", clear=True)
         chrome.keys("#prompt", "w1 w2 w3", clear=True)
         chrome.keys("#max-tokens", "12", clear=True)
-        chrome.keys("#strength", "\ue014" * 8)                       # ArrowRight x 8: 1 -> 3 in steps of 0.25
-        assert chrome.js("return document.getElementById('strength-value').textContent") == "3.00"
+        chrome.keys("#strength", "\ue014" * 150)                     # ArrowRight x 150: 1 -> 2.5 in steps of 0.01
+        assert chrome.js("return document.getElementById('strength-value').textContent") == "2.50"
         chrome.cmd("POST", f"/element/{chrome.element('#go')}/click", {})
         done = "return ['plain', 'steered'].map(id => document.getElementById(id).dataset.done)"
         deadline = time.time() + 60
@@ -2029,7 +2045,7 @@ def test_serve_page_in_headless_chromium(served, tmp_path):
         plain, steered = chrome.js("return ['plain', 'steered'].map(id => document.getElementById(id).textContent)")
         status = chrome.js("return document.getElementById('steered-status').textContent")
         assert plain and steered and plain != steered and status in ("done", "stopped at max tokens")
-        want = [chat(url, "w1 w2 w3", "w4", s, max_tokens=12, temperature=0, seed=0).json() for s in (0.0, 3.0)]
+        want = [chat(url, "w1 w2 w3", "w4", s, max_tokens=12, temperature=0, seed=0).json() for s in (0.0, 2.5)]
         assert [plain, steered] == [w["choices"][0]["message"]["content"] for w in want]
         png = base64.b64decode(chrome.cmd("GET", "/screenshot"))
         (tmp_path / "serve_page.png").write_bytes(png)
