@@ -17,7 +17,7 @@ are often offline): unsteered and steered answers side by side as they stream.
 
     python serve.py --vector /tmp/v.safetensors          # python steer.py export ... --out /tmp/v
     python serve.py --hypernet runs/demo/hypernet.safetensors --port 8000
-    python serve.py --vector /tmp/v.safetensors --bench 1,4,16   # load figures on this machine
+    python serve.py --vector /tmp/v.safetensors --threads 1 --bench 1,4,16   # load figures (README)
     python -m pytest -q test_all.py -k serve              # its tests: tiny models, real HTTP, seconds
 """
 import argparse
@@ -488,8 +488,12 @@ def build(argv=None):
     ap.add_argument("--gather-ms", type=float, default=30, help="how long a batch waits for more requests to join")
     ap.add_argument("--max-tokens", type=int, default=512, help="largest max_tokens a request may ask for")
     ap.add_argument("--max-prompt-tokens", type=int, default=2048, help="longest prompt (chat template included)")
+    ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's; 1 on a machine shared with "
+                                                  "other busy processes, where more threads spin and wait)")
     ap.add_argument("--bench", help="instead of serving: comma-separated client counts, e.g. 1,4,16 (load figures)")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     key = None
     if args.api_key_env:
         key = os.environ.get(args.api_key_env)
