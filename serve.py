@@ -387,7 +387,7 @@ class Handler(BaseHTTPRequestHandler):
         send({"role": "assistant", "content": ""})
         try:
             for delta, lam, finish in self.server.engine.texts(job):
-                if delta:
+                if delta or lam:                           # λ of held-back bytes goes out with the rest
                     send({"content": delta}, None, {"steering": {"lambda": lam}} if lam else None)
                 if finish:
                     send({}, finish)
