@@ -2277,3 +2277,341 @@ def test_shard_eval_writes_every_row_once(setup, tmp_path, monkeypatch, capsys):
     steer.main([*common, "--out", str(out), "--shard", "1/2"])  # resumed: nothing to do, the same merge
     steer.main(["merge", "--out", str(out), "--shards", "2"])
     assert out.read_bytes() == before and "wrote 0 rows" in capsys.readouterr().out
+
+
+# ============================================================================ serve.py (OpenAI-compatible server)
+
+import shutil
+import subprocess
+import sys
+
+import requests
+
+import serve
+
+
+@pytest.fixture(scope="module")
+def serve_files(tmp_path_factory):
+    """A tiny random model folder and a tiny cross-attention hypernetwork checkpoint for it."""
+    tmp = tmp_path_factory.mktemp("serve")
+    base, folder = steer_base(), tmp / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(asdict(base.cfg)))
+    save_file({k: v.contiguous() for k, v in base.state_dict().items()}, str(folder / "model.safetensors"))
+    tiny_tokenizer(folder / "tokenizer.json")
+    ckpt = tmp / "hyper.safetensors"
+    H.save(tiny_hyper(loader.load(folder)[0]), ckpt)
+    return folder, ckpt
+
+
+def start_server(serve_files, *flags, engine=True):
+    """serve.py as its CLI builds it, listening on a free port of 127.0.0.1 in a thread; returns (server, url)."""
+    folder, ckpt = serve_files
+    server, _ = serve.build(["--model", str(folder), "--port", "0", *flags] +
+                            ([] if "--vector" in flags or "--psr" in flags else ["--hypernet", str(ckpt)]))
+    if engine:
+        server.engine.start()
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, f"http://127.0.0.1:{server.server_address[1]}"
+
+
+@pytest.fixture(scope="module")
+def served(serve_files):
+    server, url = start_server(serve_files, "--gather-ms", "100")
+    yield server, url
+    server.shutdown()
+    server.server_close()
+
+
+def chat(url, prompt, concept=None, strength=None, stream=False, headers=None, **kw):
+    body = {"model": "tiny", "messages": [{"role": "system", "content": "ignored"}, {"role": "user", "content": prompt}],
+            "stream": stream, **kw}
+    if strength is not None:
+        body["steering"] = {"strength": strength, **({"concept": concept} if concept else {})}
+    return requests.post(f"{url}/v1/chat/completions", json=body, headers=headers, timeout=60)
+
+
+def sse(r):
+    """The data objects of a server-sent-events reply, checking the framing."""
+    assert r.headers["Content-Type"] == "text/event-stream"
+    events = r.text.split("\n\n")
+    assert events[-2:] == ["data: [DONE]", ""] and all(e.startswith("data: ") for e in events[:-1])
+    return [json.loads(e[6:]) for e in events[:-2]]
+
+
+def test_serve_reply_and_stream_schema(served):
+    server, url = served
+    r = chat(url, "w1 w2 w3", "w4", 2.0, max_tokens=6, temperature=0)
+    assert r.status_code == 200
+    out = r.json()
+    assert out["object"] == "chat.completion" and out["id"].startswith("chatcmpl-") and out["model"] == "model"
+    (choice,) = out["choices"]
+    assert choice["index"] == 0 and choice["message"]["role"] == "assistant" and choice["finish_reason"] in ("stop", "length")
+    u = out["usage"]
+    assert u["total_tokens"] == u["prompt_tokens"] + u["completion_tokens"] and u["prompt_tokens"] == len(
+        server.engine.tok.chat("w1 w2 w3")[0])
+    chunks = sse(chat(url, "w1 w2 w3", "w4", 2.0, stream=True, max_tokens=6, temperature=0))
+    assert all(c["object"] == "chat.completion.chunk" and c["id"] == chunks[0]["id"] for c in chunks)
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert [c["choices"][0]["finish_reason"] for c in chunks][-1] == choice["finish_reason"]
+    assert all(c["choices"][0]["finish_reason"] is None for c in chunks[:-1]) and chunks[-1]["choices"][0]["delta"] == {}
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == choice["message"]["content"]
+    models = requests.get(f"{url}/v1/models", timeout=10).json()
+    assert models["object"] == "list" and models["data"][0]["id"] == "model"
+
+
+@pytest.mark.filterwarnings("ignore:.*no train_config metadata")
+def test_serve_equals_generate_and_steer_compare(served, serve_files, capsys):
+    """Greedy: strength 0 is the unsteered reply token for token; a steered reply is what model.generate gives
+    with the same Steering and what `steer.py compare` prints; sampled replies follow the seed."""
+    server, url = served
+    base, tok, hyper = server.engine.base, server.engine.tok, server.engine.hyper
+    prompt, n = "w5 w9 w1", 8
+    ids, n_prefix = tok.chat(prompt)
+    plain = chat(url, prompt, max_tokens=n, temperature=0).json()
+    zero = chat(url, prompt, "w7", 0.0, max_tokens=n, temperature=0).json()
+    assert zero["choices"][0]["message"] == plain["choices"][0]["message"]
+    assert zero["usage"] == plain["usage"]
+    delta = H.deltas(base, tok, hyper, "w7", [prompt], [ids])[0]
+    for strength, temperature, seed in [(2.0, 0, 0), (-1.5, 0, 0), (2.0, 1.0, 123)]:
+        want = M.generate(base, [ids], n, stop_ids=tok.stop_ids, temperature=temperature, seeds=[seed],
+                          steering=M.Steering({LAYER: delta}, torch.tensor([strength])),
+                          steer_masks=M.steer_after([ids], n_prefix))[0]
+        got = chat(url, prompt, "w7", strength, max_tokens=n, temperature=temperature, seed=seed).json()
+        assert got["choices"][0]["message"]["content"] == tok.decode(want)
+        assert got["usage"]["completion_tokens"] == len(want)
+    folder, ckpt = serve_files
+    steer.main(["compare", "--hypernet", str(ckpt), "--model", str(folder), "--concept", "w7", "--prompt", prompt,
+                "--sweep", "0,2", "--max-new-tokens", str(n)])
+    printed = capsys.readouterr().out
+    for strength, reply in [(0, plain), (2, chat(url, prompt, "w7", 2.0, max_tokens=n, temperature=0).json())]:
+        text = reply["choices"][0]["message"]["content"].replace("\n", " ")
+        assert f"strength {strength:>4g} | {text}\n" in printed
+
+
+def test_serve_16_concurrent_clients_get_their_solo_replies(served):
+    server, url = served
+    g = torch.Generator().manual_seed(5)
+    reqs = [dict(prompt=words(g, 2 + i % 6), concept=None if i % 5 == 0 else words(g, 1 + i % 3),
+                 strength=None if i % 5 == 0 else [0.0, 1.0, 2.5, -2.0][i % 4], stream=i % 3 == 0,
+                 max_tokens=3 + (i * 7) % 14, temperature=[0, 1.0, 0.7][i % 3], top_p=[1.0, 0.9][i % 2], seed=i)
+            for i in range(16)]
+
+    def text(kw):
+        r = chat(url, **kw)
+        assert r.status_code == 200
+        if kw["stream"]:
+            chunks = sse(r)
+            return "".join(c["choices"][0]["delta"].get("content", "") for c in chunks), chunks[-1]["choices"][0][
+                "finish_reason"]
+        return r.json()["choices"][0]["message"]["content"], r.json()["choices"][0]["finish_reason"]
+    alone = [text(kw) for kw in reqs]
+    before = len(server.engine.batch_sizes)
+    got = [None] * 16
+    threads = [threading.Thread(target=lambda i=i: got.__setitem__(i, text(reqs[i]))) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert got == alone
+    assert max(server.engine.batch_sizes[before:]) > 1                # they really shared batches
+    assert len({t for t, _ in alone}) > 8 and {f for _, f in alone} >= {"length"}
+
+
+def test_serve_bad_requests_get_400_and_the_server_goes_on(served):
+    server, url = served
+    post = lambda data, **kw: requests.post(f"{url}/v1/chat/completions", data=data, timeout=10, **kw)
+    msgs = [{"role": "user", "content": "w1 w2"}]
+    bad = [b"{not json", b"\xff\xfe", json.dumps([1, 2]), json.dumps({}), json.dumps({"messages": []}),
+           json.dumps({"messages": "w1"}), json.dumps({"messages": [{"role": "system", "content": "w1"}]}),
+           json.dumps({"messages": [{"role": "user", "content": 5}]}), json.dumps({"messages": [{"content": "w1"}]}),
+           json.dumps({"messages": msgs, "max_tokens": 10 ** 9}), json.dumps({"messages": msgs, "max_tokens": 0}),
+           json.dumps({"messages": msgs, "max_tokens": "8"}), json.dumps({"messages": msgs, "temperature": "hot"}),
+           json.dumps({"messages": msgs, "temperature": -1}), json.dumps({"messages": msgs, "top_p": 0}),
+           json.dumps({"messages": msgs, "seed": 1.5}), json.dumps({"messages": msgs, "stream": "yes"}),
+           json.dumps({"messages": msgs, "n": 3}), json.dumps({"messages": msgs, "stop": ["w1"]}),
+           json.dumps({"messages": msgs, "steering": "w4"}), json.dumps({"messages": msgs, "steering": {"strength": 1}}),
+           json.dumps({"messages": msgs, "steering": {"concept": "w4", "strength": "max"}}),
+           json.dumps({"messages": [{"role": "user", "content": "w1 " * 3000}]})]
+    for data in bad:
+        r = post(data)
+        assert r.status_code == 400, data
+        err = r.json()["error"]
+        assert set(err) == {"message", "type", "param", "code"} and err["type"] == "invalid_request_error" and err["message"]
+    assert post(json.dumps({"messages": msgs, "max_tokens": 10 ** 9})).json()["error"]["param"] == "max_tokens"
+    assert requests.post(f"{url}/v1/nothing", data=b"{}", timeout=10).status_code == 404
+    assert requests.post(f"{url}/v1/chat/completions", data=b"x" * (2 << 20), timeout=10).status_code == 413
+    r = chat(url, "w1 w2", "w4", 1.0, max_tokens=4)
+    assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"]
+
+
+def test_serve_full_queue_gets_503(serve_files):
+    server, url = start_server(serve_files, "--max-queue", "1", engine=False)   # nothing is taken off the queue
+    try:
+        first = {}
+        t = threading.Thread(target=lambda: first.update(r=chat(url, "w1 w2", max_tokens=3)))
+        t.start()
+        while server.engine.queue.qsize() < 1:
+            time.sleep(0.01)
+        r = chat(url, "w3 w4", max_tokens=3)
+        assert r.status_code == 503 and r.json()["error"]["code"] == "queue_full"
+        server.engine.start()
+        t.join()
+        assert first["r"].status_code == 200
+        assert chat(url, "w3 w4", max_tokens=3).status_code == 200
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_serve_api_key(serve_files, monkeypatch, capfd):
+    key = "sk-test-" + "7f3a9c" * 4
+    monkeypatch.setenv("SERVE_TEST_KEY", key)
+    server, url = start_server(serve_files, "--api-key-env", "SERVE_TEST_KEY")
+    try:
+        replies = [chat(url, "w1", max_tokens=2), chat(url, "w1", max_tokens=2, headers={"Authorization": "Bearer nope"}),
+                   chat(url, "w1", max_tokens=2, headers={"Authorization": key}),
+                   requests.get(f"{url}/v1/models", timeout=10)]
+        assert [r.status_code for r in replies] == [401] * 4
+        assert all(r.json()["error"]["type"] == "authentication_error" for r in replies)
+        ok = chat(url, "w1", max_tokens=2, headers={"Authorization": f"Bearer {key}"})
+        assert ok.status_code == 200
+        assert requests.get(f"{url}/", timeout=10).status_code == 200             # the page itself holds no secret
+        out, err = capfd.readouterr()
+        assert "POST /v1/chat/completions" in err and key not in out + err
+        assert all(key not in r.text for r in replies + [ok])
+    finally:
+        server.shutdown()
+        server.server_close()
+    monkeypatch.setenv("SERVE_TEST_KEY", "")
+    with pytest.raises(SystemExit, match="SERVE_TEST_KEY is unset or empty"):
+        start_server(serve_files, "--api-key-env", "SERVE_TEST_KEY")
+
+
+def test_serve_cli_starts_and_answers(serve_files):
+    """`python serve.py ...` as a user runs it: it prints where it serves, answers, and stops on SIGINT."""
+    folder, ckpt = serve_files
+    proc = subprocess.Popen([sys.executable, "serve.py", "--model", str(folder), "--hypernet", str(ckpt), "--port", "0"],
+                            cwd=Path(__file__).parent, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        lines = [proc.stdout.readline(), proc.stdout.readline()]
+        assert "steering: hypernet, layer 2" in lines[0] and lines[1].startswith("serving on http://127.0.0.1:")
+        url = lines[1].split()[2].rstrip("/")
+        assert chat(url, "w1 w2", "w3", 1.0, max_tokens=3).status_code == 200
+    finally:
+        proc.send_signal(2)
+        assert proc.wait(timeout=30) == 0
+
+
+class FakePSR:
+    """What psr.load returns, as far as serve.py uses it: edits() -> {layer: per-token function}."""
+    variant, layers = "S-PSR", [LAYER]
+
+    def __init__(self):
+        g = torch.Generator().manual_seed(3)
+        self.w, self.z = torch.randn(64, generator=g) * 0.05, torch.randn(64, generator=g)
+
+    def edits(self):
+        return {LAYER: lambda h: torch.relu(h @ self.w + 0.5)[..., None] * self.z}   # λ(h_t) z   (SPEC §8a)
+
+
+def test_serve_psr_rows_and_lambda_per_token(serve_files):
+    folder, _ = serve_files
+    base, tok = loader.load(folder)
+    fake = FakePSR()
+    engine = serve.Engine(base, tok, "tiny", psr=fake, gather_ms=50).start()
+    server = serve.make_server(engine, port=0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        ids, n_prefix = tok.chat("w3 w8")
+        want = M.generate(base, [ids], 6, stop_ids=tok.stop_ids, steering=M.Steering(fake.edits(), torch.tensor([3.0])),
+                          steer_masks=M.steer_after([ids], n_prefix))[0]
+        chunks = sse(chat(url, "w3 w8", strength=3.0, stream=True, max_tokens=6, temperature=0))
+        assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == tok.decode(want)
+        lams = [x for c in chunks if "steering" in c for x in c["steering"]["lambda"]]
+        assert len(lams) == len(want) and all(x >= 0 for x in lams) and len(set(lams)) > 1
+        plain = chat(url, "w3 w8", max_tokens=6, temperature=0).json()
+        assert "steering" not in plain and plain["choices"][0]["message"]["content"] != tok.decode(want)
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+# ----------------------------------------------------------------------------- the page, in a real browser
+
+class Chrome:
+    """Headless Chromium through chromedriver, spoken to in the W3C WebDriver protocol (JSON over HTTP)."""
+    ELEMENT = "element-6066-11e4-a52e-4f735466cecf"
+
+    def __init__(self):
+        driver, browser = shutil.which("chromedriver"), shutil.which("chromium") or shutil.which("chromium-browser")
+        if not driver or not browser:
+            pytest.fail("Chromium is not installed: `apt-get install chromium chromium-driver` (.ci/run does it)")
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        self.proc = subprocess.Popen([driver, f"--port={port}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.url = f"http://127.0.0.1:{port}"
+        for _ in range(200):
+            try:
+                if requests.get(f"{self.url}/status", timeout=1).json()["value"]["ready"]:
+                    break
+            except requests.RequestException:
+                time.sleep(0.05)
+        opts = {"binary": browser, "args": ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                                            "--window-size=1200,800"]}
+        caps = {"capabilities": {"alwaysMatch": {"browserName": "chrome", "goog:chromeOptions": opts}}}
+        self.session = requests.post(f"{self.url}/session", json=caps, timeout=60).json()["value"]["sessionId"]
+
+    def cmd(self, method, path, body=None):
+        r = requests.request(method, f"{self.url}/session/{self.session}{path}", json=body, timeout=60)
+        assert r.status_code == 200, r.text[:500]
+        return r.json()["value"]
+
+    def element(self, css):
+        return self.cmd("POST", "/element", {"using": "css selector", "value": css})[self.ELEMENT]
+
+    def keys(self, css, text, clear=False):
+        el = self.element(css)
+        if clear:
+            self.cmd("POST", f"/element/{el}/clear", {})
+        self.cmd("POST", f"/element/{el}/value", {"text": text})
+
+    def js(self, script):
+        return self.cmd("POST", "/execute/sync", {"script": script, "args": []})
+
+    def close(self):
+        try:
+            requests.delete(f"{self.url}/session/{self.session}", timeout=30)
+        finally:
+            self.proc.terminate()
+            self.proc.wait(timeout=30)
+
+
+def test_serve_page_in_headless_chromium(served, tmp_path):
+    import base64
+    server, url = served
+    chrome = Chrome()
+    try:
+        chrome.cmd("POST", "/url", {"url": url + "/"})
+        chrome.keys("#concept", "w4", clear=True)
+        chrome.keys("#prompt", "w1 w2 w3", clear=True)
+        chrome.keys("#max-tokens", "12", clear=True)
+        chrome.keys("#strength", "\ue014" * 150)                     # ArrowRight x 150: 1 -> 2.5 in steps of 0.01
+        assert chrome.js("return document.getElementById('strength-value').textContent") == "2.50"
+        chrome.cmd("POST", f"/element/{chrome.element('#go')}/click", {})
+        done = "return ['plain', 'steered'].map(id => document.getElementById(id).dataset.done)"
+        deadline = time.time() + 60
+        while chrome.js(done) != ["1", "1"] and time.time() < deadline:
+            time.sleep(0.1)
+        plain, steered = chrome.js("return ['plain', 'steered'].map(id => document.getElementById(id).textContent)")
+        status = chrome.js("return document.getElementById('steered-status').textContent")
+        assert plain and steered and plain != steered and status in ("done", "stopped at max tokens")
+        want = [chat(url, "w1 w2 w3", "w4", s, max_tokens=12, temperature=0, seed=0).json() for s in (0.0, 2.5)]
+        assert [plain, steered] == [w["choices"][0]["message"]["content"] for w in want]
+        png = base64.b64decode(chrome.cmd("GET", "/screenshot"))
+        (tmp_path / "serve_page.png").write_bytes(png)
+        assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    finally:
+        chrome.close()

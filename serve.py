@@ -1,0 +1,525 @@
+"""An OpenAI-compatible steering server and a workshop web page (SPEC §4; STYLE.md, serving).
+
+`POST /v1/chat/completions` speaks the OpenAI chat-completions schema (messages, max_tokens,
+temperature, top_p, seed, stream) with one extra object, so every existing client works unchanged:
+
+    "steering": {"concept": "references to cats", "strength": 1.0}   # concept: with --hypernet only
+    "steering": {"strength": 4.0}                                    # a --vector or --psr file
+    (absent)                                                         # the unsteered model
+
+The last user message is the prompt, in the Gemma chat template. Δ is computed once per request
+(hypernet.deltas) and kept fixed while decoding. Requests that arrive together (a short gathering
+window) share one KV-cache decode loop, one Δ and one strength per row; a row leaves the batch as
+soon as it ends, so its client does not wait for the longest row. Each row samples with its own
+torch.Generator seeded by the request's seed: a row gives the tokens it gives alone, which are
+model.generate's (test_all.py). `GET /` is a self-contained page (no external assets: workshops
+are often offline): unsteered and steered answers side by side as they stream.
+
+    python serve.py --vector /tmp/v.safetensors          # python steer.py export ... --out /tmp/v
+    python serve.py --hypernet runs/demo/hypernet.safetensors --port 8000
+    python serve.py --vector /tmp/v.safetensors --threads 1 --bench 1,4,16   # load figures (README)
+    python -m pytest -q test_all.py -k serve              # its tests: tiny models, real HTTP, seconds
+"""
+import argparse
+import hmac
+import json
+import math
+import os
+import queue
+import secrets
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import torch
+
+import hypernet as H
+import loader
+import model as M
+import steer
+
+PAGE = Path(__file__).resolve().parent / "serve_page.html"
+MAX_BODY = 1 << 20                                  # bytes of one request body
+
+
+class APIError(Exception):
+    """An error reply in the OpenAI error body: {"error": {"message", "type", "param", "code"}}."""
+
+    def __init__(self, status, message, param=None, code=None, kind="invalid_request_error"):
+        super().__init__(message)
+        self.status, self.param, self.code, self.kind = status, param, code, kind
+
+    def body(self):
+        return {"error": {"message": str(self), "type": self.kind, "param": self.param, "code": self.code}}
+
+
+@dataclass
+class Job:
+    """One request: its prompt, sampling settings and steering; events flow back to the HTTP thread."""
+    prompt: str                            # the last user message, as sent
+    ids: list                              # the prompt in the chat template
+    n_prefix: int                          # chat-prefix length: steering starts after it (SPEC §4)
+    max_tokens: int
+    temperature: float
+    top_p: float
+    seed: int
+    stream: bool
+    concept: str | None = None
+    strength: float = 0.0                  # 0 = unsteered, exactly
+    steered: bool = False                  # the request carried a steering object
+    tokens: list = field(default_factory=list)
+    events: queue.Queue = field(default_factory=queue.Queue)   # ("token", id, λ) / ("done", reason) / ("error", msg)
+    cancelled: bool = False                # the client went away: the row leaves the batch
+
+
+# ----------------------------------------------------------------------------- the request schema
+
+def number(body, name, default, lo, hi, types=(int, float)):
+    """body[name] (default when absent or null), checked to be a finite number of `types` in [lo, hi]."""
+    v = body.get(name)
+    v = default if v is None else v
+    if isinstance(v, bool) or not isinstance(v, types) or not math.isfinite(v) or not lo <= v <= hi:
+        what = "an integer" if types is int else "a number"
+        raise APIError(400, f"'{name}' must be {what} in [{lo}, {hi}], got {json.dumps(v)[:40]}", name)
+    return v
+
+
+def user_text(messages):
+    """The last user message's text (a string, or a list of {"type": "text", "text": ...} parts)."""
+    if not isinstance(messages, list) or not messages:
+        raise APIError(400, "'messages' must be a non-empty list of {role, content} objects", "messages")
+    if not all(isinstance(m, dict) and isinstance(m.get("role"), str) for m in messages):
+        raise APIError(400, "every message must be an object with a string 'role'", "messages")
+    users = [m for m in messages if m["role"] == "user"]
+    if not users:
+        raise APIError(400, "'messages' holds no user message", "messages")
+    content = users[-1].get("content")
+    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text"
+                                         and isinstance(p.get("text"), str) for p in content):
+        content = "".join(p["text"] for p in content)
+    if not isinstance(content, str) or not content.strip():
+        raise APIError(400, "the last user message's 'content' must be non-empty text", "messages")
+    return content
+
+
+def parse_request(raw, engine):
+    """Bytes of a chat-completions body -> a Job, or an APIError naming the field."""
+    try:
+        body = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise APIError(400, f"the body is not valid JSON ({type(e).__name__})", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise APIError(400, "the body must be a JSON object")
+    prompt = user_text(body.get("messages"))
+    if body.get("n", 1) != 1:
+        raise APIError(400, "only n = 1 is supported", "n")
+    if body.get("stop") is not None:
+        raise APIError(400, "'stop' strings are not supported (generation stops at <end_of_turn> and <eos>)", "stop")
+    name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    max_tokens = number(body, name, min(128, engine.max_tokens), 1, engine.max_tokens, int)
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise APIError(400, "'stream' must be true or false", "stream")
+    seed = body.get("seed")
+    seed = secrets.randbits(63) if seed is None else number(body, "seed", 0, -2 ** 63, 2 ** 63 - 1, int)
+    ids, n_prefix = engine.tok.chat(prompt)
+    if len(ids) > engine.max_prompt_tokens:
+        raise APIError(400, f"the prompt has {len(ids)} tokens; this server takes at most {engine.max_prompt_tokens}",
+                       "messages", "context_length_exceeded")
+    if len(ids) + max_tokens > engine.base.cfg.max_position_embeddings:
+        raise APIError(400, f"{len(ids)} prompt tokens + {name} {max_tokens} exceed the model's context of "
+                       f"{engine.base.cfg.max_position_embeddings}", name, "context_length_exceeded")
+    job = Job(prompt, ids, n_prefix, max_tokens, number(body, "temperature", 1.0, 0, 2),
+              number(body, "top_p", 1.0, 1e-6, 1), seed, stream)
+    s = body.get("steering")
+    if s is not None:
+        if not isinstance(s, dict):
+            raise APIError(400, "'steering' must be an object {concept, strength}", "steering")
+        if engine.kind is None:
+            raise APIError(400, "this server was started without --hypernet, --vector or --psr", "steering")
+        job.steered, job.strength = True, number(s, "strength", 1.0, -1e4, 1e4)
+        if engine.kind == "hypernet":
+            job.concept = s.get("concept")
+            if not isinstance(job.concept, str) or not job.concept.strip():
+                raise APIError(400, "'steering.concept' must be non-empty text (the steering prompt)", "steering.concept")
+            if len(engine.tok.encode(job.concept)) > engine.max_prompt_tokens:
+                raise APIError(400, "'steering.concept' is too long", "steering.concept")
+        elif s.get("concept") is not None:
+            raise APIError(400, f"a {engine.kind} steers toward one fixed concept: send only 'strength'",
+                           "steering.concept")
+    return job
+
+
+# ----------------------------------------------------------------------------- the engine: batched, steered decoding
+
+def keep_rows(cache, idx):
+    """Drop finished rows from a model.KVCache: idx (B',) the rows that go on."""
+    cache.keys, cache.next_pos = cache.keys[idx], cache.next_pos[idx]
+    for layer in cache.layers:
+        layer.k, layer.v = layer.k[idx], layer.v[idx]
+
+
+class Engine:
+    """The loaded model and steering source, a bounded queue, and one worker thread that batches."""
+
+    def __init__(self, base, tok, name, hyper=None, vector=None, layer=None, psr=None, max_batch=16, max_queue=64,
+                 gather_ms=30, max_tokens=512, max_prompt_tokens=2048):
+        self.base, self.tok, self.name, self.hyper, self.vector, self.psr = base, tok, name, hyper, vector, psr
+        self.kind = "hypernet" if hyper is not None else "vector" if vector is not None else \
+            "psr" if psr is not None else None
+        self.layer = hyper.hcfg.layer if hyper is not None else layer
+        self.max_batch, self.gather, self.max_tokens, self.max_prompt_tokens = max_batch, gather_ms / 1000, \
+            max_tokens, max_prompt_tokens
+        self.queue = queue.Queue(max_queue)
+        self.batch_sizes = []                            # every batch's size, for tests and --bench
+        self.lambdas = {}                                # PSR: layer -> λ (B,) at the last position of the last run
+
+    def start(self):
+        threading.Thread(target=self.loop, daemon=True, name="engine").start()
+        return self
+
+    def submit(self, job):
+        try:
+            self.queue.put_nowait(job)
+        except queue.Full:
+            raise APIError(503, "the server is busy (request queue full); retry shortly", code="queue_full",
+                           kind="server_error") from None
+
+    def loop(self):
+        while True:
+            jobs = [self.queue.get()]
+            until = time.monotonic() + self.gather        # gather what arrives in the window
+            while len(jobs) < self.max_batch and (left := until - time.monotonic()) > 0:
+                try:
+                    jobs.append(self.queue.get(timeout=left))
+                except queue.Empty:
+                    break
+            self.batch_sizes.append(len(jobs))
+            try:
+                self.run_batch(jobs)
+            except Exception as e:                        # a failed batch fails its rows; the server goes on
+                print(f"serve: batch of {len(jobs)} failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+                for j in jobs:
+                    j.events.put(("error", f"generation failed ({type(e).__name__})"))
+
+    def delta(self, job):
+        """Δ (d,) of one row at strength 1, once per request (SPEC §4); zeros for an unsteered row."""
+        if self.hyper is not None and job.strength != 0:
+            return H.deltas(self.base, self.tok, self.hyper, job.concept, [job.prompt], [job.ids])[0]
+        if self.vector is not None:
+            return self.vector
+        return torch.zeros(self.base.cfg.hidden_size)
+
+    def recording(self, layer, fn):
+        """A PSR edit that also keeps λ at the last position of each row, for the page's shading. λ comes
+        from the PSR object's `lambdas(layer, h) -> (B, T)` when it has one, else |edit(h)| (= λ |z|)."""
+        def edit(h):
+            out = fn(h)
+            lam = self.psr.lambdas(layer, h) if hasattr(self.psr, "lambdas") else out.float().norm(dim=-1)
+            self.lambdas[layer] = lam[:, -1].float()
+            return out
+        return edit
+
+    def steering(self, rows, deltas):
+        if not any(j.strength for j in rows):
+            return None                                   # nothing steered: the plain model
+        strength = torch.tensor([float(j.strength) for j in rows])
+        if self.psr is not None:
+            return M.Steering({l: self.recording(l, fn) for l, fn in self.psr.edits().items()}, strength)
+        return M.Steering({self.layer: deltas}, strength)    # (B, d): one Δ per row, Eq. 1 in model.intervene
+
+    @torch.inference_mode()
+    def run_batch(self, rows):
+        base, dev = self.base, self.base.model.embed_tokens.weight.device
+        deltas = torch.stack([self.delta(j).float() for j in rows]).to(dev)            # (B, d)
+        gens = [torch.Generator(device=dev).manual_seed(j.seed) for j in rows]
+        ids, real = M.left_pad([j.ids for j in rows], base.cfg.pad_token_id, dev)       # (B, T), left padded
+        after = [[i >= j.n_prefix for i in range(len(j.ids))] for j in rows]             # SPEC §4 positions
+        mask = M.left_pad(after, False, dev, torch.bool)[0]
+        cache = M.KVCache(base.cfg, len(rows), ids.shape[1] + max(j.max_tokens for j in rows), dev,
+                          base.model.embed_tokens.weight.dtype)
+        self.lambdas = {}
+        h = base.run(base.embed(ids), real, steering=self.steering(rows, deltas), steer_mask=mask, cache=cache)
+        while True:
+            logits = M.decode_logits(base, h[:, -1])                                    # (B, vocab)
+            lam = torch.stack(list(self.lambdas.values())).mean(0).tolist() if self.lambdas else None
+            keep = []
+            for b, j in enumerate(rows):                   # each row samples with its own generator
+                t = M.sample(logits[b:b + 1], j.temperature, 0, j.top_p, [gens[b]]).item()
+                if j.cancelled or t in self.tok.stop_ids:
+                    j.events.put(("done", "stop"))
+                    continue
+                j.tokens.append(t)
+                j.events.put(("token", t, lam[b] if lam is not None and j.steered else None))
+                if len(j.tokens) == j.max_tokens:
+                    j.events.put(("done", "length"))
+                else:
+                    keep.append(b)
+            if not keep:
+                return
+            if len(keep) < len(rows):                      # finished rows leave the batch
+                idx = torch.tensor(keep, device=dev)
+                keep_rows(cache, idx)
+                rows, gens, deltas = [rows[b] for b in keep], [gens[b] for b in keep], deltas[idx]
+            nxt = torch.tensor([[j.tokens[-1]] for j in rows], device=dev)              # (B, 1)
+            ones = torch.ones_like(nxt, dtype=torch.bool)
+            self.lambdas = {}
+            h = base.run(base.embed(nxt), ones, steering=self.steering(rows, deltas), steer_mask=ones, cache=cache)
+
+    def texts(self, job):
+        """Yield (text delta, λ list) as tokens arrive, then ("", finish_reason); text is decoded from all
+        tokens so far, and held back while it ends in a partial UTF-8 character."""
+        tokens, sent, lams = [], "", []
+        while True:
+            event = job.events.get()
+            if event[0] == "error":
+                raise APIError(500, event[1], kind="server_error")
+            if event[0] == "done":
+                text = self.tok.decode(tokens)
+                yield (text[len(sent):] if text.startswith(sent) else ""), lams, event[1]
+                return
+            tokens.append(event[1])
+            if event[2] is not None:
+                lams.append(event[2])
+            text = self.tok.decode(tokens)
+            if text.startswith(sent) and len(text) > len(sent) and not text.endswith("\ufffd"):
+                yield text[len(sent):], lams, None
+                sent, lams = text, []
+
+
+# ----------------------------------------------------------------------------- HTTP
+
+class Handler(BaseHTTPRequestHandler):
+    server_version = "hypersteer-serve"
+    timeout = 60                                           # seconds to receive a request
+
+    def log_message(self, fmt, *args):                     # the request line and status only, never headers
+        sys.stderr.write(f"serve: {self.address_string()} {fmt % args}\n")
+
+    def reply(self, status, obj, ctype="application/json"):
+        data = obj if isinstance(obj, bytes) else json.dumps(obj).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def authorised(self):
+        key = self.server.api_key
+        if key is None:
+            return True
+        given = self.headers.get("Authorization", "")
+        if hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
+            return True
+        self.reply(401, APIError(401, "a valid 'Authorization: Bearer <key>' header is required",
+                                 code="invalid_api_key", kind="authentication_error").body())
+        return False
+
+    def do_GET(self):
+        engine = self.server.engine
+        if self.path in ("/", "/index.html"):
+            info = {"model": engine.name, "kind": engine.kind, "concept": self.server.concept,
+                    "auth": self.server.api_key is not None, "max_tokens": engine.max_tokens}
+            page = PAGE.read_text(encoding="utf-8").replace("__CONFIG__", json.dumps(info).replace("<", "\\u003c"))
+            self.reply(200, page.encode(), "text/html; charset=utf-8")
+        elif self.path == "/v1/models":
+            if self.authorised():
+                self.reply(200, {"object": "list", "data": [{"id": engine.name, "object": "model", "created": 0,
+                                                             "owned_by": "hypersteer", "steering": engine.kind}]})
+        else:
+            self.reply(404, APIError(404, f"no route {self.path}", code="not_found").body())
+
+    def do_POST(self):
+        if self.path != "/v1/chat/completions":
+            return self.reply(404, APIError(404, f"no route {self.path}", code="not_found").body())
+        if not self.authorised():
+            return
+        try:
+            n = int(self.headers.get("Content-Length") or -1)
+            if not 0 <= n <= MAX_BODY:
+                raise APIError(400 if n < 0 else 413, f"the body needs a Content-Length of at most {MAX_BODY} bytes")
+            job = parse_request(self.rfile.read(n), self.server.engine)
+            self.server.engine.submit(job)
+        except APIError as e:
+            return self.reply(e.status, e.body())
+        except Exception as e:                             # the server keeps serving after any bad request
+            return self.reply(500, APIError(500, f"internal error ({type(e).__name__})", kind="server_error").body())
+        try:
+            (self.stream if job.stream else self.complete)(job)
+        except (BrokenPipeError, ConnectionResetError):
+            job.cancelled = True                           # the worker drops the row at its next token
+
+    def envelope(self, kind, obj):
+        return {"id": self.rid, "object": kind, "created": int(time.time()), "model": self.server.engine.name, **obj}
+
+    def complete(self, job):
+        self.rid, text, lams, finish = f"chatcmpl-{secrets.token_hex(12)}", "", [], None
+        try:
+            for delta, lam, finish in self.server.engine.texts(job):
+                text, lams = text + delta, lams + lam
+        except APIError as e:
+            return self.reply(e.status, e.body())
+        out = self.envelope("chat.completion", {"choices": [
+            {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}],
+            "usage": {"prompt_tokens": len(job.ids), "completion_tokens": len(job.tokens),
+                      "total_tokens": len(job.ids) + len(job.tokens)}})
+        if job.steered:
+            out["steering"] = {"concept": job.concept, "strength": job.strength, **({"lambda": lams} if lams else {})}
+        self.reply(200, out)
+
+    def stream(self, job):
+        """Server-sent events in the OpenAI chunk format; a steered PSR row adds "steering": {"lambda": [...]},
+        λ of each token in the chunk (the λ applied where that token was predicted)."""
+        self.rid = f"chatcmpl-{secrets.token_hex(12)}"
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-cache")
+        self.end_headers()
+
+        def send(delta, finish=None, extra=None):
+            chunk = self.envelope("chat.completion.chunk", {
+                               "choices": [{"index": 0, "delta": delta, "finish_reason": finish}], **(extra or {})})
+            self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
+            self.wfile.flush()
+        send({"role": "assistant", "content": ""})
+        try:
+            for delta, lam, finish in self.server.engine.texts(job):
+                if delta or lam:                           # λ of held-back bytes goes out with the rest
+                    send({"content": delta}, None, {"steering": {"lambda": lam}} if lam else None)
+                if finish:
+                    send({}, finish)
+        except APIError as e:
+            self.wfile.write(f"data: {json.dumps(e.body())}\n\n".encode())
+        self.wfile.write(b"data: [DONE]\n\n")
+        self.wfile.flush()
+
+
+def make_server(engine, host="127.0.0.1", port=8000, api_key=None, concept=None):
+    server = ThreadingHTTPServer((host, port), Handler)
+    server.daemon_threads = True
+    server.engine, server.api_key, server.concept = engine, api_key, concept
+    return server
+
+
+# ----------------------------------------------------------------------------- loading, load figures, CLI
+
+def load_engine(args):
+    """The base model and one steering source from the flags (--model default: the hypernetwork's
+    training model, else the offline gemma-3-270m). Returns (engine, the fixed concept of a file or None)."""
+    model = args.model
+    if model is None and args.hypernet:
+        model = json.loads(loader.read_header(args.hypernet)[2].get("train_config", "{}")).get("model")
+    model = model or loader.DEMO_MODEL
+    dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
+    base, tok = loader.load(model, args.device, getattr(torch, dtype))
+    kw, concept = {}, None
+    if args.hypernet:
+        kw["hyper"] = H.load_hypernet(args.hypernet, base).eval()
+    elif args.vector:
+        v, layer, meta = steer.load_vector(args.vector, base.cfg.hidden_size)
+        kw.update(vector=v.to(base.model.embed_tokens.weight.device), layer=base.layer_index(layer))
+        concept = meta.get("concept")
+    elif args.psr:
+        import psr                                    # only when asked for: the server runs without psr.py
+        kw["psr"] = psr.load(args.psr, base)
+        concept = getattr(kw["psr"], "concept", None)
+    engine = Engine(base, tok, Path(str(model)).name, max_batch=args.max_batch, max_queue=args.max_queue,
+                    gather_ms=args.gather_ms, max_tokens=args.max_tokens, max_prompt_tokens=args.max_prompt_tokens, **kw)
+    n = sum(p.numel() for p in base.parameters())
+    where = f", layer {engine.layer}" if engine.layer is not None else ""
+    print(f"{engine.name}: {n / 1e6:.1f}M parameters, {dtype} on {args.device}; steering: {engine.kind or 'none'}"
+          f"{where}{f' ({concept!r})' if concept else ''}", flush=True)
+    return engine, concept
+
+
+def bench(url, engine, levels, key=None, max_tokens=32, rounds=4):
+    """Closed-loop load: c clients each send `rounds` requests back to back (greedy, max_tokens each,
+    steered at strength 1, prompts from demo/instructions.json); prints requests/s, generated tokens/s
+    and p50/p95 latency per level. The clients are threads of this process."""
+    import requests
+    from concurrent.futures import ThreadPoolExecutor
+    prompts = steer.load_instructions("demo")
+    concepts = ["references to cats", "mentions of the ocean", "cooking terms", "financial jargon"]
+
+    def one(i):
+        steering = {"strength": 1.0, **({"concept": concepts[i % 4]} if engine.kind == "hypernet" else {})}
+        body = {"model": engine.name, "messages": [{"role": "user", "content": prompts[i % len(prompts)]}],
+                "max_tokens": max_tokens, "temperature": 0, **({"steering": steering} if engine.kind else {})}
+        t = time.perf_counter()
+        r = requests.post(f"{url}/v1/chat/completions", json=body, timeout=600,
+                          headers={"Authorization": f"Bearer {key}"} if key else {})
+        r.raise_for_status()
+        return time.perf_counter() - t, r.json()["usage"]["completion_tokens"]
+    one(0)                                                    # warm-up
+    print(f"| clients | requests | requests/s | tokens/s | p50 latency (s) | p95 latency (s) | mean batch |\n"
+          f"|---|---|---|---|---|---|---|")
+    for c in levels:
+        n, before = c * rounds, len(engine.batch_sizes)
+        with ThreadPoolExecutor(c) as ex:
+            t = time.perf_counter()
+            done = list(ex.map(one, range(n)))
+            wall = time.perf_counter() - t
+        lat = sorted(d for d, _ in done)
+        sizes = engine.batch_sizes[before:]
+        print(f"| {c} | {n} | {n / wall:.2f} | {sum(k for _, k in done) / wall:.1f} | {lat[(n - 1) // 2]:.2f} | "
+              f"{lat[math.ceil(0.95 * n) - 1]:.2f} | {sum(sizes) / len(sizes):.1f} |", flush=True)
+
+
+def build(argv=None):
+    """Parse the flags, load once, and return (server, args); the server's engine is not started yet."""
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    src = ap.add_mutually_exclusive_group()
+    src.add_argument("--hypernet", help="a trained hypernetwork checkpoint: requests steer with steering.concept")
+    src.add_argument("--vector", help="a .safetensors/.gguf steering vector (python steer.py export)")
+    src.add_argument("--psr", help="a PSR file from psr.py (SPEC §8a)")
+    ap.add_argument("--model", help="base model folder or hub id (default: the hypernetwork's, else the offline "
+                                    "gemma-3-270m)")
+    ap.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 exposes it to the network)")
+    ap.add_argument("--port", type=int, default=8000, help="port to listen on (0 = any free port)")
+    ap.add_argument("--api-key-env", help="name of an environment variable holding the key clients must send "
+                                          "as 'Authorization: Bearer <key>'")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], help="weights dtype (default: bf16 on cuda, else fp32)")
+    ap.add_argument("--max-batch", type=int, default=16, help="most requests decoded together")
+    ap.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond that; more get HTTP 503")
+    ap.add_argument("--gather-ms", type=float, default=30, help="how long a batch waits for more requests to join")
+    ap.add_argument("--max-tokens", type=int, default=512, help="largest max_tokens a request may ask for")
+    ap.add_argument("--max-prompt-tokens", type=int, default=2048, help="longest prompt (chat template included)")
+    ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's; 1 on a machine shared with "
+                                                  "other busy processes, where more threads spin and wait)")
+    ap.add_argument("--bench", help="instead of serving: comma-separated client counts, e.g. 1,4,16 (load figures)")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    key = None
+    if args.api_key_env:
+        key = os.environ.get(args.api_key_env)
+        if not key:
+            raise SystemExit(f"error: --api-key-env: environment variable {args.api_key_env} is unset or empty")
+    try:
+        engine, concept = load_engine(args)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: {e}")
+    return make_server(engine, args.host, 0 if args.bench else args.port, key, concept), args
+
+
+def main(argv=None):
+    server, args = build(argv)
+    engine = server.engine.start()
+    url = f"http://{args.host}:{server.server_address[1]}"
+    if args.bench:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        return bench(url, engine, [int(c) for c in args.bench.split(",")], server.api_key)
+    print(f"serving on {url}/ (the page) and {url}/v1 (OpenAI base_url){'; a key is required' if server.api_key else ''}",
+          flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+
+
+if __name__ == "__main__":
+    main()
