@@ -51,7 +51,7 @@ else
   T=0; SM=
 fi
 OUT=${OUT:-out/gpu}
-mkdir -p "$OUT"
+mkdir -p "$OUT" && rm -f "$OUT/stages.txt"
 DEMO_SECONDS=${DEMO_SECONDS:-330}     # training-loop seconds of the demo run (the 10-minute call holds convert + evals)
 
 run() {  # run STAGE SECONDS COMMAND...: the command's output to $OUT/STAGE.log and the screen, under a timeout
