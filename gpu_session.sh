@@ -93,12 +93,12 @@ print(max(60, int(r * $DEMO_SECONDS)))")
 
 for s in "${STAGES[@]}"; do
   case "$s" in
-    env) run env 60 bash -c "nvidia-smi || true; $PY -c 'import sys, torch, transformers; print(sys.version); \
+    env) run env 30 bash -c "nvidia-smi || true; $PY -c 'import sys, torch, transformers; print(sys.version); \
 print(\"torch\", torch.__version__, \"cuda\", torch.cuda.is_available(), torch.cuda.get_device_name() if torch.cuda.is_available() else \"\"); \
 print(\"transformers\", transformers.__version__)'" ;;
     speed) if [ $T = 1 ]; then run speed 120 $PY bench.py gpu-speed --smoke --repeats 1 --decode-tokens 8 --json "$OUT/speed.json"
            else run speed 300 $PY bench.py gpu-speed --json "$OUT/speed.json"; fi ;;
-    flex) run flex 300 $PY -m pytest -q -rs test_all.py -k flex -p no:cacheprovider ;;
+    flex) run flex 240 $PY -m pytest -q -rs test_all.py -k flex -p no:cacheprovider ;;
     train) if [ $T = 1 ]; then run train 120 $PY bench.py gpu-train $SM --steps 1 --batch-size 2 --prompt-tokens 8 \
              --output-tokens 16 --json "$OUT/train.json"
            else run train 480 $PY bench.py gpu-train --json "$OUT/train.json"; fi ;;
