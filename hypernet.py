@@ -25,7 +25,7 @@ import torch.nn as nn
 
 from loader import check_state_dict, read_header, read_safetensors, save_safetensors
 from model import (Attention, Block, Gemma, GemmaConfig, RMSNorm, attend, attention_inputs, embed, gemma2_2b,
-                   gemma2_9b, left_pad)
+                   gemma2_9b, left_pad, use_flex)
 
 VARIANTS = ("no_context", "in_context", "cross_attention")
 
@@ -152,7 +152,7 @@ class HyperSteer(nn.Module):
         if not s_real[:, -1].all():
             raise ValueError("s_ids must be left-padded: the head reads the last token")
         h = embed(self.embed_tokens, s_ids)                     # (B, T, d), times sqrt(d) as in the base
-        rot, masks = attention_inputs(self.cfg, s_real, T, h.dtype)   # causal + sliding masks, RoPE
+        rot, masks = attention_inputs(self.cfg, s_real, T, h.dtype, flex=use_flex(self.cfg, h))  # causal + sliding, RoPE
         cross = self.hcfg.variant == "cross_attention"
         if cross:
             if x is None:

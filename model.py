@@ -120,10 +120,13 @@ class Attention(nn.Module):
 
 def attend(q, k, v, mask, scale, softcap, fast=True):
     """Grouped-query attention. q (B, nh, T, hs); k, v (B, nkv, S, hs); mask (B, 1, T, S) bool.
-    Written out in plain torch; without soft-capping (Gemma-3) the same maths goes through SDPA,
-    the fast path, which test_all.py proves equal to the plain one."""
+    Written out in plain torch. Two fast paths compute the same maths, each proven equal to the plain
+    one in test_all.py: SDPA without soft-capping (Gemma-3), and FlexAttention when the mask is a
+    FlexAttention BlockMask (soft-capped Gemma-2 on CUDA without a KV cache: see use_flex)."""
     B, nh, T, hs = q.shape
     nkv = k.shape[1]
+    if not torch.is_tensor(mask):
+        return flex_attend(q, k, v, mask, scale, softcap)
     if fast and softcap is None:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=nkv != nh)
     q = q.view(B, nkv, nh // nkv, T, hs)                               # (B, nkv, g, T, hs)
@@ -133,6 +136,57 @@ def attend(q, k, v, mask, scale, softcap, fast=True):
     att = att.masked_fill(~mask[:, :, None], float("-inf"))
     att = torch.softmax(att.float(), dim=-1).to(q.dtype)               # softmax in fp32
     return (att @ v[:, :, None]).view(B, nh, T, hs)
+
+
+# FlexAttention (torch >= 2.5): the same soft-capped, masked attention as one fused kernel. The
+# soft-capping is a score_mod and the causal + left-padding + sliding-window mask a mask_mod, from
+# which create_block_mask also learns which 128 x 128 tiles are all masked and skips them.
+FLEX = "cuda"     # device type on which use_flex picks FlexAttention; None = the plain path everywhere
+_flex_compiled = None
+
+
+def use_flex(cfg, x, cache=None):
+    """FlexAttention for soft-capped attention (SDPA cannot soft-cap) on the FLEX device, in training and
+    in a prefill (an empty KV cache); never in a decode step, where one query row gains nothing."""
+    return (x.device.type == FLEX and cfg.attn_logit_softcapping is not None
+            and (cache is None or cache.length == 0))
+
+
+def flex_masks(cfg, real):
+    """BlockMasks equal to attention_inputs' boolean masks when the T queries are all the keys (S = T).
+    real (B, T) is True on real tokens; each query also sees itself (no empty row)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+    B, T = real.shape
+
+    def full(b, h, qi, ki):
+        return (ki <= qi) & (real[b, ki] | (ki == qi))
+
+    def sliding(b, h, qi, ki):
+        return full(b, h, qi, ki) & (qi - ki < cfg.sliding_window)
+
+    return {name: create_block_mask(fn, B, None, T, T, device=real.device)
+            for name, fn in (("full_attention", full), ("sliding_attention", sliding))}
+
+
+def flex_attend(q, k, v, block_mask, scale, softcap):
+    """attend's maths through FlexAttention, compiled into one kernel on CUDA (eager elsewhere: the
+    unfused reference, forward only on CPU, which is what the CPU test runs)."""
+    global _flex_compiled
+    from torch.nn.attention.flex_attention import flex_attention
+    fn = flex_attention
+    if q.is_cuda:
+        _flex_compiled = _flex_compiled or torch.compile(flex_attention)
+        fn = _flex_compiled
+
+    if torch.is_autocast_enabled(q.device.type):                       # one dtype, as autocast gives the matmuls
+        dt = torch.get_autocast_dtype(q.device.type)
+        q, k, v = q.to(dt), k.to(dt), v.to(dt)
+
+    def soft_cap(score, b, h, qi, ki):
+        return softcap * torch.tanh(score / softcap)                   # Gemma-2 score soft-capping
+
+    return fn(q, k, v, score_mod=None if softcap is None else soft_cap, block_mask=block_mask, scale=scale,
+              enable_gqa=k.shape[1] != q.shape[1])
 
 
 class MLP(nn.Module):
@@ -225,7 +279,7 @@ def embed(embed_tokens, input_ids):
     return h * torch.tensor(h.shape[-1] ** 0.5, dtype=h.dtype)
 
 
-def attention_inputs(cfg, real, T, dtype, cache=None):
+def attention_inputs(cfg, real, T, dtype, cache=None, flex=False):
     """RoPE cos/sin and boolean masks per layer type for T new tokens (also used by hypernet.py).
     real (B, T) is True on real tokens, False on (left) padding. Masks live in key-index space: query i sits
     at index S - T + i of the S keys; sliding layers see the last `sliding_window` keys:
@@ -247,6 +301,8 @@ def attention_inputs(cfg, real, T, dtype, cache=None):
     # Each query may also see itself, so a padding query never has an all-masked row (NaN).
     causal = (ki <= qi)[None, None] & (keys[:, None, None, :] | (ki == qi))       # (B, 1, T, S)
     masks = {"full_attention": causal, "sliding_attention": causal & (qi - ki < cfg.sliding_window)}
+    if flex:                                                       # the same masks as FlexAttention BlockMasks
+        masks = flex_masks(cfg, keys)
     rot = {"full_attention": rope_cos_sin(pos, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling_factor, dtype),
            "sliding_attention": rope_cos_sin(pos, cfg.head_dim, cfg.rope_local_theta, 1.0, dtype)}
     return rot, masks
@@ -282,7 +338,7 @@ class Gemma(nn.Module):
         stop = self.cfg.num_hidden_layers if stop is None else stop
         if real is None:
             real = torch.ones(B, T, dtype=torch.bool, device=h.device)
-        rot, masks = attention_inputs(self.cfg, real, T, h.dtype, cache)
+        rot, masks = attention_inputs(self.cfg, real, T, h.dtype, cache, use_flex(self.cfg, h, cache))
         edits = {} if steering is None else {self.layer_index(l): e for l, e in steering.edits.items()}
         for i in range(start, stop):
             block = self.model.layers[i]

@@ -89,6 +89,75 @@ def test_sdpa_fast_path_equals_plain_attention():
     assert (fast - plain).abs().max() < 1e-5
 
 
+def flex_on(monkeypatch, device):
+    monkeypatch.setattr(M, "FLEX", device)
+    import warnings
+    warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
+
+
+def test_flex_attention_equals_plain_attention_on_cpu(monkeypatch):
+    """The FlexAttention path (soft-capping as score_mod; causal + left padding + a window smaller than
+    the sequence as mask_mod) gives the plain path's logits and hypernetwork Δ, and the same generations
+    (prefill through flex, decode plain). Forward only: torch's FlexAttention has no CPU backward
+    (test_flex_attention_equals_plain_on_cuda checks the gradients)."""
+    _, ours = hf_pair("gemma2")
+    ids, mask = padded_batch(T=12)                  # rows with 0, 4 and 7 padding tokens; window 5 < 12
+    hyper = HyperSteer.from_base(ours, HyperConfig("cross_attention", 2, 1)).eval()
+    x = torch.randn(3, 12, ours.cfg.hidden_size)
+    prompts = [[2, 5, 6, 7, 8, 9, 10, 11, 12], [2, 11], [2, 40, 41, 42]]
+    with torch.no_grad():
+        plain = ours(ids, mask), hyper(ids, mask, x, mask)
+        gen = M.generate(ours, prompts, 8, stop_ids=())
+        flex_on(monkeypatch, "cpu")
+        assert M.use_flex(ours.cfg, x) and not M.use_flex(hf_pair("gemma3_text")[1].cfg, x)
+        fast = ours(ids, mask), hyper(ids, mask, x, mask)
+        assert M.generate(ours, prompts, 8, stop_ids=()) == gen
+    assert (fast[0] - plain[0])[mask].abs().max() < 1e-5
+    assert (fast[1] - plain[1]).abs().max() < 1e-5
+
+
+def test_flex_is_not_used_in_decode_steps(monkeypatch):
+    cfg, x = M.GemmaConfig(model_type="gemma2", **LAYOUT), torch.zeros(1, 1, 64)
+    cache = M.KVCache(cfg, 1, 8, "cpu", torch.float32)
+    assert not M.use_flex(cfg, x)                                      # FLEX = "cuda": not on a CPU tensor
+    monkeypatch.setattr(M, "FLEX", "cpu")
+    assert M.use_flex(cfg, x) and M.use_flex(cfg, x, cache)            # training; a prefill (empty cache)
+    cache.advance(torch.ones(1, 3, dtype=torch.bool))
+    assert not M.use_flex(cfg, x, cache)                               # a decode step
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 FlexAttention kernels need CUDA")
+def test_flex_attention_equals_plain_on_cuda(monkeypatch):
+    """On CUDA in bf16, forward and backward: the flex path is at least as close to an fp32 reference
+    as the plain bf16 path (||out - ref|| / ||ref||), on Gemma-2-2b's attention shapes."""
+    torch.manual_seed(0)
+    B, T, cfg = 2, 300, M.GemmaConfig(sliding_window=128)
+    real = torch.ones(B, T, dtype=torch.bool, device="cuda")
+    real[1, :37] = False
+    q = torch.randn(B, 8, T, 256, device="cuda") * 3
+    k, v = torch.randn(B, 4, T, 256, device="cuda") * 3, torch.randn(B, 4, T, 256, device="cuda")
+    rel = lambda a, b: ((a.float() - b.float()).norm() / b.float().norm()).item()
+    for layer in ("full_attention", "sliding_attention"):
+        _, masks = M.attention_inputs(cfg, real, T, torch.float32)
+        flex = M.flex_masks(cfg, real)[layer]
+        outs = {}
+        for name, dt, m in (("ref", torch.float32, masks[layer]), ("plain", torch.bfloat16, masks[layer]),
+                            ("flex", torch.bfloat16, flex)):
+            qq, kk, vv = (t.detach().to(dt).requires_grad_() for t in (q, k, v))
+            y = M.attend(qq, kk, vv, m, 256 ** -0.5, 50.0)
+            y.float().pow(2).sum().backward()
+            outs[name] = (y, qq.grad, kk.grad, vv.grad)
+        for got, plain, ref in zip(outs["flex"], outs["plain"], outs["ref"]):
+            assert rel(got, ref) <= 2 * rel(plain, ref) + 2e-3, (layer, rel(got, ref), rel(plain, ref))
+    hf, ours = hf_pair("gemma2")
+    ids, mask = padded_batch(T=12)
+    ours, ids, mask = ours.cuda(), ids.cuda(), mask.cuda()
+    flex_on(monkeypatch, None)
+    plain = ours(ids, mask)
+    flex_on(monkeypatch, "cuda")
+    assert (ours(ids, mask) - plain)[mask].abs().max() < 1e-4       # fp32 whole model, padding, window 5
+
+
 @pytest.mark.parametrize("kind", ["gemma2", "gemma3_text"])
 def test_kv_cache_equals_full_forward(kind):
     _, ours = hf_pair(kind)
@@ -1572,6 +1641,53 @@ def test_traced_training_memory_equals_a_real_step(bf16):
     adam = sum(p.numel() * 8 + 4 for p in hyper.parameters())                # exp_avg, exp_avg_sq (fp32), step
     assert fake["after_step"] == fake["weights"] + adam + 4                # + the last loss, a fp32 scalar
     assert fake["peak"] >= fake["after_step"] + count_params(hyper) * 4   # gradients live during opt.step
+
+
+TINY_GEMMA2 = M.GemmaConfig(model_type="gemma2", **LAYOUT)
+
+
+def test_gpu_bench_roofline_arithmetic():
+    """bench.py gpu-speed: a batch-1 decode step must read every weight once (the tied embedding once) and
+    the KV cache (sliding layers at most their window); datasheet figures by the names torch reports."""
+    import bench
+    cfg = M.gemma2_2b()
+    assert bench.base_params(cfg) == 2_614_341_888                   # Gemma-2-2b
+    assert bench.decode_bytes(cfg, 1, 0) == 2 * 2_614_341_888
+    kv_per_token = 2 * 4 * 256 * 2                                    # k and v, 4 KV heads x 256, bf16
+    assert bench.decode_bytes(cfg, 3, 5000) - bench.decode_bytes(cfg, 1, 0) == 3 * kv_per_token * 13 * (5000 + 4096)
+    assert bench.datasheet("NVIDIA H100 80GB HBM3") == (3.35e12, 989e12)
+    assert bench.datasheet("NVIDIA H100 PCIe")[0] == 2.0e12 and bench.datasheet("NVIDIA H200")[0] == 4.8e12
+    assert bench.datasheet("NVIDIA A10G") == (None, None)
+    assert bench.copy_bandwidth("cpu", 2**16, repeats=2) > 0
+
+
+def test_gpu_bench_compares_the_same_weights_and_steering():
+    """gpu-speed and gpu-eval time transformers and ours on shared weights; transformers' steering hook adds
+    what our Steering adds (so both sides do the same work)."""
+    import bench
+    ours, hf = bench.random_pair(TINY_GEMMA2, "cpu", torch.float32)
+    assert hf.config._attn_implementation == "eager"
+    assert ours.model.embed_tokens.weight.data_ptr() == hf.model.embed_tokens.weight.data_ptr()
+    ids, mask = padded_batch(T=12)
+    deltas, strengths = torch.randn(3, 64), torch.tensor([0.5, 1.0, 2.0])
+    pos = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        handle = bench.add_steering_hook(hf, 2, deltas, strengths)
+        ref = hf(input_ids=ids, attention_mask=mask.long(), position_ids=pos).logits
+        handle.remove()
+        out = ours(ids, mask, steering=M.Steering.vector(2, deltas, strengths))
+    assert (ref - out)[mask].abs().max() < 1e-4
+
+
+def test_gpu_train_and_eval_run_on_cpu_at_tiny_sizes(tmp_path):
+    """bench.py gpu-train and gpu-eval --smoke: the code paths of the GPU measurements on a tiny CPU model."""
+    import bench
+    r = bench.main(["gpu-train", "--smoke", "--steps", "1", "--batch-size", "2", "--prompt-tokens", "6",
+                    "--output-tokens", "6", "--json", str(tmp_path / "t.json")])
+    assert json.loads((tmp_path / "t.json").read_text())["speedup"] == r["speedup"] > 0
+    assert r["spec5"]["traced_flops"] < r["two_pass"]["traced_flops"]
+    r = bench.main(["gpu-eval", "--smoke", "--batches", "2", "--new-tokens", "3"])
+    assert r["ours"]["batch"] == r["transformers"]["batch"] == 2 and r["ratio"] > 0
 
 
 def safe_open_meta(path):
