@@ -91,8 +91,8 @@ PRESETS = {  # paper Table 3 (SPEC §3); `demo` is the offline CPU main job
                                        out="runs/paper-9b-ic"),
     "paper-9b-no-context": TrainConfig(**PAPER_9B, variant="no_context", n_blocks=42, batch_size=6,
                                        out="runs/paper-9b-nc"),
-    "demo": TrainConfig(**data.DEMO_RUN, n_blocks=2, freeze_embeddings=True, batch_size=4, lr=1e-3, epochs=0.9,
-                        max_len=96, eval_every=58, eval_batches=16, save_every=58, keywords=str(data.DEMO_KEYWORDS),
+    "demo": TrainConfig(**data.DEMO_RUN, n_blocks=2, freeze_embeddings=True, batch_size=4, lr=1e-3, epochs=1.25,
+                        max_len=96, eval_every=80, eval_batches=16, save_every=80, keywords=str(data.DEMO_KEYWORDS),
                         out="runs/demo", device="cpu"),
 }
 RESUMABLE_CHANGES = {"max_steps", "eval_every", "eval_batches", "save_every", "samples", "device", "out", "fsdp"}
