@@ -14,7 +14,7 @@ intervention mechanism (model.Steering / model.intervene), like every other meth
 
 Decisions where the paper is silent (SPEC §8a "unknown"; all are flags): the steering prompt is the
 prompting baseline's (§8, `Question:` framing); y' is sampled at temperature 1.0 with top-k 50 (§7's
-sampling), up to 20 new tokens, one per instruction, from the bundled demo instructions, a fixed split
+sampling), up to 16 new tokens, one per instruction, from the bundled demo instructions, a fixed split
 into train and eval instructions; samples are cached in samples.jsonl (a rerun reuses them). The
 steered positions are §4's (every position after the chat prefix, in training too); the imitated
 positions are §8a's "answer only" (last prompt token through y'), aligned from the right. z, w and b
@@ -58,8 +58,8 @@ class PSR(nn.Module):
         super().__init__()
         self.variant, self.layers, self.concept = variant, sorted(layers), concept
         self.z, self.w, self.b = nn.ParameterDict(), nn.ParameterDict(), nn.ParameterDict()
-        for l in self.layers:
-            probe, out = nn.Linear(d, 1), nn.Linear(d, 1, bias=False)     # default init, U(±1/√d)
+        for l in self.layers:  # a default nn.Linear(d, 1)'s weight and bias, U(±1/√d); z another such weight
+            probe, out = nn.Linear(d, 1), nn.Linear(d, 1, bias=False)
             self.w[str(l)], self.b[str(l)] = nn.Parameter(probe.weight[0].detach()), nn.Parameter(probe.bias[0].detach())
             self.z[str(l)] = nn.Parameter(out.weight[0].detach())
         self.last_lambda = {}   # layer -> λ (B, T) of the latest call (the server's per-token shading)
@@ -277,9 +277,11 @@ def train(base, psr, examples, start, loss, epochs, lr=1e-3, weight_decay=1e-6, 
     norms = None
     if loss == "mse":
         with torch.no_grad():
-            chunks = [examples[i:i + batch_size] for i in range(0, len(examples), batch_size)]
-            per = [layer_mse(acts, c, answer) for c in chunks for acts, _, _, answer in [steered(base, psr, c, start)]]
-            norms = torch.cat(per, 1).mean(1).clamp(min=1e-12)           # (L,)
+            per = []
+            for i in range(0, len(examples), batch_size):
+                acts, _, _, answer = steered(base, psr, examples[i:i + batch_size], start)
+                per.append(layer_mse(acts, examples[i:i + batch_size], answer))
+            norms = torch.cat(per, 1).mean(1).clamp(min=1e-12)         # (L,)
     opt = torch.optim.AdamW(psr.parameters(), lr=lr, weight_decay=weight_decay)
     steps = epochs * math.ceil(len(examples) / batch_size)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 - s / steps)
@@ -503,19 +505,19 @@ def main(argv=None):
     add("--model", default=str(loader.DEMO_MODEL), help="base model folder or hub id (default: the offline gemma-3-270m)")
     add("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     add("--instructions", default=str(DEMO_INSTRUCTIONS), help="JSON list of instructions (default: the bundled demo's)")
-    add("--n-train", type=int, default=12, help="training instructions")
+    add("--n-train", type=int, default=8, help="training instructions")
     add("--n-eval", type=int, default=6, help="held-back instructions, never trained on (the CE and RMSE analyses)")
     add("--samples-per-instruction", type=int, default=1, help="answers y' sampled per instruction")
-    add("--max-new-tokens", type=int, default=20, help="length of y' in tokens (at most)")
+    add("--max-new-tokens", type=int, default=16, help="length of y' in tokens (at most)")
     add("--temperature", type=float, default=1.0, help="sampling temperature of y' (SPEC §8a unknown; §7's 1.0)")
     add("--top-k", type=int, default=50, help="sample y' from the k likeliest tokens (0 = all)")
     add("--epochs", type=int, help="training epochs (default: 15 for mse, 7 for ll, SPEC §8a)")
     add("--lr", type=float, default=1e-3, help="AdamW learning rate, decayed linearly to 0")
     add("--weight-decay", type=float, default=1e-6, help="AdamW weight decay")
-    add("--batch-size", type=int, default=4, help="pairs per step (equal to batch 1 in expectation: tested)")
+    add("--batch-size", type=int, default=2, help="pairs per step (equal to batch 1 in expectation: tested)")
     add("--gen-batch-size", type=int, default=24, help="answers sampled per generate call")
     add("--lambda-reg", type=float, default=0.0, help="weight of max(0, 1 − Σ_t λ_t) (paper: 0.1; off scored higher)")
-    add("--example-tokens", type=int, default=32, help="greedy tokens in the printed example")
+    add("--example-tokens", type=int, default=24, help="greedy tokens in the printed example")
     add("--judge-url", help="OpenAI-compatible endpoint: writes the steering prompt and filters y' (concept, fluency)")
     add("--judge-model", default="gpt-4o-mini", help="the model behind --judge-url")
     add("--seed", type=int, default=0, help="seeds the instruction split, the samples and the training order")

@@ -1834,14 +1834,15 @@ def test_psr_recovers_a_planted_psr(setup):
         for b, e in enumerate(ex):
             e["target"] = acts[:, b, -e["pair"].n_answer:]
     delta = torch.cat([(e["target"] - e["plain"]).flatten() for e in ex])
-    assert delta.norm() > 1 and all(planted.last_lambda[LAYER].flatten().gt(0).float().mean() < x for x in [0.95])
+    active = planted.last_lambda[LAYER][P.collate(pairs, "plain", 0, "cpu")[2]].gt(0).float().mean()
+    assert delta.norm() > 1 and 0.1 < active < 0.9                    # λ switches on some tokens, not all
     torch.manual_seed(0)
     learned = P.PSR(64, [LAYER], "single")
-    history = P.train(base, learned, ex, LAYER, "mse", epochs=150, lr=2e-2, batch_size=4, log=lambda *a: None)
+    history = P.train(base, learned, ex, LAYER, "mse", epochs=60, lr=5e-2, batch_size=8, log=lambda *a: None)
     with torch.no_grad():
         got = P.steered(base, learned, ex, LAYER)[0]
         err = torch.cat([(got[:, b, -e["pair"].n_answer:] - e["target"]).flatten() for b, e in enumerate(ex)])
-    assert history[0] > 1.0 and history[-1] < 0.01 and err.norm() / delta.norm() < 0.1
+    assert history[0] > 1.0 and history[-1] < 0.05 and err.norm() / delta.norm() < 0.15
 
 
 def test_psr_save_load_round_trip_and_refusals(setup, tmp_path):
