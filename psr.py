@@ -18,7 +18,8 @@ sampling), up to 16 new tokens, one per instruction, from the bundled demo instr
 into train and eval instructions; samples are cached in samples.jsonl (a rerun reuses them). The
 steered positions are §4's (every position after the chat prefix, in training too); the imitated
 positions are §8a's "answer only" (last prompt token through y'), aligned from the right. z, w and b
-start as the weight, weight and bias of default nn.Linear(d, 1) layers, U(±1/√d).
+start as the weight, weight and bias of default nn.Linear(d, 1) layers, U(±1/√d), then b is moved to
+the median of −w·h over the training answers (center_probes: no probe starts dead).
 
     python psr.py --concept "the moon" --variant all --out runs/psr-moon-all       # ~3 min on 2 CPU cores
     python psr.py --concept "the moon" --variant single --samples runs/psr-moon-all/samples.jsonl \
@@ -270,10 +271,21 @@ def batch_loss(base, psr, examples, start, loss="mse", norms=None, strength=1.0,
     return value.mean()
 
 
+@torch.no_grad()
+def center_probes(psr, examples, start):
+    """b_l = −median(w_l · h) over the training answer tokens (unsteered), so λ starts positive on about half
+    of them. Gemma's residual has a large shared component: a random probe is often negative on every token,
+    a dead ReLU that gets no gradient and never learns."""
+    for l in psr.layers:
+        h = torch.cat([e["plain"][l - start] for e in examples])       # (N, d)
+        psr.b[str(l)].copy_(-(h @ psr.w[str(l)]).median())
+
+
 def train(base, psr, examples, start, loss, epochs, lr=1e-3, weight_decay=1e-6, batch_size=4, lambda_reg=0.0,
           seed=0, log=print):
     """AdamW with linear decay to 0 and no warmup (SPEC §8a); the MSE terms are normalised by their value
     with the initial parameters, so the loss starts at 1 per imitated layer."""
+    center_probes(psr, examples, start)
     norms = None
     if loss == "mse":
         with torch.no_grad():
@@ -332,8 +344,9 @@ def rel_rmse(base, examples, steering, batch_size=8):
     return (num / den).sqrt().tolist()
 
 
-def plot_norms(path, tok, example, lambdas, layers):
-    """Fig. 2: per-token ‖Δ_PS‖ over one answer at a few layers (log scale), the learned λ beside it."""
+def plot(out, tok, example, lambdas, layers, rel, steer_layer):
+    """OUT/psr_norms.png (Fig. 2: per-token ‖Δ_PS‖ over one answer at a few layers, log scale, and the
+    learned λ beside it) and OUT/psr_rmse.png (Fig. 3: relative RMSE per layer of each method)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -350,27 +363,20 @@ def plot_norms(path, tok, example, lambdas, layers):
         ax.set_xticks(range(len(labels)), labels, rotation=90, fontsize=7)
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-
-
-def plot_rmse(path, rel, layer):
-    """Fig. 3: relative RMSE per layer of each method against the prompted activations."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    fig.savefig(out / "psr_norms.png", dpi=80)
     fig, ax = plt.subplots(figsize=(6.5, 3.8))
     for name, values in rel.items():
         ax.plot(range(len(values)), values, marker=".", label=name)
     ax.axhline(1.0, color="gray", lw=0.8, ls="--")
-    ax.axvline(layer, color="gray", lw=0.8, ls=":")
+    ax.axvline(steer_layer, color="gray", lw=0.8, ls=":")
     ax.set(xlabel="layer (output of block L)", ylabel="RMSE(method − prompted) / RMSE(unsteered − prompted)",
            title="how close each method comes to the prompted activations")
     ax.yaxis.label.set_size(7)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    fig.savefig(out / "psr_rmse.png", dpi=80)
+    plt.close("all")
+    return [str(out / "psr_norms.png"), str(out / "psr_rmse.png")]
 
 
 # ----------------------------------------------------------------------------- the command
@@ -452,9 +458,7 @@ def run(args):
         lambdas = {l: psr.last_lambda[l][0, -e["pair"].n_answer:] for l in psr.layers if l in shown}
     figures = []
     try:
-        plot_norms(out / "psr_norms.png", tok, e, lambdas, shown)
-        plot_rmse(out / "psr_rmse.png", rel, L)
-        figures = [str(out / "psr_norms.png"), str(out / "psr_rmse.png")]
+        figures = plot(out, tok, e, lambdas, shown, rel, L)
     except ImportError:
         print("matplotlib is not installed: no figures")
     seconds["analyses"] = time.time() - clock
