@@ -214,7 +214,7 @@ def prepare(base, pairs, start, batch_size=8):
     for i in range(0, len(pairs), batch_size):
         chunk = pairs[i:i + batch_size]
         ids, real, _, answer = collate(chunk, "prompted", base.cfg.pad_token_id, dev)
-        target = states(base, base.embed(ids), real, start, last=answer.shape[1])[0]
+        target = states(base, base.embed(ids), real, 0, last=answer.shape[1])[0][start:]
         ids, real, _, _ = collate(chunk, "plain", base.cfg.pad_token_id, dev)
         h_in = base.run(base.embed(ids), real, stop=start)
         plain = states(base, h_in, real, start, last=answer.shape[1])[0]
@@ -358,7 +358,8 @@ def plot(out, tok, example, lambdas, layers, rel, steer_layer):
     for l, lam in lambdas.items():
         ax2.plot(lam.cpu(), marker=".", label=f"layer {l}")
     ax1.set(yscale="log", title="‖Δ_PS‖ per answer token (prompted − plain)", ylabel="norm")
-    ax2.set(title="learned λ per answer token", ylabel="λ = ReLU(w·h + b)")
+    ax2.set(title="learned λ per answer token (0 = not steered)", ylabel="λ = ReLU(w·h + b)")
+    ax2.set_yscale("symlog", linthresh=1e-2)
     for ax in (ax1, ax2):
         ax.set_xticks(range(len(labels)), labels, rotation=90, fontsize=7)
         ax.legend(fontsize=7)

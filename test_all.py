@@ -1785,6 +1785,9 @@ def test_psr_answer_positions_are_right_aligned(setup):
             assert ids[b, -A:][answer[b]].tolist() == getattr(p, v)[-p.n_answer:]
             assert steer[b].sum() == len(getattr(p, v)) - p.n_prefix
     assert torch.equal(views["plain"][0][:, -A:] * views["plain"][3], views["prompted"][0][:, -A:] * views["prompted"][3])
+    full, late = P.prepare(base, pairs, 0), P.prepare(base, pairs, 2)    # S-PSR's examples start at block 2
+    for a, b in zip(full, late):
+        assert (a["target"][2:] - b["target"]).abs().max() < 1e-5 and (a["plain"][2:] - b["plain"]).abs().max() < 1e-5
     # the same prompt in both views: Δ_PS = 0 at every layer, though the two views pad differently
     for e in P.prepare(base, psr_pairs(tok, 3, same_prompt=True) + psr_pairs(tok, 1, seed=5), 0, batch_size=4)[:3]:
         assert e["target"].shape == (4, e["pair"].n_answer, 64) and (e["target"] - e["plain"]).abs().max() < 1e-5
