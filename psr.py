@@ -21,7 +21,7 @@ positions are §8a's "answer only" (last prompt token through y'), aligned from 
 start as the weight, weight and bias of default nn.Linear(d, 1) layers, U(±1/√d), then b is moved to
 the median of −w·h over the training answers (center_probes: no probe starts dead).
 
-    python psr.py --concept "the moon" --variant all --out runs/psr-moon-all       # ~3 min on 2 CPU cores
+    python psr.py --concept "the moon" --variant all --out runs/psr-moon-all   # 5-14 min on 2 shared CPU cores
     python psr.py --concept "the moon" --variant single --samples runs/psr-moon-all/samples.jsonl \
         --out runs/psr-moon-single                                                  # reuses the samples
     python psr.py --concept "the moon" --n-train 2 --n-eval 1 --max-new-tokens 6 --epochs 1 --out /tmp/psr
