@@ -2731,3 +2731,193 @@ def test_serve_page_in_headless_chromium(served, tmp_path):
         assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     finally:
         chrome.close()
+
+
+# ============================================================================ psr.py (SPEC §8a)
+
+import psr as P  # noqa: E402
+
+
+def random_psr(base, layers, seed=0, scale=0.3):
+    torch.manual_seed(seed)
+    p = P.PSR(base.cfg.hidden_size, layers, "all" if len(layers) > 1 else "single")
+    with torch.no_grad():
+        for v in p.parameters():
+            v.normal_(0, scale)
+    return p
+
+
+def psr_pairs(tok, n=4, seed=0, same_prompt=False):
+    """Hand-made pairs in the chat template: prompts and answers of different lengths."""
+    g, out = torch.Generator().manual_seed(seed), []
+    for i in range(n):
+        x = words(g, 2 + i)
+        xp = x if same_prompt else f"{words(g, 1 + 2 * i)} Question: {x}"
+        y = tok.encode(words(g, 2 + (3 * i) % 5), bos=False)
+        out.append(P.views(tok, tok.CHAT.format(prompt=x), tok.CHAT.format(prompt=xp), y))
+    return out
+
+
+def test_psr_strength_zero_and_lambda_zero_are_exact_no_ops(setup):
+    base, tok, _ = setup
+    ids, mask = padded_batch()
+    p = random_psr(base, [0, 1, 2, 3])
+    with torch.no_grad():
+        plain = base(ids, mask)
+        assert not torch.allclose(base(ids, mask, steering=M.Steering(p.edits(), 1.0), steer_mask=mask), plain)
+        assert torch.equal(base(ids, mask, steering=M.Steering(p.edits(), 0.0), steer_mask=mask), plain)
+        for l in p.layers:                                            # λ = 0 everywhere: w = 0, b <= 0
+            p.w[str(l)].zero_()
+            p.b[str(l)].fill_(-0.5 if l % 2 else 0.0)
+        assert torch.equal(base(ids, mask, steering=M.Steering(p.edits(), 2.0), steer_mask=mask), plain)
+
+
+def test_psr_chained_all_layers_equal_a_hand_written_loop(setup):
+    base, tok, _ = setup
+    ids, mask = padded_batch()
+    steer = mask.clone()
+    steer[:, :9] = False                                              # some positions unsteered
+    p, s = random_psr(base, [0, 1, 2, 3], seed=1), 0.7
+    with torch.no_grad():
+        got = base.run(base.embed(ids), mask, steering=M.Steering(p.edits(), s), steer_mask=steer)
+        rot, masks = M.attention_inputs(base.cfg, mask, ids.shape[1], torch.float32)
+        h = base.embed(ids)
+        for i, block in enumerate(base.model.layers):
+            h = block(h, *rot[block.layer_type], masks[block.layer_type])
+            lam = torch.relu(h @ p.w[str(i)] + p.b[str(i)])           # read after the earlier edits
+            h = h + s * lam[..., None] * p.z[str(i)] * steer[..., None]
+    assert (got - h).abs().max() < 1e-5
+    assert p.last_lambda[3].shape == ids.shape                        # per-token λ for shading
+
+
+def test_psr_answer_positions_are_right_aligned(setup):
+    base, tok, _ = setup
+    pairs = psr_pairs(tok, 3)
+    assert len({len(p.plain) for p in pairs}) == 3 and len({p.n_answer for p in pairs}) == 3
+    views = {v: P.collate(pairs, v, 0, "cpu") for v in ("plain", "prompted")}
+    for v, (ids, real, steer, answer) in views.items():
+        A = answer.shape[1]
+        assert answer.sum(-1).tolist() == [p.n_answer for p in pairs]
+        for b, p in enumerate(pairs):                                 # the last prompt token, then y'
+            assert ids[b, -A:][answer[b]].tolist() == getattr(p, v)[-p.n_answer:]
+            assert steer[b].sum() == len(getattr(p, v)) - p.n_prefix
+    assert torch.equal(views["plain"][0][:, -A:] * views["plain"][3], views["prompted"][0][:, -A:] * views["prompted"][3])
+    full, late = P.prepare(base, pairs, 0), P.prepare(base, pairs, 2)    # S-PSR's examples start at block 2
+    for a, b in zip(full, late):
+        assert (a["target"][2:] - b["target"]).abs().max() < 1e-5 and (a["plain"][2:] - b["plain"]).abs().max() < 1e-5
+    # the same prompt in both views: Δ_PS = 0 at every layer, though the two views pad differently
+    for e in P.prepare(base, psr_pairs(tok, 3, same_prompt=True) + psr_pairs(tok, 1, seed=5), 0, batch_size=4)[:3]:
+        assert e["target"].shape == (4, e["pair"].n_answer, 64) and (e["target"] - e["plain"]).abs().max() < 1e-5
+
+
+def test_psr_prompt_tokenisation_mismatch_is_refused(setup):
+    base, tok, _ = setup
+    p = P.views(tok, "w1 w2", "w5 w6 w2", " w3 w4", n_prefix=1)      # text: tokenised in each view, same tokens
+    assert p.plain[-3:] == p.prompted[-3:] == tok.encode("w2 w3 w4", bos=False) and p.n_answer == 3
+    with pytest.raises(ValueError, match="tokenises differently"):
+        P.views(tok, "w1 w2", "w5 w6 w2", "w3", n_prefix=1)           # "w2w3" merges with the prompt
+    with pytest.raises(ValueError, match="end in different tokens"):
+        P.views(tok, "w1 w2", "w1 w3", [12], n_prefix=1)
+
+
+@pytest.mark.parametrize("loss,start,reg", [("mse", 0, 0.0), ("mse", 2, 0.1), ("ll", 0, 0.0), ("ll", 2, 0.0)])
+def test_psr_batched_loss_and_gradients_equal_batch_1(setup, loss, start, reg):
+    base, tok, _ = setup
+    ex = P.prepare(base, psr_pairs(tok, 4), start, batch_size=3)
+    p = random_psr(base, [0, 1, 2, 3] if start == 0 else [start], seed=2, scale=0.05).requires_grad_(True)
+    norms = torch.rand(4 - start) + 0.5 if loss == "mse" else None
+
+    def loss_and_grads(examples):
+        p.zero_grad()
+        value = P.batch_loss(base, p, examples, start, loss, norms, lambda_reg=reg)
+        value.backward()
+        return value.detach(), [v.grad.clone() for v in p.parameters()]
+    batched, grads = loss_and_grads(ex)
+    singles = [loss_and_grads([e]) for e in ex]
+    assert abs(batched - sum(s[0] for s in singles) / 4) < 1e-5 * max(1, abs(batched))
+    for i, g in enumerate(grads):
+        ref = sum(s[1][i] for s in singles) / 4
+        assert (g - ref).abs().max() <= 1e-4 * ref.abs().max().clamp(min=1e-6)
+
+
+def test_psr_recovers_a_planted_psr(setup):
+    """Targets made by a known z, w, b at layer 2 of the tiny model: training on that Δ learns an edit
+    that reproduces it (the accumulated effect at layers 2 and 3)."""
+    base, tok, _ = setup
+    planted = random_psr(base, [LAYER], seed=3, scale=0.2)
+    with torch.no_grad():
+        planted.z[str(LAYER)].mul_(8)
+    pairs = psr_pairs(tok, 8, seed=4, same_prompt=True)
+    ex = P.prepare(base, pairs, LAYER, batch_size=8)
+    with torch.no_grad():
+        acts = P.steered(base, planted, ex, LAYER)[0]                # (L, B, A, d)
+        for b, e in enumerate(ex):
+            e["target"] = acts[:, b, -e["pair"].n_answer:]
+    delta = torch.cat([(e["target"] - e["plain"]).flatten() for e in ex])
+    active = planted.last_lambda[LAYER][P.collate(pairs, "plain", 0, "cpu")[2]].gt(0).float().mean()
+    assert delta.norm() > 1 and 0.1 < active < 0.9                    # λ switches on some tokens, not all
+    torch.manual_seed(0)
+    learned = P.PSR(64, [LAYER], "single")
+    history = P.train(base, learned, ex, LAYER, "mse", epochs=60, lr=5e-2, batch_size=8, log=lambda *a: None)
+    with torch.no_grad():
+        got = P.steered(base, learned, ex, LAYER)[0]
+        err = torch.cat([(got[:, b, -e["pair"].n_answer:] - e["target"]).flatten() for b, e in enumerate(ex)])
+    assert history[0] > 1.0 and history[-1] < 0.05 and err.norm() / delta.norm() < 0.15
+
+
+def test_psr_save_load_round_trip_and_refusals(setup, tmp_path):
+    base, tok, _ = setup
+    p = random_psr(base, [0, 1, 2, 3])
+    p.concept = "w4"
+    path = tmp_path / "psr.safetensors"
+    P.save(p, path, base.cfg)
+    q = P.load(path, base)
+    assert (q.variant, q.layers, q.concept) == ("all", [0, 1, 2, 3], "w4")
+    assert all(torch.equal(a, b) for a, b in zip(p.state_dict().values(), q.state_dict().values()))
+    with safe_open(str(path), framework="pt") as f:
+        assert sorted(f.keys())[:3] == ["psr.b.0", "psr.b.1", "psr.b.2"] and f.get_tensor("psr.z.0").shape == (64,)
+        assert f.metadata()["method"] == "PSR" and json.loads(f.metadata()["base_config"])["hidden_size"] == 64
+    other = tiny_base("gemma3_text")
+    with pytest.raises(ValueError, match=f"{path}: was trained for base model gemma2"):
+        P.load(path, other)
+    tensors, meta = loader.read_safetensors(path)
+    del tensors["psr.w.2"]
+    loader.save_safetensors(tmp_path / "bad.safetensors", tensors, meta)
+    with pytest.raises(ValueError, match=r"bad.safetensors: does not fit .*missing psr.w.2"):
+        P.load(tmp_path / "bad.safetensors", base)
+    loader.save_safetensors(tmp_path / "vec.safetensors", {"direction.2": torch.zeros(64)}, {"method": "DiffMean"})
+    with pytest.raises(ValueError, match="not a PSR file"):
+        P.load(tmp_path / "vec.safetensors", base)
+
+
+def test_psr_cli_and_steer_eval_and_compare(setup, tmp_path, capsys):
+    base, tok, _ = setup
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(asdict(base.cfg)))
+    save_file({k: v.contiguous() for k, v in base.state_dict().items()}, str(folder / "model.safetensors"))
+    tiny_tokenizer(folder / "tokenizer.json")
+    (tmp_path / "ins.json").write_text(json.dumps([{"instruction": x} for x in instructions(12)]))
+    (tmp_path / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in demo_rows()))
+    run = ["--concept", "w4", "--model", str(folder), "--instructions", str(tmp_path / "ins.json"), "--layer", "2",
+           "--n-train", "3", "--n-eval", "2", "--max-new-tokens", "4", "--example-tokens", "3", "--epochs", "2",
+           "--out", str(tmp_path / "run")]
+    summary = P.main(run + ["--variant", "single", "--loss", "mse"])
+    assert summary["n_train"] + summary["n_eval"] <= 5 and set(summary["rel_rmse"]) == {"constant", "single"}
+    assert set(summary["ce"]) == {"unsteered", "prompted", "steered", "constant"} and len(summary["loss_history"]) == 2
+    lines = (tmp_path / "run" / "samples.jsonl").read_text().splitlines()
+    with pytest.raises(SystemExit, match="psr.safetensors: exists; pass --overwrite"):
+        P.main(run)
+    P.main(run + ["--overwrite", "--variant", "all"])                 # samples reused, not drawn again
+    assert (tmp_path / "run" / "samples.jsonl").read_text().splitlines() == lines
+    assert "0 sampled, 5 reused" in capsys.readouterr().out
+    path = str(tmp_path / "run" / "psr.safetensors")
+    assert P.load(path, base).layers == [0, 1, 2, 3]
+    out = tmp_path / "gens.jsonl"
+    steer.main(["eval", "--method", "psr", "--psr", path, "--model", str(folder), "--data", str(tmp_path / "data.jsonl"),
+                "--concept-ids", "0", "--layer", "2", "--instructions", str(tmp_path / "ins.json"), "--max-new-tokens", "3",
+                "--grid", "0,1", "--out", str(out)])
+    gens = judge.read_generations([out])
+    assert len(gens) == 20 and {r["method"] for r in gens} == {"PSR all"}
+    steer.main(["compare", "--psr", path, "--model", str(folder), "--prompt", "w1 w2", "--sweep", "0,1", "--max-new-tokens", "3"])
+    assert "PSR (all) at layers [0, 1, 2, 3]" in capsys.readouterr().out
