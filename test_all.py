@@ -2921,3 +2921,69 @@ def test_psr_cli_and_steer_eval_and_compare(setup, tmp_path, capsys):
     assert len(gens) == 20 and {r["method"] for r in gens} == {"PSR all"}
     steer.main(["compare", "--psr", path, "--model", str(folder), "--prompt", "w1 w2", "--sweep", "0,1", "--max-new-tokens", "3"])
     assert "PSR (all) at layers [0, 1, 2, 3]" in capsys.readouterr().out
+
+
+# ============================================================================ the intervention mechanism (SPEC §4)
+
+def test_a_constant_function_equals_the_constant_vector_path():
+    _, ours = hf_pair("gemma3_text")
+    ids, mask = padded_batch()
+    v = torch.randn(3, 64)
+    with torch.no_grad():
+        as_vector = ours(ids, mask, steering=M.Steering.vector(1, v, 1.5), steer_mask=mask)
+        as_function = ours(ids, mask, steering=M.Steering({1: lambda h: v[:, None].expand_as(h)}, 1.5),
+                           steer_mask=mask)
+    assert torch.equal(as_vector, as_function)
+
+
+def test_several_layers_at_once_equal_one_by_one():
+    """Edits at layers 0 (a vector) and 2 (a function of h) in one Steering equal running the blocks by hand
+    and adding each after its block; later layers read the activation with earlier edits added."""
+    _, ours = hf_pair("gemma2")
+    ids, mask = padded_batch()
+    v, w = torch.randn(3, 64), torch.randn(64) / 8
+    fn = lambda h: torch.relu(h @ w)[..., None] * w                            # a PSR-like per-token edit
+    strength = torch.tensor([1.0, -0.5, 2.0])
+    with torch.no_grad():
+        got = ours.run(ours.embed(ids), mask, steering=M.Steering({0: v, -2: fn}, strength), steer_mask=mask)
+        h = ours.embed(ids)
+        rot, masks = M.attention_inputs(ours.cfg, mask, ids.shape[1], h.dtype)
+        s = strength[:, None, None]
+        for i, block in enumerate(ours.model.layers):
+            h = block(h, *rot[block.layer_type], masks[block.layer_type])
+            if i == 0:
+                h = h + s * v[:, None] * mask[..., None]
+            if i == 2:
+                h = h + s * fn(h) * mask[..., None]
+    torch.testing.assert_close(got, h, rtol=0, atol=1e-5)
+
+
+def test_strength_zero_is_an_exact_no_op_for_both_kinds():
+    _, ours = hf_pair("gemma2")
+    ids, mask = padded_batch()
+    huge = lambda h: 1e6 * torch.ones_like(h)
+    with torch.no_grad():
+        plain = ours(ids, mask)
+        for edits in ({1: torch.randn(3, 64) * 100}, {1: huge}, {0: huge, 3: torch.randn(64)}):
+            assert torch.equal(ours(ids, mask, steering=M.Steering(edits, 0.0), steer_mask=mask), plain)
+            zero_rows = M.Steering(edits, torch.zeros(3))                      # one strength per row, all 0
+            assert torch.equal(ours(ids, mask, steering=zero_rows, steer_mask=mask), plain)
+
+
+def test_generate_honours_the_mask_it_is_given():
+    """generate adds the edit exactly at the prompt positions its mask marks (and at generated tokens):
+    a mask on the last prompt token only equals a full forward steered there, token by token."""
+    _, ours = hf_pair("gemma2")
+    prompts = [[2, 5, 6, 7, 8], [2, 9, 10]]
+    v = torch.randn(2, 64) * 3
+    steering = M.Steering.vector(1, v)
+    only_last = [[i == len(p) - 1 for i in range(len(p))] for p in prompts]
+    got = M.generate(ours, prompts, 4, stop_ids=(), steering=steering, steer_masks=only_last)
+    for b, p in enumerate(prompts):
+        seq = list(p)
+        for _ in range(4):
+            m = torch.tensor([[i >= len(p) - 1 for i in range(len(seq))]])
+            with torch.no_grad():
+                logits = ours(torch.tensor([seq]), steering=M.Steering.vector(1, v[b:b + 1]), steer_mask=m)
+            seq.append(logits[0, -1].argmax().item())
+        assert got[b] == seq[len(p):]
