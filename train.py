@@ -91,7 +91,7 @@ PRESETS = {  # paper Table 3 (SPEC §3); `demo` is the offline CPU main job
                                        out="runs/paper-9b-ic"),
     "paper-9b-no-context": TrainConfig(**PAPER_9B, variant="no_context", n_blocks=42, batch_size=6,
                                        out="runs/paper-9b-nc"),
-    "demo": TrainConfig(**data.DEMO_RUN, n_blocks=2, freeze_embeddings=True, batch_size=4, lr=1e-3, epochs=1.25,
+    "demo": TrainConfig(**data.DEMO_RUN, n_blocks=2, freeze_embeddings=True, batch_size=4, lr=3e-3, epochs=1.25,
                         max_len=96, eval_every=80, eval_batches=16, save_every=80, keywords=str(data.DEMO_KEYWORDS),
                         out="runs/demo", device="cpu"),
 }
