@@ -518,7 +518,9 @@ def main(argv=None):
     try:
         server.serve_forever()
     except KeyboardInterrupt:
-        pass
+        server.server_close()
+        print("stopped", flush=True)
+        os._exit(0)   # now: the daemon engine thread may sit in a torch call, which can stall interpreter shutdown
 
 
 if __name__ == "__main__":
