@@ -27,6 +27,7 @@ import math
 import os
 import queue
 import secrets
+import signal
 import sys
 import threading
 import time
@@ -507,6 +508,7 @@ def build(argv=None):
 
 
 def main(argv=None):
+    signal.signal(signal.SIGINT, signal.default_int_handler)   # Ctrl-C stops it, even if started with SIGINT ignored
     server, args = build(argv)
     engine = server.engine.start()
     url = f"http://{args.host}:{server.server_address[1]}"
