@@ -55,6 +55,25 @@ def write_atomic(path, write):
     return path
 
 
+def complete_lines(path):
+    """The complete lines of an append-only JSONL file. A crash can leave a partly written last line:
+    it is cut off the file (with a warning), so the work it recorded is done again."""
+    import warnings
+    path = Path(path)
+    if not path.exists():
+        return []
+    raw = path.read_bytes()
+    keep = raw[:raw.rfind(b"\n") + 1]
+    if len(keep) < len(raw):
+        warnings.warn(f"{path}: dropping a partly written last line ({len(raw) - len(keep)} bytes)", stacklevel=3)
+        with open(path, "r+b") as f:
+            f.truncate(len(keep))
+    try:
+        return [line for line in keep.decode("utf-8").splitlines() if line.strip()]
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not UTF-8 text") from None
+
+
 # ----------------------------------------------------------------------------- safetensors
 
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,

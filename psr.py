@@ -137,17 +137,9 @@ def views(tok, x, xp, y, n_prefix=None):
 
 def read_samples(path):
     """Rows of a samples.jsonl; a partly written last line (a killed run) is cut off and sampled again."""
-    path = Path(path)
-    if not path.exists():
-        return []
-    raw = path.read_bytes()
-    keep = raw[:raw.rfind(b"\n") + 1]
-    if len(keep) < len(raw):
-        with open(path, "r+b") as f:
-            f.truncate(len(keep))
     try:
-        return [json.loads(line) for line in keep.decode("utf-8").splitlines() if line.strip()]
-    except (UnicodeDecodeError, json.JSONDecodeError):
+        return [json.loads(line) for line in loader.complete_lines(path)]
+    except json.JSONDecodeError:
         raise ValueError(f"{path}: not a samples file; remove it or pass another --samples") from None
 
 

@@ -214,26 +214,15 @@ def stack_edits(per_row):
 
 
 def read_rows_file(path):
-    """Rows already in a generations file. A crash can leave a partly written last line: it is cut off
-    (with a warning) and generated again."""
-    path = Path(path)
-    if not path.exists():
-        return []
-    raw = path.read_bytes()
-    keep = raw[:raw.rfind(b"\n") + 1]
-    if len(keep) < len(raw):
-        warnings.warn(f"{path}: dropping a partly written last line ({len(raw) - len(keep)} bytes)", stacklevel=2)
-        with open(path, "r+b") as f:
-            f.truncate(len(keep))
+    """Rows already in a generations file (a partly written last line is cut off and generated again)."""
     rows = []
-    for n, line in enumerate(keep.decode("utf-8", errors="replace").splitlines(), 1):
-        if line.strip():
-            try:
-                row = json.loads(line)
-                row_key(row)
-                rows.append(row)
-            except (ValueError, KeyError, TypeError):
-                raise ValueError(f"{path}:{n}: not a generations row; fix or remove the file") from None
+    for n, line in enumerate(loader.complete_lines(path), 1):
+        try:
+            row = json.loads(line)
+            row_key(row)
+            rows.append(row)
+        except (ValueError, KeyError, TypeError):
+            raise ValueError(f"{path}:{n}: not a generations row; fix or remove the file") from None
     return rows
 
 

@@ -1934,14 +1934,19 @@ def test_export_round_trip(tmp_path):
 
 # ----------------------------------------------------------------------------- the CLI end to end
 
-def cli_run_folder(setup, tmp_path):
-    """A tiny model folder, data file, instructions and a checkpoint with train_config metadata."""
-    base, tok, hyper = setup
-    folder = tmp_path / "model"
+def tiny_model_folder(base, folder):
+    """base as a Hugging Face folder: config.json, model.safetensors and the tiny tokenizer."""
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps(asdict(base.cfg)))
     save_file({k: v.contiguous() for k, v in base.state_dict().items()}, str(folder / "model.safetensors"))
     tiny_tokenizer(folder / "tokenizer.json")
+    return folder
+
+
+def cli_run_folder(setup, tmp_path):
+    """A tiny model folder, data file, instructions and a checkpoint with train_config metadata."""
+    base, tok, hyper = setup
+    folder = tiny_model_folder(base, tmp_path / "model")
     rows = demo_rows()
     (tmp_path / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (tmp_path / "ins.json").write_text(json.dumps([{"instruction": x} for x in instructions(12)]))
@@ -2188,11 +2193,7 @@ def test_no_examples_left_is_one_line(tmp_path):
 
 def test_steering_values_must_be_finite_and_fit(setup, tmp_path):
     base, tok, hyper = setup
-    folder = tmp_path / "model"
-    folder.mkdir()
-    (folder / "config.json").write_text(json.dumps(asdict(base.cfg)))
-    save_file({k: v.contiguous() for k, v in base.state_dict().items()}, str(folder / "model.safetensors"))
-    tiny_tokenizer(folder / "tokenizer.json")
+    folder = tiny_model_folder(base, tmp_path / "model")
     good = tmp_path / "v"
     steer.save_vector(good, torch.randn(64), LAYER, "gemma2", "DiffMean", "c")
     common = ["--model", str(folder), "--prompt", "w1 w2", "--max-new-tokens", "2"]
@@ -2410,11 +2411,7 @@ import serve
 def serve_files(tmp_path_factory):
     """A tiny random model folder and a tiny cross-attention hypernetwork checkpoint for it."""
     tmp = tmp_path_factory.mktemp("serve")
-    base, folder = steer_base(), tmp / "model"
-    folder.mkdir()
-    (folder / "config.json").write_text(json.dumps(asdict(base.cfg)))
-    save_file({k: v.contiguous() for k, v in base.state_dict().items()}, str(folder / "model.safetensors"))
-    tiny_tokenizer(folder / "tokenizer.json")
+    folder = tiny_model_folder(steer_base(), tmp / "model")
     ckpt = tmp / "hyper.safetensors"
     H.save(tiny_hyper(loader.load(folder)[0]), ckpt)
     return folder, ckpt
@@ -2892,11 +2889,7 @@ def test_psr_save_load_round_trip_and_refusals(setup, tmp_path):
 
 def test_psr_cli_and_steer_eval_and_compare(setup, tmp_path, capsys):
     base, tok, _ = setup
-    folder = tmp_path / "model"
-    folder.mkdir()
-    (folder / "config.json").write_text(json.dumps(asdict(base.cfg)))
-    save_file({k: v.contiguous() for k, v in base.state_dict().items()}, str(folder / "model.safetensors"))
-    tiny_tokenizer(folder / "tokenizer.json")
+    folder = tiny_model_folder(base, tmp_path / "model")
     (tmp_path / "ins.json").write_text(json.dumps([{"instruction": x} for x in instructions(12)]))
     (tmp_path / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in demo_rows()))
     run = ["--concept", "w4", "--model", str(folder), "--instructions", str(tmp_path / "ins.json"), "--layer", "2",
