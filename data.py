@@ -27,6 +27,7 @@ from loader import DEMO_MODEL, hf_file, one_line_errors, read_json
 from model import left_pad
 
 DEMO_DATA = Path(__file__).resolve().parent / "demo" / "concepts.jsonl"
+DEMO_INSTRUCTIONS = DEMO_DATA.parent / "instructions.json"   # 60 offline evaluation instructions (AlpacaEval stand-in)
 DEMO_KEYWORDS = DEMO_DATA.parent / "keywords.json"   # per concept, for the demo's concept-mention rate; never trained on
 DEMO_RUN = dict(model=str(DEMO_MODEL), data=str(DEMO_DATA), layer=9, held_out_ids="4,102,202", eval_rows=8, seed=0)
 # ^ the offline demo's model, data, layer and split: train.py's demo preset, and steer.py without a checkpoint
@@ -183,6 +184,16 @@ def split_run(rows, run):
     out_ids = [int(c) for c in str(get("held_out_ids") or "").split(",") if c.strip()]
     return split_concepts(pos, get("held_out_concepts", 0), get("held_out_fraction", 0.0), get("seed", 0),
                           get("eval_rows", 2), held_in, out_ids)
+
+
+def read_instructions(path):
+    """A JSON list of instructions: strings or {"instruction": ...} objects (AlpacaEval's layout)."""
+    items = read_json(path, "instructions file")
+    out = [x["instruction"] if isinstance(x, dict) and "instruction" in x else x for x in items] \
+        if isinstance(items, list) else []
+    if not out or not all(isinstance(x, str) and x.strip() for x in out):
+        raise ValueError(f"{path}: not a JSON list of instructions (strings or {{\"instruction\": ...}})")
+    return out
 
 
 def load_keywords(path):

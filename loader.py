@@ -29,15 +29,15 @@ DEMO_MODEL = Path(__file__).resolve().parent / "models" / "gemma-3-270m"   # bui
 # ----------------------------------------------------------------------------- errors and files
 
 @contextlib.contextmanager
-def one_line_errors(debug=False):
-    """For command-line entry points: the project's errors (a bad file, flag or value) end the command
-    with one line naming it and a non-zero exit; --debug shows the traceback instead."""
+def one_line_errors(debug=False, also=()):
+    """For command-line entry points: the project's errors (a bad file, flag or value; `also` adds more
+    kinds) end the command with one line naming it and a non-zero exit; --debug shows the traceback."""
     try:
         yield
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, *also) as e:
         if debug:
             raise
-        raise SystemExit(f"error: {e}") from None
+        raise SystemExit(f"error: {' '.join(str(e).split())}") from None
 
 
 def write_atomic(path, write):

@@ -4,7 +4,7 @@ The config, the model written out in plain torch, the intervention mechanism (pa
 is added to the residual stream, where, and how strongly), the KV cache and batched generation.
 Loading checkpoints and the tokenizer live in loader.py.
 
-    python steer.py --prompt "The capital of France is" --raw   # a greedy continuation (CPU, seconds)
+    python steer.py compare --prompt "The capital of France is" --raw   # a greedy continuation (CPU, seconds)
     python -m pytest -q test_all.py -k transformers               # equal to Hugging Face's Gemma
 """
 from dataclasses import dataclass, field
@@ -401,6 +401,12 @@ class KVCache:
     def advance(self, real):
         self.length += real.shape[1]
         self.next_pos += real.long().sum(-1)
+
+    def keep(self, idx):
+        """Keep only the rows idx (B',) of the batch: finished rows leave (serve.py's decode loop)."""
+        self.keys, self.next_pos = self.keys[idx], self.next_pos[idx]
+        for layer in self.layers:
+            layer.k, layer.v = layer.k[idx], layer.v[idx]
 
 
 # ----------------------------------------------------------------------------- generation

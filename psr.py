@@ -42,12 +42,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import baselines
+import data
 import loader
 import model as M
 from hypernet import check_base
 
 GRID = [0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0]   # SPEC §7 strengths; 1 = what training fitted
-DEMO_INSTRUCTIONS = Path(__file__).resolve().parent / "demo" / "instructions.json"
 
 
 # ----------------------------------------------------------------------------- the intervention
@@ -374,14 +374,6 @@ def plot(out, tok, example, lambdas, layers, rel, steer_layer):
 
 # ----------------------------------------------------------------------------- the command
 
-def read_instructions(path):
-    items = loader.read_json(path, "instructions file")
-    out = [x["instruction"] if isinstance(x, dict) else x for x in items] if isinstance(items, list) else []
-    if not out or not all(isinstance(x, str) and x.strip() for x in out):
-        raise ValueError(f"{path}: expected a JSON list of instructions (strings or {{\"instruction\": ...}})")
-    return out
-
-
 def run(args):
     out = Path(args.out)
     target = out / "psr.safetensors"
@@ -399,7 +391,7 @@ def run(args):
         import judge
         judge_cfg = judge.JudgeConfig(base_url=args.judge_url, model=args.judge_model, cache_dir=str(out / ".judge_cache"))
     steer_text = baselines.steering_prompt(args.concept, judge_cfg)
-    instructions = read_instructions(args.instructions)
+    instructions = data.read_instructions(args.instructions)
     if args.n_train + args.n_eval > len(instructions):
         raise ValueError(f"--n-train {args.n_train} + --n-eval {args.n_eval} > the {len(instructions)} instructions")
     order = random.Random(args.seed).sample(instructions, len(instructions))
@@ -501,7 +493,7 @@ def main(argv=None):
     add("--samples", help="samples JSONL to read and extend (default OUT/samples.jsonl; share it between runs)")
     add("--model", default=str(loader.DEMO_MODEL), help="base model folder or hub id (default: the offline gemma-3-270m)")
     add("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
-    add("--instructions", default=str(DEMO_INSTRUCTIONS), help="JSON list of instructions (default: the bundled demo's)")
+    add("--instructions", default=str(data.DEMO_INSTRUCTIONS), help="JSON list of instructions (default: the bundled demo's)")
     add("--n-train", type=int, default=8, help="training instructions")
     add("--n-eval", type=int, default=6, help="held-back instructions, never trained on (the CE and RMSE analyses)")
     add("--samples-per-instruction", type=int, default=1, help="answers y' sampled per instruction")
@@ -520,12 +512,8 @@ def main(argv=None):
     add("--seed", type=int, default=0, help="seeds the instruction split, the samples and the training order")
     add("--debug", action="store_true", help="show tracebacks")
     args = ap.parse_args(argv)
-    try:
+    with loader.one_line_errors(args.debug, also=(RuntimeError,)):
         return run(args)
-    except (OSError, ValueError, RuntimeError) as e:
-        if args.debug:
-            raise
-        raise SystemExit(f"error: {' '.join(str(e).split())}")
 
 
 if __name__ == "__main__":

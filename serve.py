@@ -156,13 +156,6 @@ def parse_request(raw, engine):
 
 # ----------------------------------------------------------------------------- the engine: batched, steered decoding
 
-def keep_rows(cache, idx):
-    """Drop finished rows from a model.KVCache: idx (B',) the rows that go on."""
-    cache.keys, cache.next_pos = cache.keys[idx], cache.next_pos[idx]
-    for layer in cache.layers:
-        layer.k, layer.v = layer.k[idx], layer.v[idx]
-
-
 class Engine:
     """The loaded model and steering source, a bounded queue, and one worker thread that batches."""
 
@@ -238,7 +231,7 @@ class Engine:
         deltas = torch.stack([self.delta(j).float() for j in rows]).to(dev)            # (B, d)
         gens = [torch.Generator(device=dev).manual_seed(j.seed) for j in rows]
         ids, real = M.left_pad([j.ids for j in rows], base.cfg.pad_token_id, dev)       # (B, T), left padded
-        after = [[i >= j.n_prefix for i in range(len(j.ids))] for j in rows]             # SPEC §4 positions
+        after = [M.steer_after([j.ids], j.n_prefix)[0] for j in rows]                    # SPEC §4 positions
         mask = M.left_pad(after, False, dev, torch.bool)[0]
         cache = M.KVCache(base.cfg, len(rows), ids.shape[1] + max(j.max_tokens for j in rows), dev,
                           base.model.embed_tokens.weight.dtype)
@@ -263,7 +256,7 @@ class Engine:
                 return
             if len(keep) < len(rows):                      # finished rows leave the batch
                 idx = torch.tensor(keep, device=dev)
-                keep_rows(cache, idx)
+                cache.keep(idx)
                 rows, gens, deltas = [rows[b] for b in keep], [gens[b] for b in keep], deltas[idx]
             nxt = torch.tensor([[j.tokens[-1]] for j in rows], device=dev)              # (B, 1)
             ones = torch.ones_like(nxt, dtype=torch.bool)
@@ -500,10 +493,8 @@ def build(argv=None):
         key = os.environ.get(args.api_key_env)
         if not key:
             raise SystemExit(f"error: --api-key-env: environment variable {args.api_key_env} is unset or empty")
-    try:
+    with loader.one_line_errors():
         engine, concept = load_engine(args)
-    except (OSError, ValueError) as e:
-        raise SystemExit(f"error: {e}")
     return make_server(engine, args.host, 0 if args.bench else args.port, key, concept), args
 
 

@@ -30,7 +30,6 @@ import hashlib
 import itertools
 import json
 import math
-import sys
 import textwrap
 import warnings
 import zlib
@@ -47,7 +46,6 @@ import hypernet as H
 import loader
 import model as M
 
-DEMO_INSTRUCTIONS = Path(__file__).resolve().parent / "demo" / "instructions.json"
 HYPER_GRID = [0.2, 0.4, 0.6, 0.8, 1.0, 1.2, 1.4, 1.6, 1.8, 2.0]   # SPEC §7: Δ unnormalised, around 0.2-2
 VECTOR_GRID = HYPER_GRID + [2.5, 3.0, 4.0, 5.0]                    # AxBench's grid, times max_act (SPEC §8)
 METHODS = ("hypersteer", "prompting", "diffmean", "reft-r1", "psr")
@@ -62,15 +60,8 @@ def load_instructions(source="alpaca", revision="main"):
     if source == "alpaca":
         path = loader.hf_file("tatsu-lab/alpaca_eval", "alpaca_eval.json", revision, kind="dataset")
     else:
-        path = DEMO_INSTRUCTIONS if source == "demo" else Path(source)
-    items = loader.read_json(path, "instructions file")
-    try:
-        out = [x["instruction"] if isinstance(x, dict) else x for x in items]
-        if not out or not all(isinstance(x, str) and x.strip() for x in out):
-            raise TypeError("empty or non-text instructions")
-        return out
-    except (KeyError, TypeError) as e:
-        raise ValueError(f"{path}: not a JSON list of instructions ({type(e).__name__}: {e})") from None
+        path = data.DEMO_INSTRUCTIONS if source == "demo" else Path(source)
+    return data.read_instructions(path)
 
 
 def pick_instructions(instructions, concept_id, n=10):

@@ -1625,7 +1625,7 @@ def test_torchrun_trains_with_one_writer(tmp_path):
 
 @pytest.mark.parametrize("bf16", ["no", "yes"])
 def test_traced_training_memory_equals_a_real_step(bf16):
-    """train.py --trace-memory traces a step on fake tensors; on a tiny model the same counter over a
+    """`python bench.py memory` traces a step on fake tensors; on a tiny model the same counter over a
     real CPU step gives the same bytes, and the counts are what the parameters and AdamW state need."""
     import bench
     cfg = TR.TrainConfig(n_blocks=2, layer=1, batch_size=3, max_len=24, bf16=bf16)

@@ -535,7 +535,10 @@ def final_measurements(run, step):
     if not rows:
         return
     run.hyper.eval()
-    firsts = list({r["concept_id"]: r for r in reversed(rows)}.values())[::-1][:2]   # one row of each of 2 concepts
+    first = {}
+    for r in rows:
+        first.setdefault(r["concept_id"], r)
+    firsts = list(first.values())[:2]                                            # a row of each of 2 concepts
     final["sweep"] = [{"concept": r["output_concept"], "prompt": r["input"],
                        "answers": {str(s): greedy_answers(run, [r], [r["output_concept"]], s)[0] for s in SWEEP}}
                       for r in firsts]
