@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU measurements of this project, for a device machine lent for a few minutes (bench.py gpu-*).
+# The GPU measurements of this project, for a device machine lent for a few minutes (bench_gpu.py).
 #
 #   bash gpu_session.sh --prepare            # here, once: .gpu/ with the offline model's pieces (ignored by git)
 #   bash gpu_session.sh env speed flex       # there: stages by name; each writes $OUT/<stage>.log (+ .json)
@@ -7,10 +7,10 @@
 #
 # Stages (each under its own timeout, so one failure keeps the rest):
 #   env    nvidia-smi, python, torch, transformers
-#   speed  bench.py gpu-speed: prefill 512/2048, decode batch 1/64 vs transformers, batch-1 decode vs the roofline
+#   speed  bench_gpu.py speed: prefill 512/2048, decode batch 1/64 vs transformers, batch-1 decode vs the roofline
 #   flex   the FlexAttention tests (the bf16 forward + backward one needs CUDA)
-#   train  bench.py gpu-train: a training step's time, tokens/s, memory, MFU; SPEC §5 vs the base run twice
-#   eval   bench.py gpu-eval: steered sampling generations/s vs transformers with a hook
+#   train  bench_gpu.py train: a training step's time, tokens/s, memory, MFU; SPEC §5 vs the base run twice
+#   eval   bench_gpu.py eval: steered sampling generations/s vs transformers with a hook
 #   demo   train.py --preset demo on the GPU for DEMO_SECONDS of training (step count calibrated first)
 #
 # The device machine has torch and transformers but no gguf and no internet, and a call carries at most
@@ -96,14 +96,14 @@ for s in "${STAGES[@]}"; do
     env) run env 30 bash -c "nvidia-smi || true; $PY -c 'import sys, torch, transformers; print(sys.version); \
 print(\"torch\", torch.__version__, \"cuda\", torch.cuda.is_available(), torch.cuda.get_device_name() if torch.cuda.is_available() else \"\"); \
 print(\"transformers\", transformers.__version__)'" ;;
-    speed) if [ $T = 1 ]; then run speed 120 $PY bench.py gpu-speed --smoke --repeats 1 --decode-tokens 8 --json "$OUT/speed.json"
-           else run speed 300 $PY bench.py gpu-speed --json "$OUT/speed.json"; fi ;;
+    speed) if [ $T = 1 ]; then run speed 120 $PY bench_gpu.py speed --smoke --repeats 1 --decode-tokens 8 --json "$OUT/speed.json"
+           else run speed 300 $PY bench_gpu.py speed --json "$OUT/speed.json"; fi ;;
     flex) run flex 240 $PY -m pytest -q -rs test_all.py -k flex -p no:cacheprovider ;;
-    train) if [ $T = 1 ]; then run train 120 $PY bench.py gpu-train $SM --steps 1 --batch-size 2 --prompt-tokens 8 \
+    train) if [ $T = 1 ]; then run train 120 $PY bench_gpu.py train $SM --steps 1 --batch-size 2 --prompt-tokens 8 \
              --output-tokens 16 --json "$OUT/train.json"
-           else run train 480 $PY bench.py gpu-train --json "$OUT/train.json"; fi ;;
-    eval) if [ $T = 1 ]; then run eval 120 $PY bench.py gpu-eval $SM --batches 4,2 --new-tokens 8 --json "$OUT/eval.json"
-          else run eval 420 $PY bench.py gpu-eval --json "$OUT/eval.json"; fi ;;
+           else run train 480 $PY bench_gpu.py train --json "$OUT/train.json"; fi ;;
+    eval) if [ $T = 1 ]; then run eval 120 $PY bench_gpu.py eval $SM --batches 4,2 --new-tokens 8 --json "$OUT/eval.json"
+          else run eval 420 $PY bench_gpu.py eval --json "$OUT/eval.json"; fi ;;
     demo) export -f demo; export SMOKE PY OUT DEMO_SECONDS
           run demo $([ $T = 1 ] && echo 180 || echo 570) bash -c demo ;;
     *) echo "unknown stage $s (env speed flex train eval demo)"; exit 2 ;;

@@ -1627,11 +1627,11 @@ def test_torchrun_trains_with_one_writer(tmp_path):
 def test_traced_training_memory_equals_a_real_step(bf16):
     """`python bench.py memory` traces a step on fake tensors; on a tiny model the same counter over a
     real CPU step gives the same bytes, and the counts are what the parameters and AdamW state need."""
-    import bench
+    import memory
     cfg = TR.TrainConfig(n_blocks=2, layer=1, batch_size=3, max_len=24, bf16=bf16)
     base_cfg = M.GemmaConfig(model_type="gemma2", **LAYOUT)
-    fake = bench.train_memory(cfg, base_cfg, prompt_tokens=8, fake=True)
-    real = bench.train_memory(cfg, base_cfg, prompt_tokens=8, fake=False)
+    fake = memory.train_memory(cfg, base_cfg, prompt_tokens=8, fake=True)
+    real = memory.train_memory(cfg, base_cfg, prompt_tokens=8, fake=False)
     assert fake == real
     base = M.Gemma(base_cfg).requires_grad_(False)
     hyper = HyperSteer.from_base(base, HyperConfig("cross_attention", 2, 1))
@@ -1647,32 +1647,33 @@ TINY_GEMMA2 = M.GemmaConfig(model_type="gemma2", **LAYOUT)
 
 
 def test_gpu_bench_roofline_arithmetic():
-    """bench.py gpu-speed: a batch-1 decode step must read every weight once (the tied embedding once) and
+    """bench_gpu.py speed: a batch-1 decode step must read every weight once (the tied embedding once) and
     the KV cache (sliding layers at most their window); datasheet figures by the names torch reports."""
     import bench
+    import bench_gpu as BG
     cfg = M.gemma2_2b()
     assert bench.base_params(cfg) == 2_614_341_888                   # Gemma-2-2b
-    assert bench.decode_bytes(cfg, 1, 0) == 2 * 2_614_341_888
+    assert BG.decode_bytes(cfg, 1, 0) == 2 * 2_614_341_888
     kv_per_token = 2 * 4 * 256 * 2                                    # k and v, 4 KV heads x 256, bf16
-    assert bench.decode_bytes(cfg, 3, 5000) - bench.decode_bytes(cfg, 1, 0) == 3 * kv_per_token * 13 * (5000 + 4096)
-    assert bench.datasheet("NVIDIA H100 80GB HBM3") == (3.35e12, 989e12)
-    assert bench.datasheet("NVIDIA H100 PCIe")[0] == 2.0e12 and bench.datasheet("NVIDIA H200")[0] == 4.8e12
-    assert bench.datasheet("NVIDIA A10G") == (None, None)
-    assert bench.copy_bandwidth("cpu", 2**16, repeats=2) > 0
+    assert BG.decode_bytes(cfg, 3, 5000) - BG.decode_bytes(cfg, 1, 0) == 3 * kv_per_token * 13 * (5000 + 4096)
+    assert BG.datasheet("NVIDIA H100 80GB HBM3") == (3.35e12, 989e12)
+    assert BG.datasheet("NVIDIA H100 PCIe")[0] == 2.0e12 and BG.datasheet("NVIDIA H200")[0] == 4.8e12
+    assert BG.datasheet("NVIDIA A10G") == (None, None)
+    assert BG.copy_bandwidth("cpu", 2**16, repeats=2) > 0
 
 
 def test_gpu_bench_compares_the_same_weights_and_steering():
-    """gpu-speed and gpu-eval time transformers and ours on shared weights; transformers' steering hook adds
+    """bench_gpu.py speed and eval time transformers and ours on shared weights; transformers' steering hook adds
     what our Steering adds (so both sides do the same work)."""
-    import bench
-    ours, hf = bench.random_pair(TINY_GEMMA2, "cpu", torch.float32)
+    import bench_gpu as BG
+    ours, hf = BG.random_pair(TINY_GEMMA2, "cpu", torch.float32)
     assert hf.config._attn_implementation == "eager"
     assert ours.model.embed_tokens.weight.data_ptr() == hf.model.embed_tokens.weight.data_ptr()
     ids, mask = padded_batch(T=12)
     deltas, strengths = torch.randn(3, 64), torch.tensor([0.5, 1.0, 2.0])
     pos = (mask.long().cumsum(-1) - 1).clamp(min=0)
     with torch.no_grad():
-        handle = bench.add_steering_hook(hf, 2, deltas, strengths)
+        handle = BG.add_steering_hook(hf, 2, deltas, strengths)
         ref = hf(input_ids=ids, attention_mask=mask.long(), position_ids=pos).logits
         handle.remove()
         out = ours(ids, mask, steering=M.Steering.vector(2, deltas, strengths))
@@ -1680,13 +1681,13 @@ def test_gpu_bench_compares_the_same_weights_and_steering():
 
 
 def test_gpu_train_and_eval_run_on_cpu_at_tiny_sizes(tmp_path):
-    """bench.py gpu-train and gpu-eval --smoke: the code paths of the GPU measurements on a tiny CPU model."""
-    import bench
-    r = bench.main(["gpu-train", "--smoke", "--steps", "1", "--batch-size", "2", "--prompt-tokens", "6",
-                    "--output-tokens", "6", "--json", str(tmp_path / "t.json")])
+    """bench_gpu.py train and eval --smoke: the code paths of the GPU measurements on a tiny CPU model."""
+    import bench_gpu as BG
+    r = BG.main(["train", "--smoke", "--steps", "1", "--batch-size", "2", "--prompt-tokens", "6",
+                 "--output-tokens", "6", "--json", str(tmp_path / "t.json")])
     assert json.loads((tmp_path / "t.json").read_text())["speedup"] == r["speedup"] > 0
     assert r["spec5"]["traced_flops"] < r["two_pass"]["traced_flops"]
-    r = bench.main(["gpu-eval", "--smoke", "--batches", "2", "--new-tokens", "3"])
+    r = BG.main(["eval", "--smoke", "--batches", "2", "--new-tokens", "3"])
     assert r["ours"]["batch"] == r["transformers"]["batch"] == 2 and r["ratio"] > 0
 
 
