@@ -2406,6 +2406,7 @@ import sys
 import requests
 
 import serve
+import serve_api
 
 
 @pytest.fixture(scope="module")
@@ -2634,7 +2635,7 @@ def test_serve_psr_rows_and_lambda_per_token(serve_files):
     base, tok = loader.load(folder)
     fake = FakePSR()
     engine = serve.Engine(base, tok, "tiny", psr=fake, gather_ms=50).start()
-    server = serve.make_server(engine, port=0)
+    server = serve_api.make_server(engine, port=0)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{server.server_address[1]}"
     try:
