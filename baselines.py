@@ -13,6 +13,7 @@ import random
 import torch
 import torch.nn.functional as F
 
+import chat_api
 import data
 import model as M
 
@@ -27,12 +28,11 @@ WRITE_PROMPT = ('Write a prompt for a language model that makes it include conte
 # ----------------------------------------------------------------------------- prompting
 
 def steering_prompt(concept, judge_cfg=None):
-    """SPEC §8 prompting: an LLM writes the steering prompt (through judge.py's cached client) when an
+    """SPEC §8 prompting: an LLM writes the steering prompt (through chat_api.py's cached client) when an
     endpoint is configured; otherwise a fixed template in the same spirit."""
     if judge_cfg is None:
         return PROMPT_TEMPLATE.format(concept=concept)
-    import judge
-    reply = judge.chat([{"role": "user", "content": WRITE_PROMPT.format(concept=concept)}], judge_cfg)
+    reply = chat_api.chat([{"role": "user", "content": WRITE_PROMPT.format(concept=concept)}], judge_cfg)
     return reply.strip().strip('"') or PROMPT_TEMPLATE.format(concept=concept)
 
 

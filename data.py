@@ -196,6 +196,23 @@ def read_instructions(path):
     return out
 
 
+def load_instructions(source="alpaca", revision="main"):
+    """'alpaca': AlpacaEval's 805 instructions (fetched once into the hub cache); 'demo': the bundled 60,
+    an offline stand-in under the same selection rule; else a JSON list of {"instruction": ...} or strings."""
+    if source == "alpaca":
+        path = hf_file("tatsu-lab/alpaca_eval", "alpaca_eval.json", revision, kind="dataset")
+    else:
+        path = DEMO_INSTRUCTIONS if source == "demo" else Path(source)
+    return read_instructions(path)
+
+
+def pick_instructions(instructions, concept_id, n=10):
+    """SPEC §6: the first n of numpy.random.RandomState(concept_id).permutation(len(instructions))
+    (what AxBench's pandas df.sample(n, random_state=concept_id) draws)."""
+    order = np.random.RandomState(concept_id).permutation(len(instructions))[:n]
+    return [instructions[i] for i in order]
+
+
 def load_keywords(path):
     """{concept text: [keywords]} from a JSON {concept_id: {"concept": ..., "keywords": [...]}} file."""
     raw = read_json(path, "keywords file")

@@ -1,8 +1,10 @@
-"""Several processes, one run: the pieces of torchrun training that train.py and steer.py use (SPEC §5).
+"""Several processes, one run: the pieces of torchrun training that train.py and steer.py use (SPEC §5), and
+the evaluation's concepts split over processes or machines (steer.py eval --shard, steer.py merge).
 
     torchrun --nproc-per-node 8 train.py                             # DDP: every GPU holds the whole hypernetwork
     torchrun --nproc-per-node 8 train.py --preset paper-9b --fsdp    # FSDP2: its weights, gradients, AdamW state 1/8 each
     torchrun --nproc-per-node 2 train.py --preset demo --max-steps 4 --out runs/demo-2p   # CPU (gloo), a minute
+    torchrun --nproc-per-node 8 steer.py eval --hypernet runs/paper-2b/hypernet.safetensors --out gens.jsonl  # 8 shards
 
 Launched without torchrun (no RANK / WORLD_SIZE in the environment) nothing here starts a process group:
 rank 0 of 1, and every function is a no-op or the identity, so one-process training is untouched.
@@ -16,9 +18,12 @@ import contextlib
 import io
 import os
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
+import generations
 
 
 def launched():
@@ -162,3 +167,32 @@ def shard_of(text=None):
     if not 0 <= i < n:
         raise ValueError(f"--shard {text}: need 0 <= i < n")
     return i, n
+
+
+def shard_path(out, i, n):
+    """Shard i of n writes OUT.shard-i-of-n.jsonl (resumable like OUT), taking every n-th concept from the i-th,
+    and, when done, OUT.shard-i-of-n.jsonl.done. The shard that finds all n done merges them into OUT; on
+    machines without a shared disk, copy the shard files and their .done files together and run
+    `python steer.py merge --out OUT --shards n`."""
+    out = Path(out)
+    return out.with_name(f"{out.stem}.shard-{i}-of-{n}{out.suffix}")
+
+
+def merge_shards(out, n):
+    """OUT's rows, then each shard's, each row key once, written atomically into OUT. Returns the number of
+    rows, or None while a shard is not done. Rows of one key from different producers are refused."""
+    shards = [shard_path(out, i, n) for i in range(n)]
+    waiting = [str(i) for i, p in enumerate(shards) if not Path(f"{p}.done").exists()]
+    if waiting:
+        print(f"{out}: shard(s) {', '.join(waiting)} of {n} not done yet; the last one to finish merges")
+        return None
+    rows = {}
+    for path in [Path(out), *shards]:
+        for r in generations.read_resumable(path):
+            key = generations.row_key(r)
+            if rows.setdefault(key, r).get("producer") != r.get("producer"):
+                raise ValueError(f"{path}: row {key} was made by another checkpoint or other settings "
+                                 f"than {out}'s; merge into another --out")
+    generations.write_rows(out, rows.values())
+    print(f"merged {n} shards into {out}: {len(rows)} rows")
+    return len(rows)

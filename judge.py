@@ -14,7 +14,7 @@ averaged over concepts, laid out like paper Table 1.
     python judge.py gens.jsonl --model gpt-4o-mini   # -> gens.ratings.jsonl, gens.report.md/.json
     python judge.py gens.jsonl --base-url http://localhost:11434/v1 --model qwen2.5:7b  # local
 
-Every answer is cached in .judge_cache/ (next to the first input), one file per request named by
+Every answer is cached (chat_api.py) in .judge_cache/ (next to the first input), one file per request named by
 the sha256 of the full request (model, messages, temperature), so a re-run or an interrupted run
 pays for nothing twice. A request that still fails after its retries, or whose reply is not text,
 is recorded as failed (never as a 0), is not cached, and is sent again on the next run. The
@@ -25,49 +25,21 @@ Errors are one line (--debug shows the traceback). Exit status: 0 when every req
 1 when some failed (re-run to retry), 2 on bad input or flags or another error that stopped the run.
 """
 import argparse
-import hashlib
 import json
 import math
-import os
-import random
 import re
 import sys
-import threading
-import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import asdict, dataclass
-from email.utils import parsedate_to_datetime
+from dataclasses import asdict
 from pathlib import Path
 
-import requests
 from tqdm import tqdm
 
+import generations
 import loader
+from chat_api import TOKENS, JudgeConfig, JudgeError, api_key, cache_path, cached_chat, redact, request_body
 
 CRITERIA = ("concept", "instruction", "fluency")
-REQUIRED = ("method", "concept", "instruction_index", "instruction", "strength", "text")
-TOKENS = ("prompt_tokens", "completion_tokens")
-
-
-@dataclass
-class JudgeConfig:
-    base_url: str = "https://api.openai.com/v1"  # OpenAI-compatible; /chat/completions is appended
-    model: str = "gpt-4o-mini"  # the papers' judge
-    temperature: float = 0.0  # SPEC §7: deterministic judging
-    api_key_env: str = "OPENAI_API_KEY"  # NAME of the variable holding the key; no key -> no header
-    workers: int = 16  # concurrent requests (bounded thread pool)
-    timeout: float = 60.0  # seconds per HTTP request
-    max_retries: int = 6  # retries after the first try, on 429, 5xx, timeouts, connection errors
-    backoff_base: float = 1.0  # first retry waits ~this many seconds, doubling, with jitter
-    backoff_max: float = 60.0  # cap on a single wait, Retry-After included
-    cache_dir: str = ".judge_cache"  # one JSON file per request
-    price_in: float = 0.15  # USD per 1M prompt tokens (gpt-4o-mini)
-    price_out: float = 0.60  # USD per 1M completion tokens (gpt-4o-mini)
-    est_output_tokens: int = 120  # assumed reply length, for --dry-run estimates
-
-
-class JudgeError(RuntimeError):
-    """A request that failed for good (after retries, or a non-retryable HTTP error)."""
 
 
 # ----------------------------------------------------------------------------- prompts and parsing
@@ -133,183 +105,9 @@ def harmonic_score(*ratings):
     return len(ratings) / sum(1.0 / r for r in ratings)
 
 
-# ----------------------------------------------------------------------------- cache and HTTP
-def request_body(messages, cfg):
-    return {"model": cfg.model, "messages": messages, "temperature": cfg.temperature}
-
-
-def cache_path(body, cfg):
-    """The cache key is the full request body only: no API key, no headers, no URL."""
-    canonical = json.dumps(body, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
-    return Path(cfg.cache_dir) / (hashlib.sha256(canonical.encode("utf-8")).hexdigest() + ".json")
-
-
-def write_atomic(path, text):
-    """Text through the project's one atomic writer: readers never see half a file."""
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    loader.write_atomic(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
-
-
-def api_key(cfg):
-    """The key from the environment ("" when unset); surrounding whitespace is never part of it."""
-    return os.environ.get(cfg.api_key_env, "").strip()
-
-
-def _redact(obj, key):
-    """obj (a string, or lists and dicts of them) with the API key replaced by *** everywhere."""
-    if len(key) < 4:
-        return obj
-    if isinstance(obj, str):
-        return obj.replace(key, "***")
-    if isinstance(obj, list):
-        return [_redact(x, key) for x in obj]
-    if isinstance(obj, dict):
-        return {_redact(k, key): _redact(v, key) for k, v in obj.items()}
-    return obj
-
-
-def _retry_after(resp):
-    """Seconds to wait from a Retry-After header (seconds or an HTTP date), or None."""
-    value = resp.headers.get("Retry-After")
-    if value is None:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
-    except (TypeError, ValueError):
-        return None
-
-
-_local = threading.local()  # one requests.Session per worker thread (sessions are not thread-safe)
-RETRYABLE = (requests.Timeout, requests.ConnectionError, requests.exceptions.ChunkedEncodingError)
-
-
-def post_chat(body, cfg, key):
-    """POST one request, retrying 429, 5xx, timeouts and connection errors with exponential
-    backoff and jitter (honouring Retry-After). Returns the response JSON or raises JudgeError."""
-    headers = {"Authorization": f"Bearer {key}"} if key else {}
-    url = cfg.base_url.rstrip("/") + "/chat/completions"
-    if not hasattr(_local, "session"):
-        _local.session = requests.Session()
-    for attempt in range(cfg.max_retries + 1):
-        wait = None
-        try:
-            resp = _local.session.post(url, json=body, headers=headers, timeout=cfg.timeout)
-        except RETRYABLE as e:
-            problem = f"{type(e).__name__}: {e}"
-        except requests.RequestException as e:  # a bad URL or header: retrying won't help
-            raise JudgeError(f"{url}: {type(e).__name__}: {e}") from None
-        else:
-            if resp.status_code == 200:
-                try:
-                    return resp.json()
-                except ValueError:
-                    raise JudgeError(f"{url}: the reply is not JSON") from None
-            problem = f"HTTP {resp.status_code}: {resp.text[:200]}"
-            if resp.status_code != 429 and resp.status_code < 500:  # 400/401/404: retrying won't help
-                raise JudgeError(f"{url}: {problem}")
-            wait = _retry_after(resp)
-        if attempt < cfg.max_retries:
-            if wait is None:
-                wait = cfg.backoff_base * 2 ** attempt * random.uniform(0.5, 1.0)
-            time.sleep(min(wait, cfg.backoff_max))
-    raise JudgeError(f"{url}: gave up after {cfg.max_retries + 1} tries; last {problem}")
-
-
-def reply_text(data):
-    """The answer in a 200 reply. A reply that is not text (content null, a number, a list; no
-    choices; no message) raises JudgeError: SPEC §7 counts it as a failed request, never a 0."""
-    try:
-        content = data["choices"][0]["message"]["content"]
-    except (KeyError, IndexError, TypeError):
-        content = None
-    if not isinstance(content, str):
-        raise JudgeError(f"the reply is not text: {json.dumps(data)[:200]}")
-    return content
-
-
-def token_count(usage, name):
-    """A token count from a reply's usage block; missing, malformed or negative -> 0. The paid
-    answer matters more than its bookkeeping, so a bad usage block never loses it."""
-    try:
-        return max(0, int(float(usage.get(name))))
-    except (AttributeError, TypeError, ValueError, OverflowError):
-        return 0
-
-
-def read_cache(path):
-    """A cached (reply, usage), or None when absent or unreadable: then the request is sent again."""
-    try:
-        hit = json.loads(path.read_text(encoding="utf-8"))
-        reply, usage = hit["reply"], {k: token_count(hit["usage"], k) for k in TOKENS}
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    return (reply, usage) if isinstance(reply, str) else None
-
-
-def cached_chat(messages, cfg):
-    """One chat completion through the disk cache -> (reply, usage, from_cache). Only text answers
-    are cached; the key is redacted from the answer and from error messages."""
-    body = request_body(messages, cfg)
-    path = cache_path(body, cfg)
-    hit = read_cache(path)
-    if hit:
-        return (*hit, True)
-    key = api_key(cfg)
-    try:
-        data = post_chat(body, cfg, key)
-        reply = _redact(reply_text(data), key)
-    except JudgeError as e:
-        raise JudgeError(" ".join(_redact(str(e), key).split())) from None  # one line, no key
-    usage = {k: token_count(data.get("usage"), k) for k in TOKENS}
-    entry = {"request": body, "reply": reply, "usage": usage}
-    write_atomic(path, json.dumps(_redact(entry, key), ensure_ascii=False))
-    return reply, usage, False
-
-
-def chat(messages, cfg=None):
-    """Reusable client: one cached, retried chat completion -> the reply text (raises JudgeError).
-    steer.py uses it to have an LLM write the prompting baseline's instructions (SPEC §8)."""
-    return cached_chat(messages, cfg or JudgeConfig())[0]
-
-
+# ----------------------------------------------------------------------------- judging
 def cost(prompt_tokens, completion_tokens, cfg):
     return (prompt_tokens * cfg.price_in + completion_tokens * cfg.price_out) / 1e6
-
-
-# ----------------------------------------------------------------------------- judging
-def read_generations(paths):
-    """Rows of steer.py's generations JSONL files; ValueError naming file:line on a bad line."""
-    rows = []
-    for path in paths:
-        with open(path, "rb") as f:
-            for n, raw in enumerate(f, 1):
-                try:
-                    line = raw.decode("utf-8")
-                except UnicodeDecodeError as e:
-                    raise ValueError(f"{path}:{n}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except ValueError as e:
-                    raise ValueError(f"{path}:{n}: not valid JSON ({e})") from None
-                if not isinstance(row, dict):
-                    raise ValueError(f"{path}:{n}: not a JSON object")
-                missing = [k for k in REQUIRED if k not in row]
-                if missing:
-                    raise ValueError(f"{path}:{n}: missing field(s) {', '.join(missing)}")
-                try:
-                    row["instruction_index"] = int(row["instruction_index"])
-                    row["strength"] = float(row["strength"])
-                except (ValueError, TypeError):
-                    raise ValueError(f"{path}:{n}: instruction_index and strength must be numbers") from None
-                row.setdefault("split", "all")
-                rows.append(row)
-    return rows
 
 
 def judge_rows(rows, cfg):
@@ -482,7 +280,7 @@ def parse_args(argv):
 
 def run(args, cfg, key):
     """Judge, write the ratings and reports (key redacted), print the table -> exit status."""
-    rows = read_generations(args.generations)
+    rows = generations.read_generations(args.generations)
     if args.dry_run:
         dry_run(rows, cfg)
         return 0
@@ -492,12 +290,15 @@ def run(args, cfg, key):
     rated, usage = judge_rows(rows, cfg)
     results = summarize(rated)
     out = args.out or str(Path(args.generations[0]).with_suffix(""))
-    write_atomic(out + ".ratings.jsonl", "".join(json.dumps(_redact(r, key), ensure_ascii=False) + "\n"
-                                                 for r in rated))
-    write_atomic(out + ".report.md", _redact(markdown_report(results, usage, cfg), key))
+
+    def write(suffix, text):  # through the one atomic writer: readers never see half a file
+        Path(out + suffix).parent.mkdir(parents=True, exist_ok=True)
+        loader.write_atomic(out + suffix, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    write(".ratings.jsonl", "".join(json.dumps(redact(r, key), ensure_ascii=False) + "\n" for r in rated))
+    write(".report.md", redact(markdown_report(results, usage, cfg), key))
     summary = {"config": asdict(cfg), "inputs": args.generations, "usage": usage, "results": results}
-    write_atomic(out + ".report.json", json.dumps(_redact(summary, key), indent=1, ensure_ascii=False))
-    print(_redact(markdown_report(results, usage, cfg, per_concept=False), key))  # full table: the file
+    write(".report.json", json.dumps(redact(summary, key), indent=1, ensure_ascii=False))
+    print(redact(markdown_report(results, usage, cfg, per_concept=False), key))  # full table: the file
     print(f"wrote {out}.ratings.jsonl, {out}.report.md, {out}.report.json")
     if usage["failed"]:
         first_error = next(r["errors"][c] for r in rated for c in r["failed"])
@@ -523,7 +324,7 @@ def main(argv=None):
             raise
         known = isinstance(e, (OSError, ValueError, JudgeError))
         message = str(e) if known else f"{type(e).__name__}: {e} (--debug shows the traceback)"
-        print("error: " + " ".join(_redact(message, key).split()), file=sys.stderr)
+        print("error: " + " ".join(redact(message, key).split()), file=sys.stderr)
         return 2
 
 

@@ -9,7 +9,7 @@
     python steer.py eval --method diffmean --hypernet runs/demo/hypernet.safetensors --out runs/demo/gens.jsonl
     python steer.py eval --hypernet runs/demo/hypernet.safetensors --split held-out --out /tmp/gens.jsonl \
         --instructions demo --grid 0.5,1 --max-concepts 2 --max-new-tokens 16       # tiny CPU variant
-    # concepts split over processes: 8 GPUs, or --shard i/n on n machines (then steer.py merge, see shard_path)
+    # concepts split over processes: 8 GPUs, or --shard i/n on n machines (then steer.py merge, see dist.shard_path)
     torchrun --nproc-per-node 8 steer.py eval --hypernet runs/paper-2b/hypernet.safetensors --out runs/paper-2b/gens.jsonl
     # a steering vector as safetensors + llama.cpp control-vector GGUF (SPEC §4)
     python steer.py export --hypernet runs/demo/hypernet.safetensors --concept "references to cats" \
@@ -18,12 +18,7 @@
 One steering prompt, end to end: compare() tokenises the prompt once; hypernet.deltas reads the base
 residual at layer L over it and returns Δ = H(s, x); model.generate runs with
 Steering({L: Δ}, strength), and model.intervene adds strength * Δ to the residual (Eq. 1).
-
-Every generation row: method, split, concept, concept_id, instruction_index (0-9), instruction,
-strength, text, seed, producer. The seed depends only on (concept_id, instruction_index, strength), so
-every method samples with the same random numbers and a resumed run reproduces the rows it lost;
-`producer` fingerprints the checkpoint and settings, and a file holding another producer's rows of
-the same method is refused.
+eval builds each method's edits (method_for) and samples its rows with generations.generate_rows.
 """
 import argparse
 import hashlib
@@ -32,47 +27,24 @@ import json
 import math
 import textwrap
 import warnings
-import zlib
 from pathlib import Path
 
-import numpy as np
 import torch
-from tqdm import tqdm
 
 import baselines
+import chat_api
 import data
 import dist
+import generations
 import hypernet as H
 import loader
 import model as M
+import vectors
 
 HYPER_GRID = [0.2, 0.4, 0.6, 0.8, 1.0, 1.2, 1.4, 1.6, 1.8, 2.0]   # SPEC §7: Δ unnormalised, around 0.2-2
 VECTOR_GRID = HYPER_GRID + [2.5, 3.0, 4.0, 5.0]                    # AxBench's grid, times max_act (SPEC §8)
 METHODS = ("hypersteer", "prompting", "diffmean", "reft-r1", "psr")
 NAMES = {"prompting": "Prompting", "diffmean": "DiffMean", "reft-r1": "ReFT-r1"}
-
-
-# ----------------------------------------------------------------------------- instructions (SPEC §6)
-
-def load_instructions(source="alpaca", revision="main"):
-    """'alpaca': AlpacaEval's 805 instructions (fetched once into the hub cache); 'demo': the bundled 60,
-    an offline stand-in under the same selection rule; else a JSON list of {"instruction": ...} or strings."""
-    if source == "alpaca":
-        path = loader.hf_file("tatsu-lab/alpaca_eval", "alpaca_eval.json", revision, kind="dataset")
-    else:
-        path = data.DEMO_INSTRUCTIONS if source == "demo" else Path(source)
-    return data.read_instructions(path)
-
-
-def pick_instructions(instructions, concept_id, n=10):
-    """SPEC §6: the first n of numpy.random.RandomState(concept_id).permutation(len(instructions))
-    (what AxBench's pandas df.sample(n, random_state=concept_id) draws)."""
-    order = np.random.RandomState(concept_id).permutation(len(instructions))[:n]
-    return [instructions[i] for i in order]
-
-
-def row_seed(concept_id, instruction_index, strength, seed=0):
-    return zlib.crc32(f"{seed}:{concept_id}:{instruction_index}:{float(strength)!r}".encode())
 
 
 def parse_grid(text, flag="--grid"):
@@ -83,66 +55,6 @@ def parse_grid(text, flag="--grid"):
     if not grid or not all(math.isfinite(s) for s in grid):
         raise ValueError(f"{flag}: strengths must be finite numbers, got {text!r}")
     return grid
-
-
-# ----------------------------------------------------------------------------- vector files (SPEC §4)
-
-def save_vector(prefix, vector, layer, model_hint, method, concept, overwrite=False):
-    """PREFIX.safetensors (one float32 `direction.{L}` [d], string metadata model_hint, layer, d_model, method,
-    concept) and PREFIX.gguf, a llama.cpp control vector. llama.cpp adds `direction.N` to the output of
-    0-indexed block N (its loader stores it at data[N - 1] and its apply loop maps that back to block N),
-    the SPEC §4 convention, so no shift is needed; it refuses direction.0, though, and steers every
-    position (BOS and chat template included), not only those after the chat prefix."""
-    import gguf
-    paths = [Path(f"{prefix}.safetensors"), Path(f"{prefix}.gguf")]
-    if not overwrite and any(p.exists() for p in paths):
-        raise FileExistsError(f"{prefix}: {' / '.join(str(p) for p in paths if p.exists())} exists; pass --overwrite")
-    v = vector.detach().float().cpu().contiguous()
-    meta = {"model_hint": model_hint, "layer": str(layer), "d_model": str(v.numel()), "method": method,
-            "concept": concept}
-    loader.save_safetensors(paths[0], {f"direction.{layer}": v}, meta, checksum=False)
-    if layer == 0:
-        warnings.warn("llama.cpp rejects direction.0: the GGUF will not load there", stacklevel=2)
-
-    def write_gguf(tmp):
-        w = gguf.GGUFWriter(str(tmp), "controlvector")                     # general.architecture
-        w.add_string("controlvector.model_hint", model_hint)                # what repeng writes
-        w.add_uint32("controlvector.layer_count", 1)
-        for k in ("method", "concept"):
-            w.add_string(f"controlvector.{k}", meta[k])
-        w.add_tensor(f"direction.{layer}", v.numpy())
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_tensors_to_file()
-        w.close()
-    loader.write_atomic(paths[1], write_gguf)
-
-
-def load_vector(path, d_model=None):
-    """(vector (d,), layer, metadata) from a save_vector file, .safetensors or .gguf; refuses a file that
-    is not one finite direction.L of the model's width."""
-    path = Path(path)
-    try:
-        if path.suffix == ".gguf":
-            import gguf
-            r = gguf.GGUFReader(str(path))
-            tensors = {t.name: torch.tensor(np.array(t.data, dtype=np.float32)) for t in r.tensors}
-            meta = {k.split(".", 1)[1]: r.fields[k].contents() for k in r.fields if k.startswith("controlvector.")}
-        else:
-            tensors, meta = loader.read_safetensors(path)
-    except (ValueError, KeyError, IndexError) as e:
-        if isinstance(e, ValueError) and str(path) in str(e):
-            raise
-        raise ValueError(f"{path}: not a readable vector file ({type(e).__name__})") from None
-    names = [n for n in tensors if n.startswith("direction.") and n.split(".")[1].lstrip("-").isdigit()]
-    if len(tensors) != 1 or len(names) != 1:
-        raise ValueError(f"{path}: expected exactly one tensor direction.<layer>, found {', '.join(tensors) or 'none'}")
-    v = tensors[names[0]].float().reshape(-1) if tensors[names[0]].dim() <= 1 else None
-    if v is None or (d_model is not None and v.numel() != d_model):
-        raise ValueError(f"{path}: direction has shape {list(tensors[names[0]].shape)}, the model needs [{d_model}]")
-    if not torch.isfinite(v).all():
-        raise ValueError(f"{path}: direction holds non-finite values")
-    return v, int(names[0].split(".")[1]), meta
 
 
 # ----------------------------------------------------------------------------- a run's model and split
@@ -188,89 +100,7 @@ def split_concepts(rows, settings, split, concept_ids=None):
     return sorted({(r["concept_id"], r["output_concept"]) for r in (held_out if split == "held-out" else held_in)})
 
 
-# ----------------------------------------------------------------------------- generation (SPEC §7)
-
-def stack_edits(per_row):
-    """[{layer: edit}] one per row -> {layer: (B, d) stacked vectors, or the rows' one shared function}."""
-    out = {}
-    for layer in per_row[0]:
-        edits = [e[layer] for e in per_row]
-        if torch.is_tensor(edits[0]):
-            out[layer] = torch.stack(edits)
-        elif all(e is edits[0] for e in edits):
-            out[layer] = edits[0]
-        else:
-            raise ValueError("a batch mixes different per-token functions")
-    return out
-
-
-def read_rows_file(path):
-    """Rows already in a generations file (a partly written last line is cut off and generated again)."""
-    rows = []
-    for n, line in enumerate(loader.complete_lines(path), 1):
-        try:
-            row = json.loads(line)
-            row_key(row)
-            rows.append(row)
-        except (ValueError, KeyError, TypeError):
-            raise ValueError(f"{path}:{n}: not a generations row; fix or remove the file") from None
-    return rows
-
-
-def row_key(row):
-    return row["method"], int(row["concept_id"]), int(row["instruction_index"]), float(row["strength"])
-
-
-def generate_rows(base, tok, out, method, split, concepts, instructions, grid, edits_for=None, prompt_for=None,
-                  producer="", batch_size=8, max_new_tokens=128, temperature=1.0, top_k=50, seed=0, overwrite=False):
-    """SPEC §7: for each (concept_id, concept), its 10 instructions (SPEC §6) x the strength grid, one
-    sampled generation each, appended to `out` as JSONL one batch at a time; rows already there are
-    skipped, so a killed run resumes. edits_for(concept_id, concept, instructions, chat_ids) -> one
-    {layer: edit} per instruction at strength 1 (None: unsteered); prompt_for(concept, instruction) ->
-    the user turn. Returns (rows already there, rows written)."""
-    old = read_rows_file(out)
-    foreign = [r for r in old if r["method"] == method and r.get("producer") != producer]
-    if foreign and not overwrite:
-        raise ValueError(f"{out}: holds {len(foreign)} {method} rows made by another checkpoint or other settings; "
-                         "write to another --out, or pass --overwrite to replace them")
-    if foreign:
-        kept = [r for r in old if r not in foreign]
-        loader.write_atomic(out, lambda p: p.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept)))
-        old = kept
-    done, total = {row_key(r) for r in old}, 0
-    jobs = {}                                                         # concept -> rows still to generate
-    for cid, concept in concepts:
-        for idx, text in enumerate(pick_instructions(instructions, cid)):
-            for s in grid:
-                row = dict(method=method, split=split, concept=concept, concept_id=cid, instruction_index=idx,
-                           instruction=text, strength=float(s), text=None, seed=row_seed(cid, idx, s, seed),
-                           producer=producer)
-                total += 1
-                if row_key(row) not in done:
-                    jobs.setdefault((cid, concept), []).append(row)
-    todo = sum(map(len, jobs.values()))
-    with open(out, "a", encoding="utf-8") as f, tqdm(total=total, initial=total - todo, unit="gen", desc=method,
-                                                       dynamic_ncols=True) as bar:
-        for (cid, concept), rows in jobs.items():                     # one concept at a time: Δ once per (s, x)
-            ins = pick_instructions(instructions, cid)
-            users = [prompt_for(concept, x) if prompt_for else x for x in ins]
-            chat_ids = tok.chat_batch(users)
-            edits = edits_for(cid, concept, ins, chat_ids) if edits_for else None
-            for i in range(0, len(rows), batch_size):
-                batch = rows[i:i + batch_size]
-                prompts = [chat_ids[r["instruction_index"]] for r in batch]
-                steering = None if edits is None else M.Steering(
-                    stack_edits([edits[r["instruction_index"]] for r in batch]),
-                    torch.tensor([r["strength"] for r in batch]))
-                outs = M.generate(base, prompts, max_new_tokens, stop_ids=tok.stop_ids, temperature=temperature,
-                                  top_k=top_k, seeds=[r["seed"] for r in batch], steering=steering,
-                                  steer_masks=M.steer_after(prompts, tok.chat_prefix_len))
-                for r, o in zip(batch, outs):
-                    f.write(json.dumps({**r, "text": tok.decode(o)}, ensure_ascii=False) + "\n")
-                f.flush()
-                bar.update(len(batch))
-    return total - todo, todo
-
+# ----------------------------------------------------------------------------- evaluation generations (SPEC §7)
 
 def method_for(args, base, tok, hyper, settings, rows):
     """(name, grid, edits_for, prompt_for, source file) of an evaluated method."""
@@ -290,12 +120,9 @@ def method_for(args, base, tok, hyper, settings, rows):
     if method == "prompting":  # one row per instruction, strength 1: there is no knob to select
         judge_cfg = None
         if args.judge_url:
-            import judge
-            judge_cfg = judge.JudgeConfig(base_url=args.judge_url, model=args.judge_model,
-                                          cache_dir=str(Path(args.out).parent / ".judge_cache"))
-        texts = {}
-        prompt_for = lambda concept, x: baselines.prompted(
-            texts.setdefault(concept, baselines.steering_prompt(concept, judge_cfg)), x)
+            judge_cfg = chat_api.JudgeConfig(base_url=args.judge_url, model=args.judge_model,
+                                             cache_dir=str(Path(args.out).parent / ".judge_cache"))
+        prompt_for = lambda concept, x: baselines.prompted(baselines.steering_prompt(concept, judge_cfg), x)
         return "Prompting", [1.0], None, prompt_for, None
 
     def edits(cid, concept, ins, ids):
@@ -310,10 +137,10 @@ def cmd_eval(args):
     ids = [int(c) for c in args.concept_ids.split(",")] if args.concept_ids else None
     concepts = split_concepts(rows, settings, args.split, ids)[:args.max_concepts or None]
     shard, n_shards = dist.shard_of(args.shard)          # (rank, world size) under torchrun, else (0, 1)
-    out = shard_path(args.out, shard, n_shards) if n_shards > 1 else Path(args.out)
+    out = dist.shard_path(args.out, shard, n_shards) if n_shards > 1 else Path(args.out)
     concepts = concepts[shard::n_shards]
     split = "list" if ids else args.split
-    instructions = load_instructions(args.instructions, args.alpaca_revision)
+    instructions = data.load_instructions(args.instructions, args.alpaca_revision)
     name, grid, edits_for, prompt_for, source = method_for(args, base, tok, hyper, settings, rows)
     grid = [1.0] if args.method == "prompting" else (parse_grid(args.grid) if args.grid else grid)
     producer = json.dumps({"source": file_fingerprint(source) if source else None, "model": settings["model"],
@@ -324,50 +151,18 @@ def cmd_eval(args):
     print(f"{name}: {len(concepts)} {split} concepts x {min(10, len(instructions))} instructions x {len(grid)} "
           f"strengths, layer {base.layer_index(settings['layer'])}, up to {args.max_new_tokens} new tokens at temperature "
           f"{args.temperature}, top-k {args.top_k}")
-    skipped, made = generate_rows(base, tok, out, name, split, concepts, instructions, grid, edits_for, prompt_for,
-                                  producer, args.batch_size, args.max_new_tokens, args.temperature, args.top_k,
-                                  args.seed, args.overwrite)
+    skipped, made = generations.generate_rows(base, tok, out, name, split, concepts, instructions, grid, edits_for,
+                                              prompt_for, producer, args.batch_size, args.max_new_tokens,
+                                              args.temperature, args.top_k, args.seed, args.overwrite)
     print(f"wrote {made} rows to {out} ({skipped} already there)")
     if n_shards > 1:
         Path(f"{out}.done").write_text(f"{skipped + made}\n")
-        merge_shards(args.out, n_shards)
+        dist.merge_shards(args.out, n_shards)
 
 
 def cmd_merge(args):
-    if merge_shards(args.out, args.shards) is None:
+    if dist.merge_shards(args.out, args.shards) is None:
         raise ValueError(f"{args.out}: not every shard is done (each writes its .done file when it finishes)")
-
-
-# ----------------------------------------------------------------------------- shards: concepts over processes
-
-def shard_path(out, i, n):
-    """Shard i of n writes OUT.shard-i-of-n.jsonl (resumable like OUT), taking every n-th concept from the i-th,
-    and, when done, OUT.shard-i-of-n.jsonl.done. The shard that finds all n done merges them into OUT; on
-    machines without a shared disk, copy the shard files and their .done files together and run
-    `python steer.py merge --out OUT --shards n`."""
-    out = Path(out)
-    return out.with_name(f"{out.stem}.shard-{i}-of-{n}{out.suffix}")
-
-
-def merge_shards(out, n):
-    """OUT's rows, then each shard's, each row key once, written atomically into OUT. Returns the number of
-    rows, or None while a shard is not done. Rows of one key from different producers are refused."""
-    shards = [shard_path(out, i, n) for i in range(n)]
-    waiting = [str(i) for i, p in enumerate(shards) if not Path(f"{p}.done").exists()]
-    if waiting:
-        print(f"{out}: shard(s) {', '.join(waiting)} of {n} not done yet; the last one to finish merges")
-        return None
-    rows = {}
-    for path in [Path(out), *shards]:
-        for r in read_rows_file(path):
-            first = rows.setdefault(row_key(r), r)
-            if first.get("producer") != r.get("producer"):
-                raise ValueError(f"{path}: row {row_key(r)} was made by another checkpoint or other settings "
-                                 f"than {out}'s; merge into another --out")
-    loader.write_atomic(out, lambda p: p.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n"
-                                                            for r in rows.values())))
-    print(f"merged {n} shards into {out}: {len(rows)} rows")
-    return len(rows)
 
 
 # ----------------------------------------------------------------------------- compare and export
@@ -383,7 +178,7 @@ def cmd_compare(args):
         delta = H.deltas(base, tok, hyper, args.concept, [args.prompt], [ids])[0]          # Δ = H(s, x), (d,)
         edits, what = {layer: delta}, f"concept {args.concept!r}, |Δ| = {delta.norm():.1f} at layer {layer}"
     elif args.vector:
-        delta, layer, meta = load_vector(args.vector, base.cfg.hidden_size)
+        delta, layer, meta = vectors.load_vector(args.vector, base.cfg.hidden_size)
         edits, what = {layer: delta}, f"{meta.get('method')} vector for {meta.get('concept')!r} at layer {layer}"
     elif args.psr:
         import psr
@@ -427,7 +222,7 @@ def cmd_export(args):
     else:
         vector = H.deltas(base, tok, hyper, args.concept, [args.prompt])[0]
         method, concept = f"HyperSteer {hyper.hcfg.variant.replace('_', ' ')}", args.concept
-    save_vector(args.out, vector, layer, base.cfg.model_type, method, concept, args.overwrite)
+    vectors.save_vector(args.out, vector, layer, base.cfg.model_type, method, concept, args.overwrite)
     print(f"{method} vector for {concept!r}, layer {layer}, |Δ| = {vector.norm():.2f}: "
           f"wrote {args.out}.safetensors and {args.out}.gguf")
 

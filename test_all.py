@@ -20,14 +20,18 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import baselines
+import chat_api
 import convert_gguf
 import data
+import dist
+import generations
 import loader
 import hypernet as H
 import judge
 import model as M
 import steer
 import train
+import vectors
 from hypernet import HyperConfig, HyperSteer, count_params, hyper_input, load_hypernet, save
 
 # ============================================================================ model.py (SPEC §2, §4)
@@ -416,9 +420,9 @@ def test_dataset_downloads_axbench_and_alpaca(fake_hub, tmp_path):
         "/datasets/tatsu-lab/alpaca_eval/resolve/main/alpaca_eval.json":
             json.dumps([{"instruction": f"task {i}", "output": "x"} for i in range(805)]).encode()}
     assert data.read_rows(data.download_axbench("concept500", "2b/l20/train/data.parquet", "v1")) == rows
-    instructions = steer.load_instructions("alpaca")
+    instructions = data.load_instructions("alpaca")
     order = np.random.RandomState(17).permutation(805)[:10]
-    assert steer.pick_instructions(instructions, 17) == [f"task {i}" for i in order]
+    assert data.pick_instructions(instructions, 17) == [f"task {i}" for i in order]
     with pytest.raises(ValueError, match="unknown dataset"):
         data.download_axbench("concept9")
 
@@ -1054,7 +1058,7 @@ def test_selection_and_means_on_a_hand_made_example():
     usage = dict(requests=0, cached=0, sent=0, failed=1, prompt_tokens=0, completion_tokens=0,
                  cost_usd=0, saved_usd=0)
     prompting = judge.summarize([{**r, "method": "prompting", "split": "held-out"} for r in rows[:20]])
-    md = judge.markdown_report(results + prompting, usage, judge.JudgeConfig())
+    md = judge.markdown_report(results + prompting, usage, chat_api.JudgeConfig())
     assert "| method | held-out | held-in |" in md
     assert "| hypersteer | - | 1.400 |" in md and "| prompting | 1.300 | - |" in md
     assert "| hypersteer | held-in | 1.400 | 2 | 1.800 | 1.300 | 1.500 | 1 |" in md
@@ -1065,7 +1069,7 @@ def test_missing_split_reads_as_all_and_bad_lines_name_file_and_line(tmp_path, c
     row = gen_row()
     del row["split"]
     path = write_gens(tmp_path, [row])
-    assert judge.read_generations([path])[0]["split"] == "all"
+    assert generations.read_generations([path])[0]["split"] == "all"
     path.write_text(json.dumps(row) + "\n\n" + "{not json\n")
     assert judge.main([str(path), "--dry-run"]) == 2
     assert f"{path}:3:" in capsys.readouterr().err
@@ -1086,11 +1090,11 @@ def test_dry_run_sends_nothing(server, tmp_path, capsys):
 
 
 def test_chat_client_is_cached(server, tmp_path):
-    cfg = judge.JudgeConfig(base_url=server.url, api_key_env="JUDGE_TEST_KEY", cache_dir=str(tmp_path / "c"))
+    cfg = chat_api.JudgeConfig(base_url=server.url, api_key_env="JUDGE_TEST_KEY", cache_dir=str(tmp_path / "c"))
     server.reply = lambda body: "Include content about rental equipment."
     messages = [{"role": "user", "content": "Rewrite the concept as an instruction."}]
-    assert judge.chat(messages, cfg) == "Include content about rental equipment."
-    assert judge.chat(messages, cfg) == "Include content about rental equipment."
+    assert chat_api.chat(messages, cfg) == "Include content about rental equipment."
+    assert chat_api.chat(messages, cfg) == "Include content about rental equipment."
     assert len(server.requests) == 1
 
 
@@ -1180,9 +1184,9 @@ def test_judge_non_text_replies_are_failed_not_cached_and_retried(server, tmp_pa
         assert all("not text" in e for e in r["errors"].values())
     assert json.loads(path.with_suffix(".report.json").read_text())["usage"]["failed"] == n
     assert not list((tmp_path / ".judge_cache").glob("*.json"))  # nothing cached
-    cfg = judge.JudgeConfig(base_url=server.url, api_key_env="JUDGE_TEST_KEY", cache_dir=str(tmp_path / "c"))
-    with pytest.raises(judge.JudgeError, match="not text"):
-        judge.chat([{"role": "user", "content": "generation number 0"}], cfg)
+    cfg = chat_api.JudgeConfig(base_url=server.url, api_key_env="JUDGE_TEST_KEY", cache_dir=str(tmp_path / "c"))
+    with pytest.raises(chat_api.JudgeError, match="not text"):
+        chat_api.chat([{"role": "user", "content": "generation number 0"}], cfg)
     server.reply = lambda body: "Fine.\nRating: [[2]]"
     assert run_cli(server, path) == 0
     assert len(server.requests) == 2 * n + 1  # every failed request was sent again
@@ -1816,8 +1820,8 @@ def test_resumed_run_writes_no_duplicates(setup, tmp_path):
     base, tok, hyper = setup
     ins, concepts = instructions(), [(3, "w3 w4"), (11, "w7")]
     edits = lambda cid, concept, xs, ids: [{LAYER: d} for d in H.deltas(base, tok, hyper, concept, xs, ids)]
-    run = lambda out, **kw: steer.generate_rows(base, tok, out, "HyperSteer", "held-out", concepts, ins, [0.0, 2.0],
-                                                edits, batch_size=7, max_new_tokens=6, **kw)
+    run = lambda out, **kw: generations.generate_rows(base, tok, out, "HyperSteer", "held-out", concepts, ins,
+                                                      [0.0, 2.0], edits, batch_size=7, max_new_tokens=6, **kw)
     full, part = tmp_path / "full.jsonl", tmp_path / "part.jsonl"
     assert run(full) == (0, 40)
     lines = full.read_text().splitlines(keepends=True)
@@ -1826,28 +1830,28 @@ def test_resumed_run_writes_no_duplicates(setup, tmp_path):
         assert run(part) == (13, 27)
     assert run(part) == (40, 0)                                            # nothing left to do
     got = [json.loads(l) for l in part.read_text().splitlines()]
-    keys = [steer.row_key(r) for r in got]
+    keys = [generations.row_key(r) for r in got]
     assert len(keys) == len(set(keys)) == 40
-    assert sorted(got, key=steer.row_key) == sorted(map(json.loads, lines), key=steer.row_key)  # same samples
+    assert sorted(got, key=generations.row_key) == sorted(map(json.loads, lines),
+                                                          key=generations.row_key)  # same samples
     r = got[0]
     assert list(r) == ["method", "split", "concept", "concept_id", "instruction_index", "instruction", "strength",
                        "text", "seed", "producer"]
-    assert r["instruction"] == steer.pick_instructions(ins, r["concept_id"])[r["instruction_index"]]
+    assert r["instruction"] == data.pick_instructions(ins, r["concept_id"])[r["instruction_index"]]
     # another method in the same file: prompting rows keep the original instruction
     prompt_for = lambda concept, x: baselines.prompted(baselines.steering_prompt(concept), x)
-    steer.generate_rows(base, tok, part, "Prompting", "held-out", concepts, ins, [1.0],
-                        prompt_for=prompt_for, max_new_tokens=4)
+    generations.generate_rows(base, tok, part, "Prompting", "held-out", concepts, ins, [1.0],
+                              prompt_for=prompt_for, max_new_tokens=4)
     rows = [json.loads(l) for l in part.read_text().splitlines()]
     assert sum(r["method"] == "Prompting" for r in rows) == 20
     assert all(r["instruction"] in ins for r in rows)
 
 
 def test_prompting_baseline_prompt(monkeypatch):
-    import judge
     assert "mentions of cats" in baselines.steering_prompt("mentions of cats")          # the fixed template
     asked = []
-    monkeypatch.setattr(judge, "chat", lambda messages, cfg: asked.append(messages) or '"Bring up cats."\n')
-    assert baselines.steering_prompt("mentions of cats", judge.JudgeConfig()) == "Bring up cats."
+    monkeypatch.setattr(chat_api, "chat", lambda messages, cfg: asked.append(messages) or '"Bring up cats."\n')
+    assert baselines.steering_prompt("mentions of cats", chat_api.JudgeConfig()) == "Bring up cats."
     assert "mentions of cats" in asked[0][-1]["content"]
 
 
@@ -1862,10 +1866,10 @@ def test_instruction_selection_is_the_axbench_rule():
              13: [652, 564, 440, 185, 559, 681, 442, 94, 157, 404],
              500: [396, 311, 58, 208, 257, 583, 518, 202, 750, 179]}
     for cid, idx in known.items():
-        assert steer.pick_instructions(fake, cid) == [fake[i] for i in idx]
+        assert data.pick_instructions(fake, cid) == [fake[i] for i in idx]
         assert idx == np.random.RandomState(cid).choice(805, 10, replace=False).tolist()
-    demo = steer.load_instructions("demo")
-    assert len(demo) == 60 and len(set(steer.pick_instructions(demo, 5))) == 10
+    demo = data.load_instructions("demo")
+    assert len(demo) == 60 and len(set(data.pick_instructions(demo, 5))) == 10
 
 
 # ----------------------------------------------------------------------------- baselines (SPEC §8)
@@ -1915,7 +1919,7 @@ def test_negatives_and_reft_r1(setup):
 def test_export_round_trip(tmp_path):
     import gguf
     v = torch.randn(64)
-    steer.save_vector(tmp_path / "vec", v, 20, "gemma2", "DiffMean", "mentions of cats")
+    vectors.save_vector(tmp_path / "vec", v, 20, "gemma2", "DiffMean", "mentions of cats")
     with safe_open(str(tmp_path / "vec.safetensors"), framework="pt") as f:
         assert list(f.keys()) == ["direction.20"] and f.get_tensor("direction.20").dtype == torch.float32
         assert torch.equal(f.get_tensor("direction.20"), v)
@@ -1929,7 +1933,7 @@ def test_export_round_trip(tmp_path):
     assert t.name == "direction.20" and t.tensor_type == gguf.GGMLQuantizationType.F32
     assert np.array_equal(np.asarray(t.data), v.numpy())
     for path in ("vec.safetensors", "vec.gguf"):
-        got, layer, meta = steer.load_vector(tmp_path / path)
+        got, layer, meta = vectors.load_vector(tmp_path / path)
         assert torch.equal(got, v) and layer == 20 and meta["concept"] == "mentions of cats"
 
 
@@ -1961,21 +1965,20 @@ def cli_run_folder(setup, tmp_path):
 def test_cli_eval_baseline_export_and_interactive(setup, tmp_path, capsys):
     """A tiny model folder, data file and checkpoint with train_config metadata: eval's held-out concepts
     are exactly the ones train.py held out; the rows read back through judge.py."""
-    import judge
     folder, ckpt, rows = cli_run_folder(setup, tmp_path)
     out = tmp_path / "gens.jsonl"
     common = ["--out", str(out), "--instructions", str(tmp_path / "ins.json"), "--max-new-tokens", "3", "--grid", "0,1"]
     steer.main(["eval", "--hypernet", str(ckpt), "--split", "held-out", *common])
     held_out = {r["concept_id"] for r in data.split_concepts(rows, 1, 0.0, 3, 1)[2]}
-    gens = judge.read_generations([out])
+    gens = generations.read_generations([out])
     assert {r["concept_id"] for r in gens} == held_out and len(gens) == 20
     assert {r["method"] for r in gens} == {"HyperSteer cross attention"}
     steer.main(["eval", "--method", "diffmean", "--hypernet", str(ckpt), "--split", "held-in", *common])
-    gens = judge.read_generations([out])
+    gens = generations.read_generations([out])
     assert {r["concept_id"] for r in gens if r["method"] == "DiffMean"} == {0, 1, 2, 3} - held_out
     steer.main(["export", "--method", "reft-r1", "--hypernet", str(ckpt), "--concept-id", "2",
                 "--out", str(tmp_path / "v")])
-    assert steer.load_vector(tmp_path / "v.gguf")[1] == LAYER
+    assert vectors.load_vector(tmp_path / "v.gguf")[1] == LAYER
     steer.main(["compare", "--vector", str(tmp_path / "v.safetensors"), "--model", str(folder), "--prompt", "w1 w2",
                 "--sweep", "0,1,2", "--max-new-tokens", "3"])
     steer.main(["compare", "--hypernet", str(ckpt), "--concept", "w4", "--prompt", "w1 w2", "--max-new-tokens", "3"])
@@ -2013,8 +2016,8 @@ def test_generation_stops_at_gemma2_end_of_turn(tmp_path):
         base.model.embed_tokens.weight[107] = 50 * h / h.norm()
     assert M.generate(base, [ids], 5, stop_ids=(1, 106))[0][0] == 107     # the old hard-coded ids run on past it
     assert M.generate(base, [ids], 5, stop_ids=tok.stop_ids) == [[]]
-    rows = steer.generate_rows(base, tok, tmp_path / "g.jsonl", "m", "list", [(0, "w9")], ["w1 w2"] * 10, [0.0],
-                               max_new_tokens=5, temperature=0.0)
+    rows = generations.generate_rows(base, tok, tmp_path / "g.jsonl", "m", "list", [(0, "w9")], ["w1 w2"] * 10,
+                                     [0.0], max_new_tokens=5, temperature=0.0)
     assert rows == (0, 10) and all(json.loads(l)["text"] == "" for l in open(tmp_path / "g.jsonl"))
 
 
@@ -2024,8 +2027,8 @@ def test_evaluation_samples_with_top_k_50(setup, tmp_path, monkeypatch):
     seen = []
     real = M.generate
     monkeypatch.setattr(M, "generate", lambda *a, **k: seen.append(k) or real(*a, **k))
-    steer.generate_rows(base, tok, tmp_path / "g.jsonl", "m", "list", [(0, "w9")], instructions(10), [1.0],
-                        max_new_tokens=2)
+    generations.generate_rows(base, tok, tmp_path / "g.jsonl", "m", "list", [(0, "w9")], instructions(10), [1.0],
+                              max_new_tokens=2)
     assert seen and all(k["top_k"] == 50 and k["temperature"] == 1.0 for k in seen)
     # sampling with top_k keeps only the k likeliest tokens
     logits = torch.arange(100.0)[None]
@@ -2046,10 +2049,9 @@ def test_prompting_baseline_template_and_request(monkeypatch):
         "Talk about cats.\n\nQuestion: How do I bake bread?"
     fixed = baselines.steering_prompt("rental equipment")
     assert "rental equipment" in fixed and "out of context" in fixed and "does not answer the question" in fixed
-    import judge
     asked = []
-    monkeypatch.setattr(judge, "chat", lambda messages, cfg: asked.append(messages) or "Always mention rentals.")
-    assert baselines.steering_prompt("rental equipment", judge.JudgeConfig()) == "Always mention rentals."
+    monkeypatch.setattr(chat_api, "chat", lambda messages, cfg: asked.append(messages) or "Always mention rentals.")
+    assert baselines.steering_prompt("rental equipment", chat_api.JudgeConfig()) == "Always mention rentals."
     (msg,) = asked[0]
     assert msg["role"] == "user" and "rental equipment" in msg["content"]
     for clause in ("prompt", "include content related to", "out of context", "Return only the prompt"):
@@ -2196,7 +2198,7 @@ def test_steering_values_must_be_finite_and_fit(setup, tmp_path):
     base, tok, hyper = setup
     folder = tiny_model_folder(base, tmp_path / "model")
     good = tmp_path / "v"
-    steer.save_vector(good, torch.randn(64), LAYER, "gemma2", "DiffMean", "c")
+    vectors.save_vector(good, torch.randn(64), LAYER, "gemma2", "DiffMean", "c")
     common = ["--model", str(folder), "--prompt", "w1 w2", "--max-new-tokens", "2"]
     for bad in ("nan", "inf", "-inf"):
         with pytest.raises(SystemExit):                                     # argparse: exit 2 with the flag named
@@ -2217,7 +2219,7 @@ def test_steering_values_must_be_finite_and_fit(setup, tmp_path):
     with pytest.raises(SystemExit):
         steer.main(["eval", "--grid", "nan", "--out", str(tmp_path / "g.jsonl"), "--model", str(folder)])
     # an existing export is never replaced silently
-    one_line_exit(steer.save_vector and steer.main,
+    one_line_exit(vectors.save_vector and steer.main,
                   ["export", "--method", "diffmean", "--concept-id", "0", "--model", str(folder), "--layer", "2",
                    "--data", str(tmp_path / "none.jsonl"), "--out", str(good)], match="none.jsonl")
     (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in demo_rows()))
@@ -2233,13 +2235,13 @@ def test_eval_refuses_rows_of_another_producer(setup, tmp_path):
     ins, concepts = instructions(), [(3, "w3 w4")]
     edits = lambda cid, concept, xs, ids: [{LAYER: d} for d in H.deltas(base, tok, hyper, concept, xs, ids)]
     out = tmp_path / "g.jsonl"
-    steer.generate_rows(base, tok, out, "HyperSteer", "held-out", concepts, ins, [1.0], edits, producer="ckpt-A",
-                        max_new_tokens=2)
+    generations.generate_rows(base, tok, out, "HyperSteer", "held-out", concepts, ins, [1.0], edits,
+                              producer="ckpt-A", max_new_tokens=2)
     with pytest.raises(ValueError, match="holds 10 HyperSteer rows made by another checkpoint"):
-        steer.generate_rows(base, tok, out, "HyperSteer", "held-out", concepts, ins, [1.0], edits, producer="ckpt-B",
-                            max_new_tokens=2)
-    assert steer.generate_rows(base, tok, out, "HyperSteer", "held-out", concepts, ins, [1.0], edits,
-                               producer="ckpt-B", max_new_tokens=2, overwrite=True) == (0, 10)
+        generations.generate_rows(base, tok, out, "HyperSteer", "held-out", concepts, ins, [1.0], edits,
+                                  producer="ckpt-B", max_new_tokens=2)
+    assert generations.generate_rows(base, tok, out, "HyperSteer", "held-out", concepts, ins, [1.0], edits,
+                                     producer="ckpt-B", max_new_tokens=2, overwrite=True) == (0, 10)
     assert {json.loads(l)["producer"] for l in open(out)} == {"ckpt-B"}
 
 
@@ -2371,12 +2373,11 @@ def test_keywords_never_reach_training_and_the_report_reads_the_log(tmp_path, ca
 def test_shard_eval_writes_every_row_once(setup, tmp_path, monkeypatch, capsys):
     """Concepts split over 2 shards (--shard i/n, or torchrun's RANK/WORLD_SIZE): the merged file holds exactly
     the unsharded run's rows, each once; re-running a shard adds nothing; merge waits for every shard."""
-    import judge
     _, ckpt, _ = cli_run_folder(setup, tmp_path)
     common = ["eval", "--hypernet", str(ckpt), "--split", "held-in", "--instructions", str(tmp_path / "ins.json"),
               "--max-new-tokens", "3", "--grid", "0,1"]
     steer.main([*common, "--out", str(tmp_path / "all.jsonl")])
-    want = sorted(judge.read_generations([tmp_path / "all.jsonl"]), key=steer.row_key)
+    want = sorted(generations.read_generations([tmp_path / "all.jsonl"]), key=generations.row_key)
     out = tmp_path / "sharded.jsonl"
     monkeypatch.setenv("RANK", "1")                            # what torchrun sets for process 1 of 2
     monkeypatch.setenv("WORLD_SIZE", "2")
@@ -2387,10 +2388,11 @@ def test_shard_eval_writes_every_row_once(setup, tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit, match="not every shard is done"):
         steer.main(["merge", "--out", str(out), "--shards", "2"])
     steer.main([*common, "--out", str(out), "--shard", "0/2"])  # the last to finish merges
-    shards = [judge.read_generations([steer.shard_path(out, i, 2)]) for i in range(2)]
+    shards = [generations.read_generations([dist.shard_path(out, i, 2)]) for i in range(2)]
     assert {r["concept_id"] for r in shards[0]}.isdisjoint({r["concept_id"] for r in shards[1]})
-    got = judge.read_generations([out])
-    assert sorted(got, key=steer.row_key) == want and len({steer.row_key(r) for r in got}) == len(want) == 60
+    got = generations.read_generations([out])
+    assert sorted(got, key=generations.row_key) == want
+    assert len({generations.row_key(r) for r in got}) == len(want) == 60
     before = out.read_bytes()
     steer.main([*common, "--out", str(out), "--shard", "1/2"])  # resumed: nothing to do, the same merge
     steer.main(["merge", "--out", str(out), "--shards", "2"])
@@ -2912,7 +2914,7 @@ def test_psr_cli_and_steer_eval_and_compare(setup, tmp_path, capsys):
     steer.main(["eval", "--method", "psr", "--psr", path, "--model", str(folder), "--data", str(tmp_path / "data.jsonl"),
                 "--concept-ids", "0", "--layer", "2", "--instructions", str(tmp_path / "ins.json"), "--max-new-tokens", "3",
                 "--grid", "0,1", "--out", str(out)])
-    gens = judge.read_generations([out])
+    gens = generations.read_generations([out])
     assert len(gens) == 20 and {r["method"] for r in gens} == {"PSR all"}
     steer.main(["compare", "--psr", path, "--model", str(folder), "--prompt", "w1 w2", "--sweep", "0,1", "--max-new-tokens", "3"])
     assert "PSR (all) at layers [0, 1, 2, 3]" in capsys.readouterr().out
