@@ -108,6 +108,7 @@ def table1_plan(preset, cfg, concepts=500, rows=1_150_000, judge_out=120, gpu_tf
     judge requests and tokens, judge cost, and GPU hours. Training hours come from the traced FLOPs of one
     step at an assumed MFU; generation hours from the decode roofline (weights read once per step of a
     batch of 64). Both are estimates, printed as such, until a GPU measures them."""
+    import chat_api
     import judge
     import steer
     run, gens = cfg.out, f"{cfg.out}/gens.jsonl"
@@ -127,7 +128,7 @@ def table1_plan(preset, cfg, concepts=500, rows=1_150_000, judge_out=120, gpu_tf
     example = {"concept": "references to rental services and equipment",
                "instruction": "Give me tips for a picnic " * 3, "text": "word " * 100}  # ~128 tokens of answer
     judge_in = sum(len(m["content"]) for c in judge.CRITERIA for m in judge.judge_messages(example, c)) / 3 / 4
-    cost = judge.cost(requests * judge_in, requests * judge_out, judge.JudgeConfig())
+    cost = judge.cost(requests * judge_in, requests * judge_out, chat_api.JudgeConfig())
     base_cfg = memory.base_config(cfg.model)
     flops = memory.train_memory(cfg, base_cfg, cfg.max_len // 4, steps=1)["flops"]
     steps = cfg.epochs * rows / (cfg.batch_size * cfg.grad_accum)

@@ -36,10 +36,11 @@ from pathlib import Path
 
 import torch
 
+import data
 import hypernet as H
 import loader
 import model as M
-import steer
+import vectors
 from serve_api import APIError, make_server
 
 
@@ -188,7 +189,7 @@ def load_engine(args):
     if args.hypernet:
         kw["hyper"] = H.load_hypernet(args.hypernet, base).eval()
     elif args.vector:
-        v, layer, meta = steer.load_vector(args.vector, base.cfg.hidden_size)
+        v, layer, meta = vectors.load_vector(args.vector, base.cfg.hidden_size)
         kw.update(vector=v.to(base.model.embed_tokens.weight.device), layer=base.layer_index(layer))
         concept = meta.get("concept")
     elif args.psr:
@@ -211,7 +212,7 @@ def bench(url, engine, levels, key=None, max_tokens=32, rounds=4):
     and p50/p95 latency per level. The clients are threads of this process."""
     import requests
     from concurrent.futures import ThreadPoolExecutor
-    prompts = steer.load_instructions("demo")
+    prompts = data.load_instructions("demo")
     concepts = ["references to cats", "mentions of the ocean", "cooking terms", "financial jargon"]
 
     def one(i):
