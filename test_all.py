@@ -20,12 +20,14 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import baselines
+import checkpoint
 import convert_gguf
 import data
 import loader
 import hypernet as H
 import judge
 import model as M
+import report
 import steer
 import train
 from hypernet import HyperConfig, HyperSteer, count_params, hyper_input, load_hypernet, save
@@ -1466,19 +1468,19 @@ def test_checkpoint_round_trip_and_corruption(tmp_path):
     hcfg = HyperConfig("cross_attention", 2, 1)
     h1, h2 = HyperSteer.from_base(base, hcfg), HyperSteer.from_base(base, hcfg)
     o1, o2 = (torch.optim.AdamW([p for p in h.parameters() if p.requires_grad]) for h in (h1, h2))
-    assert TR.load_checkpoint(ckpt, h1, o1, cfg) == 2
-    TR.save_checkpoint(tmp_path / "again.safetensors", h1, o1, 2, cfg)
-    TR.load_checkpoint(tmp_path / "again.safetensors", h2, o2, cfg)
+    assert checkpoint.load_checkpoint(ckpt, h1, o1, cfg) == 2
+    checkpoint.save_checkpoint(tmp_path / "again.safetensors", h1, o1, 2, cfg)
+    checkpoint.load_checkpoint(tmp_path / "again.safetensors", h2, o2, cfg)
     assert all(torch.equal(p, q) for p, q in zip(h1.state_dict().values(), h2.state_dict().values()))
     assert all(torch.equal(o1.state[p]["exp_avg_sq"], o2.state[q]["exp_avg_sq"])
                for p, q in zip(h1.parameters(), h2.parameters()) if p.requires_grad)
     ckpt.write_bytes(ckpt.read_bytes()[:1000])              # a truncated file
     with pytest.raises(ValueError, match="corrupted or unreadable checkpoint") as e:
-        TR.load_checkpoint(ckpt, h1, o1, cfg)
+        checkpoint.load_checkpoint(ckpt, h1, o1, cfg)
     assert "\n" not in str(e.value)
     with pytest.raises(ValueError, match="another variant|differs"):
-        TR.load_checkpoint(tmp_path / "again.safetensors", HyperSteer.from_base(base, HyperConfig("no_context", 2, 1)), o1,
-                           cfg)
+        checkpoint.load_checkpoint(tmp_path / "again.safetensors",
+                                   HyperSteer.from_base(base, HyperConfig("no_context", 2, 1)), o1, cfg)
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
@@ -2156,7 +2158,7 @@ def test_a_half_written_metrics_line_is_dropped_on_resume(tmp_path):
     train.main(train_flags(tmp_path, "--max-steps", "2"))
     metrics = tmp_path / "run" / "metrics.jsonl"
     metrics.write_text(metrics.read_text() + '{"step": 3, "lo')
-    with pytest.warns(UserWarning, match="half-written last line"):
+    with pytest.warns(UserWarning, match="partly written last line"):
         train.main(train_flags(tmp_path, "--max-steps", "3", "--resume"))
     assert [json.loads(l)["step"] for l in open(metrics)] == [1, 2, 3]
 
@@ -2361,7 +2363,7 @@ def test_keywords_never_reach_training_and_the_report_reads_the_log(tmp_path, ca
     final["mentions"].update(unsteered=0.125, steered=0.875, other_concept=0.25)
     log.write_text("".join(json.dumps(r) + "\n" for r in recs))
     capsys.readouterr()
-    TR.report(run)
+    report.print_report(run)
     out = capsys.readouterr().out
     assert "1.234" in out and "1.334" in out and "+0.100" in out and "concept-specific" in out
     assert "unsteered 12%, steered 88%, steered with another concept's prompt 25%" in out
