@@ -74,7 +74,8 @@ def load_checkpoint(path, hyper, opt, cfg):
     theirs = json.loads(meta["train_config"])
     diff = [f"{k} {theirs.get(k)!r} -> {v!r}" for k, v in asdict(cfg).items()
             if k not in RESUMABLE_CHANGES | {"grad_accum"} and theirs.get(k, v) != v]
-    was, now = (theirs.get("grad_accum", cfg.grad_accum), int(meta.get("world_size", 1))), (cfg.grad_accum, dist.world_size())
+    was = (theirs.get("grad_accum", cfg.grad_accum), int(meta.get("world_size", 1)))
+    now = (cfg.grad_accum, dist.world_size())
     if was[0] * was[1] != now[0] * now[1]:   # another split of a step's micro-batches resumes exactly (train_step)
         diff.append(f"grad_accum x processes {was[0]} x {was[1]} -> {now[0]} x {now[1]}")
     if diff:
