@@ -186,6 +186,22 @@ def split_run(rows, run):
                           get("eval_rows", 2), held_in, out_ids)
 
 
+def next_concept(items, concept_of):
+    """For each item, an item of the next concept (in order of first appearance, cyclic) at the same index
+    within its concept: what the 'other concept' columns steer with."""
+    groups = {}
+    for it in items:
+        groups.setdefault(concept_of(it), []).append(it)
+    order, seen = list(groups), {}
+    out = []
+    for it in items:
+        c = concept_of(it)
+        i = seen[c] = seen.get(c, -1) + 1
+        nxt = groups[order[(order.index(c) + 1) % len(order)]]
+        out.append(nxt[i % len(nxt)])
+    return out
+
+
 def read_instructions(path):
     """A JSON list of instructions: strings or {"instruction": ...} objects (AlpacaEval's layout)."""
     items = read_json(path, "instructions file")

@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 
 import baselines
 import chat_api
+import checkpoint
 import convert_gguf
 import data
 import dist
@@ -29,6 +30,7 @@ import loader
 import hypernet as H
 import judge
 import model as M
+import report
 import steer
 import train
 import vectors
@@ -1470,19 +1472,19 @@ def test_checkpoint_round_trip_and_corruption(tmp_path):
     hcfg = HyperConfig("cross_attention", 2, 1)
     h1, h2 = HyperSteer.from_base(base, hcfg), HyperSteer.from_base(base, hcfg)
     o1, o2 = (torch.optim.AdamW([p for p in h.parameters() if p.requires_grad]) for h in (h1, h2))
-    assert TR.load_checkpoint(ckpt, h1, o1, cfg) == 2
-    TR.save_checkpoint(tmp_path / "again.safetensors", h1, o1, 2, cfg)
-    TR.load_checkpoint(tmp_path / "again.safetensors", h2, o2, cfg)
+    assert checkpoint.load_checkpoint(ckpt, h1, o1, cfg) == 2
+    checkpoint.save_checkpoint(tmp_path / "again.safetensors", h1, o1, 2, cfg)
+    checkpoint.load_checkpoint(tmp_path / "again.safetensors", h2, o2, cfg)
     assert all(torch.equal(p, q) for p, q in zip(h1.state_dict().values(), h2.state_dict().values()))
     assert all(torch.equal(o1.state[p]["exp_avg_sq"], o2.state[q]["exp_avg_sq"])
                for p, q in zip(h1.parameters(), h2.parameters()) if p.requires_grad)
     ckpt.write_bytes(ckpt.read_bytes()[:1000])              # a truncated file
     with pytest.raises(ValueError, match="corrupted or unreadable checkpoint") as e:
-        TR.load_checkpoint(ckpt, h1, o1, cfg)
+        checkpoint.load_checkpoint(ckpt, h1, o1, cfg)
     assert "\n" not in str(e.value)
     with pytest.raises(ValueError, match="another variant|differs"):
-        TR.load_checkpoint(tmp_path / "again.safetensors", HyperSteer.from_base(base, HyperConfig("no_context", 2, 1)), o1,
-                           cfg)
+        checkpoint.load_checkpoint(tmp_path / "again.safetensors",
+                                   HyperSteer.from_base(base, HyperConfig("no_context", 2, 1)), o1, cfg)
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
@@ -2159,7 +2161,7 @@ def test_a_half_written_metrics_line_is_dropped_on_resume(tmp_path):
     train.main(train_flags(tmp_path, "--max-steps", "2"))
     metrics = tmp_path / "run" / "metrics.jsonl"
     metrics.write_text(metrics.read_text() + '{"step": 3, "lo')
-    with pytest.warns(UserWarning, match="half-written last line"):
+    with pytest.warns(UserWarning, match="partly written last line"):
         train.main(train_flags(tmp_path, "--max-steps", "3", "--resume"))
     assert [json.loads(l)["step"] for l in open(metrics)] == [1, 2, 3]
 
@@ -2364,7 +2366,7 @@ def test_keywords_never_reach_training_and_the_report_reads_the_log(tmp_path, ca
     final["mentions"].update(unsteered=0.125, steered=0.875, other_concept=0.25)
     log.write_text("".join(json.dumps(r) + "\n" for r in recs))
     capsys.readouterr()
-    TR.report(run)
+    report.print_report(run)
     out = capsys.readouterr().out
     assert "1.234" in out and "1.334" in out and "+0.100" in out and "concept-specific" in out
     assert "unsteered 12%, steered 88%, steered with another concept's prompt 25%" in out
@@ -2737,6 +2739,7 @@ def test_serve_page_in_headless_chromium(served, tmp_path):
 # ============================================================================ psr.py (SPEC §8a)
 
 import psr as P  # noqa: E402
+import psr_data  # noqa: E402
 
 
 def random_psr(base, layers, seed=0, scale=0.3):
@@ -2755,7 +2758,7 @@ def psr_pairs(tok, n=4, seed=0, same_prompt=False):
         x = words(g, 2 + i)
         xp = x if same_prompt else f"{words(g, 1 + 2 * i)} Question: {x}"
         y = tok.encode(words(g, 2 + (3 * i) % 5), bos=False)
-        out.append(P.views(tok, tok.CHAT.format(prompt=x), tok.CHAT.format(prompt=xp), y))
+        out.append(psr_data.views(tok, tok.CHAT.format(prompt=x), tok.CHAT.format(prompt=xp), y))
     return out
 
 
@@ -2795,7 +2798,7 @@ def test_psr_answer_positions_are_right_aligned(setup):
     base, tok, _ = setup
     pairs = psr_pairs(tok, 3)
     assert len({len(p.plain) for p in pairs}) == 3 and len({p.n_answer for p in pairs}) == 3
-    views = {v: P.collate(pairs, v, 0, "cpu") for v in ("plain", "prompted")}
+    views = {v: psr_data.collate(pairs, v, 0, "cpu") for v in ("plain", "prompted")}
     for v, (ids, real, steer, answer) in views.items():
         A = answer.shape[1]
         assert answer.sum(-1).tolist() == [p.n_answer for p in pairs]
@@ -2803,28 +2806,29 @@ def test_psr_answer_positions_are_right_aligned(setup):
             assert ids[b, -A:][answer[b]].tolist() == getattr(p, v)[-p.n_answer:]
             assert steer[b].sum() == len(getattr(p, v)) - p.n_prefix
     assert torch.equal(views["plain"][0][:, -A:] * views["plain"][3], views["prompted"][0][:, -A:] * views["prompted"][3])
-    full, late = P.prepare(base, pairs, 0), P.prepare(base, pairs, 2)    # S-PSR's examples start at block 2
+    full, late = psr_data.prepare(base, pairs, 0), psr_data.prepare(base, pairs, 2)  # S-PSR's examples start at block 2
     for a, b in zip(full, late):
         assert (a["target"][2:] - b["target"]).abs().max() < 1e-5 and (a["plain"][2:] - b["plain"]).abs().max() < 1e-5
     # the same prompt in both views: Δ_PS = 0 at every layer, though the two views pad differently
-    for e in P.prepare(base, psr_pairs(tok, 3, same_prompt=True) + psr_pairs(tok, 1, seed=5), 0, batch_size=4)[:3]:
+    mixed = psr_pairs(tok, 3, same_prompt=True) + psr_pairs(tok, 1, seed=5)
+    for e in psr_data.prepare(base, mixed, 0, batch_size=4)[:3]:
         assert e["target"].shape == (4, e["pair"].n_answer, 64) and (e["target"] - e["plain"]).abs().max() < 1e-5
 
 
 def test_psr_prompt_tokenisation_mismatch_is_refused(setup):
     base, tok, _ = setup
-    p = P.views(tok, "w1 w2", "w5 w6 w2", " w3 w4", n_prefix=1)      # text: tokenised in each view, same tokens
+    p = psr_data.views(tok, "w1 w2", "w5 w6 w2", " w3 w4", n_prefix=1)  # text: tokenised in each view, same tokens
     assert p.plain[-3:] == p.prompted[-3:] == tok.encode("w2 w3 w4", bos=False) and p.n_answer == 3
     with pytest.raises(ValueError, match="tokenises differently"):
-        P.views(tok, "w1 w2", "w5 w6 w2", "w3", n_prefix=1)           # "w2w3" merges with the prompt
+        psr_data.views(tok, "w1 w2", "w5 w6 w2", "w3", n_prefix=1)    # "w2w3" merges with the prompt
     with pytest.raises(ValueError, match="end in different tokens"):
-        P.views(tok, "w1 w2", "w1 w3", [12], n_prefix=1)
+        psr_data.views(tok, "w1 w2", "w1 w3", [12], n_prefix=1)
 
 
 @pytest.mark.parametrize("loss,start,reg", [("mse", 0, 0.0), ("mse", 2, 0.1), ("ll", 0, 0.0), ("ll", 2, 0.0)])
 def test_psr_batched_loss_and_gradients_equal_batch_1(setup, loss, start, reg):
     base, tok, _ = setup
-    ex = P.prepare(base, psr_pairs(tok, 4), start, batch_size=3)
+    ex = psr_data.prepare(base, psr_pairs(tok, 4), start, batch_size=3)
     p = random_psr(base, [0, 1, 2, 3] if start == 0 else [start], seed=2, scale=0.05).requires_grad_(True)
     norms = torch.rand(4 - start) + 0.5 if loss == "mse" else None
 
@@ -2849,13 +2853,13 @@ def test_psr_recovers_a_planted_psr(setup):
     with torch.no_grad():
         planted.z[str(LAYER)].mul_(8)
     pairs = psr_pairs(tok, 8, seed=4, same_prompt=True)
-    ex = P.prepare(base, pairs, LAYER, batch_size=8)
+    ex = psr_data.prepare(base, pairs, LAYER, batch_size=8)
     with torch.no_grad():
         acts = P.steered(base, planted, ex, LAYER)[0]                # (L, B, A, d)
         for b, e in enumerate(ex):
             e["target"] = acts[:, b, -e["pair"].n_answer:]
     delta = torch.cat([(e["target"] - e["plain"]).flatten() for e in ex])
-    active = planted.last_lambda[LAYER][P.collate(pairs, "plain", 0, "cpu")[2]].gt(0).float().mean()
+    active = planted.last_lambda[LAYER][psr_data.collate(pairs, "plain", 0, "cpu")[2]].gt(0).float().mean()
     assert delta.norm() > 1 and 0.1 < active < 0.9                    # λ switches on some tokens, not all
     torch.manual_seed(0)
     learned = P.PSR(64, [LAYER], "single")

@@ -6,11 +6,12 @@ Eq. 4; SPEC §5). The base model is frozen; only the hypernetwork learns.
     python train.py --preset demo --max-steps 20 --eval-batches 1 --samples 0 --out runs/smoke   # 1 minute
     torchrun --nproc-per-node 8 train.py                # 8 GPUs (DDP); --fsdp shards the hypernetwork (dist.py)
 
-Read top to bottom: the config, the loss (one step's maths), setup, one optimizer step,
-evaluation, checkpoints, the loop, the report. Under torchrun every process takes its slice of each optimizer step's examples (train_step). One step (SPEC §5 compute structure): the base
-residual h_L at the steering layer over prompt + output, once, without gradients; Δ = H(s, X = h_L
-over the prompt); the steered pass runs only blocks L+1.. from h_L + Δ; the loss reaches H through
-Δ alone.
+Read top to bottom: the config, the loss (one step's maths), setup, one optimizer step, the loop, the
+command line; the evaluation and the final report are report.py's, checkpoints checkpoint.py's. One step
+(SPEC §5 compute structure): the base residual h_L at the steering layer over prompt + output, once,
+without gradients; Δ = H(s, X = h_L over the prompt); the steered pass runs only blocks L+1.. from
+h_L + Δ; the loss reaches H through Δ alone. Under torchrun every process takes its slice of each
+optimizer step's examples (train_step).
 """
 import argparse
 import contextlib
@@ -20,19 +21,20 @@ import os
 import signal
 import sys
 import time
-import warnings
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import checkpoint
 import data
 import dist
 import hypernet as H
 import loader
 import model as M
+import report
 
 
 def flag(default, help):
@@ -95,18 +97,14 @@ PRESETS = {  # paper Table 3 (SPEC §3); `demo` is the offline CPU main job
                         max_len=96, eval_every=80, eval_batches=16, save_every=80, keywords=str(data.DEMO_KEYWORDS),
                         out="runs/demo", device="cpu"),
 }
-RESUMABLE_CHANGES = {"max_steps", "eval_every", "eval_batches", "save_every", "samples", "device", "out", "fsdp"}
-# grad_accum may change too, with the number of processes: a step's micro-batches (grad_accum x processes) may not
 
 
 def check_config(cfg):
     """Bad values fail here, before any work, with the flag's name."""
-    positive = ["batch_size", "grad_accum", "lr", "epochs", "clip", "eval_every", "eval_batches", "save_every",
-                "n_blocks"]
-    for k in positive:
-        v = getattr(cfg, k)
-        if not math.isfinite(v) or v <= 0:
-            raise ValueError(f"--{k.replace('_', '-')} must be positive, got {v}")
+    for k in ("batch_size", "grad_accum", "lr", "epochs", "clip", "eval_every", "eval_batches", "save_every",
+              "n_blocks"):
+        if not math.isfinite(getattr(cfg, k)) or getattr(cfg, k) <= 0:
+            raise ValueError(f"--{k.replace('_', '-')} must be positive, got {getattr(cfg, k)}")
     for k in ("max_steps", "held_out_concepts", "eval_rows", "samples", "weight_decay"):
         if not math.isfinite(getattr(cfg, k)) or getattr(cfg, k) < 0:
             raise ValueError(f"--{k.replace('_', '-')} must be >= 0, got {getattr(cfg, k)}")
@@ -179,20 +177,18 @@ class Run:
     total: int                  # optimizer steps of the whole run
 
 
-def cpu_has_bf16_units():
-    """Native bf16 matrix instructions (AVX512-BF16 or AMX), where bf16 matrix products run faster than fp32."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
 def use_bf16(cfg):
-    """--bf16 auto: on CUDA, and on CPUs with native bf16 units (measured 1.4x faster on the demo, README)."""
+    """--bf16 auto: on CUDA, and on CPUs with native bf16 matrix units (AVX512-BF16 or AMX), where bf16 matrix
+    products run faster than fp32 (measured 1.4x faster on the demo, README)."""
     if cfg.bf16 != "auto":
         return cfg.bf16 == "yes"
-    return cfg.device.startswith("cuda") or (cfg.device == "cpu" and cpu_has_bf16_units())
+    if cfg.device != "cpu":
+        return cfg.device.startswith("cuda")
+    try:
+        cpu_flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in cpu_flags or "amx_bf16" in cpu_flags
 
 
 def setup(cfg):
@@ -214,21 +210,10 @@ def setup(cfg):
     world = dist.world_size()
     per_epoch = max(1, math.ceil(len(train_ex) / cfg.batch_size) // (cfg.grad_accum * world))
     total = cfg.max_steps or math.ceil(cfg.epochs * per_epoch)
-
-    n_train = sum(p.numel() for p in trainable)
-    n_frozen = sum(p.numel() for p in hyper.parameters()) - n_train
-    n_base = sum(p.numel() for p in base.parameters())
-    est = (n_base * (2 if bf16 else 4) + (n_train + n_frozen) * 4 + n_train * 12) / 2**30
-    print(f"base {cfg.model}: {n_base / 1e6:.1f}M frozen parameters ({'bf16' if bf16 else 'fp32'}) on {cfg.device}")
-    print(f"hypernet {cfg.variant}, N={cfg.n_blocks}, layer {cfg.layer}: {n_train / 1e6:.1f}M trainable, "
-          f"{n_frozen / 1e6:.1f}M frozen; weights + AdamW ~{est:.1f} GiB before activations "
-          f"(python bench.py memory for the peak)")
-    print(f"data: {len(train_ex)} train examples ({len({e.concept_id for e in train_ex})} concepts), "
-          f"{len(in_ex)} held-in eval, {len(out_ex)} held-out eval ({len({e.concept_id for e in out_ex})} concepts); "
-          f"{total} steps of {cfg.batch_size * cfg.grad_accum * world} examples"
-          + (f" ({world} processes, {'FSDP2' if cfg.fsdp else 'DDP'})" if world > 1 else ""))
-    return Run(cfg, base, tok, hyper, model, trainable, opt, amp, train_ex, in_ex, out_ex,
-               {"held_in": in_rows, "held_out": out_rows}, per_epoch, total)
+    run = Run(cfg, base, tok, hyper, model, trainable, opt, amp, train_ex, in_ex, out_ex,
+              {"held_in": in_rows, "held_out": out_rows}, per_epoch, total)
+    report.print_setup(run, bf16)             # parameters, dtype, device, memory, data, steps
+    return run
 
 
 # ----------------------------------------------------------------------------- one optimizer step
@@ -269,155 +254,6 @@ def train_step(run, step, loss_fn=steered_loss):
     return {"step": step + 1, "loss": loss_sum, "lr": lr, "grad_norm": gnorm, "tokens": int(tokens)}
 
 
-def check_weights(hyper, limit=1e6):
-    """Weights that are non-finite or past `limit` in magnitude (an exploding run) are never saved. Under
-    FSDP each process checks its own shards."""
-    for name, p in hyper.named_parameters():
-        p = dist.local(p)
-        if p.requires_grad and p.numel() and not (torch.isfinite(p).all() and p.abs().max() <= limit):
-            raise FloatingPointError(f"weights of {name} are non-finite or exploded (|w| up to {p.abs().max():.3g})")
-
-
-# ----------------------------------------------------------------------------- evaluation
-
-def next_concept(items, concept_of):
-    """For each item, an item of the next concept (in order of first appearance, cyclic) at the same index
-    within its concept: what the 'other concept' columns steer with."""
-    groups = {}
-    for it in items:
-        groups.setdefault(concept_of(it), []).append(it)
-    order, seen = list(groups), {}
-    out = []
-    for it in items:
-        c = concept_of(it)
-        i = seen[c] = seen.get(c, -1) + 1
-        nxt = groups[order[(order.index(c) + 1) % len(order)]]
-        out.append(nxt[i % len(nxt)])
-    return out
-
-
-@torch.no_grad()
-def evaluate(run, examples, unsteered=None):
-    """Mean loss over the first eval_batches batches: steered; steered with Δ from another concept's
-    steering prompt (if that is as good, Δ learned the task, not the concept); unsteered (strength 0).
-    The frozen base's unsteered loss never changes: pass an earlier evaluation's value to skip it."""
-    cfg, hyper = run.cfg, run.hyper
-    hyper.eval()
-    other = [replace(e, hyper_ids=o.hyper_ids) for e, o in zip(examples, next_concept(examples, lambda e: e.concept_id))]
-    losses = {"steered": [], "other_concept": [], "unsteered": []}
-    for i in range(0, min(len(examples), cfg.eval_batches * cfg.batch_size), cfg.batch_size):  # fixed order
-        batch = data.collate(examples[i:i + cfg.batch_size]).to(cfg.device)
-        swapped = data.collate(other[i:i + cfg.batch_size]).to(cfg.device)
-        with run.amp():
-            losses["steered"].append(steered_loss(run.base, hyper, batch).item())
-            losses["other_concept"].append(steered_loss(run.base, hyper, swapped).item())
-            if unsteered is None:
-                losses["unsteered"].append(steered_loss(run.base, hyper, batch, strength=0.0).item())
-    hyper.train()
-    means = {k: sum(v) / max(len(v), 1) for k, v in losses.items()}
-    return {**means, "unsteered": means["unsteered"] if unsteered is None else unsteered}
-
-
-# ----------------------------------------------------------------------------- checkpoints
-
-def save_checkpoint(path, hyper, opt, step, cfg):
-    """Hypernetwork + AdamW state + step in one safetensors file, written atomically. Under torchrun every
-    process calls it (FSDP2 gathers the whole state onto rank 0) and rank 0 alone writes the same file as one
-    process would, plus the number of processes. Returns the hypernetwork's weights (on rank 0)."""
-    if dist.is_sharded(hyper):
-        weights, state = dist.full_state(hyper, opt)
-    else:
-        names = {p: n for n, p in hyper.named_parameters()}
-        weights, state = hyper.state_dict(), {names[p]: st for p, st in opt.state.items()}
-    tensors = dict(weights)
-    for name, st in state.items():
-        for k, v in st.items():
-            tensors[f"optim.{name}.{k}"] = v.reshape(-1).clone() if k == "step" else v
-    if dist.is_main():
-        loader.save_safetensors(path, tensors, {"step": step, "train_config": json.dumps(asdict(cfg)),
-                                                "hyper_config": json.dumps(asdict(hyper.hcfg)),
-                                                "base_config": json.dumps(asdict(hyper.base_cfg)),
-                                                "world_size": dist.world_size()})
-    return weights
-
-
-def load_checkpoint(path, hyper, opt, cfg):
-    """Restore hypernetwork and optimizer from save_checkpoint's file; returns the step. Refuses a
-    checkpoint of another base model, hypernetwork or training config (listing the differences)."""
-    try:
-        tensors, meta = loader.read_safetensors(path)
-    except ValueError as e:
-        raise ValueError(f"{path}: corrupted or unreadable checkpoint ({str(e).replace(f'{path}: ', '')})") from None
-    if "step" not in meta or "train_config" not in meta:
-        raise ValueError(f"{path}: not a train.py checkpoint")
-    H.check_base(path, meta, hyper.base_cfg)
-    if json.loads(meta["hyper_config"]) != asdict(hyper.hcfg):
-        raise ValueError(f"{path}: checkpoint hypernetwork config {meta['hyper_config']} differs from this run's")
-    theirs = json.loads(meta["train_config"])
-    diff = [f"{k} {theirs.get(k)!r} -> {v!r}" for k, v in asdict(cfg).items()
-            if k not in RESUMABLE_CHANGES | {"grad_accum"} and theirs.get(k, v) != v]
-    was, now = (theirs.get("grad_accum", cfg.grad_accum), int(meta.get("world_size", 1))), (cfg.grad_accum, dist.world_size())
-    if was[0] * was[1] != now[0] * now[1]:   # another split of a step's micro-batches resumes exactly (train_step)
-        diff.append(f"grad_accum x processes {was[0]} x {was[1]} -> {now[0]} x {now[1]}")
-    if diff:
-        raise ValueError(f"{path}: this run's settings differ from the checkpoint's ({'; '.join(diff)}); "
-                         "resume with the same settings, or start over with --overwrite")
-    dev = next(hyper.parameters()).device
-    model_state = {k: v.to(dev) for k, v in tensors.items() if not k.startswith("optim.")}
-    loader.check_state_dict(path, {k: v.shape for k, v in hyper.state_dict().items()},
-                            {k: v.shape for k, v in model_state.items()}, "this run's hypernetwork")
-    optim_state = {}
-    for key, v in tensors.items():
-        if key.startswith("optim."):
-            name, k = key[len("optim."):].rsplit(".", 1)
-            optim_state.setdefault(name, {})[k] = v.reshape(()) if k == "step" else v.to(dev)
-    if dist.is_sharded(hyper):                  # every process reads the whole file and keeps its shards
-        dist.load_full_state(hyper, opt, model_state, optim_state)
-        return int(meta["step"])
-    hyper.load_state_dict(model_state, strict=True)
-    by_name = dict(hyper.named_parameters())
-    for name, st in optim_state.items():
-        opt.state[by_name[name]].update(st)
-    return int(meta["step"])
-
-
-def read_metrics(path, up_to=None):
-    """Records of metrics.jsonl; a half-written last line (a crash) is dropped with a warning."""
-    if not path.exists():
-        return []
-    lines, recs = path.read_text().splitlines(), []
-    for n, line in enumerate(lines, 1):
-        try:
-            recs.append(json.loads(line))
-        except json.JSONDecodeError:
-            if n < len(lines):
-                raise ValueError(f"{path}:{n}: malformed metrics line") from None
-            warnings.warn(f"{path}: dropping a half-written last line", stacklevel=2)
-    return [r for r in recs if up_to is None or r["step"] <= up_to]
-
-
-def start_or_resume(run, out, resume, overwrite):
-    """The step to start from. A finished or started run is never overwritten silently."""
-    ckpt, metrics = out / "checkpoint.safetensors", out / "metrics.jsonl"
-    if resume:
-        if not ckpt.exists():
-            raise FileNotFoundError(f"{ckpt}: nothing to resume")
-        step = load_checkpoint(ckpt, run.hyper, run.opt, run.cfg)
-        kept = read_metrics(metrics, up_to=step)   # records of steps after the checkpoint are redone
-        dist.barrier()                             # every process has read the files before rank 0 rewrites one
-        if dist.is_main():
-            loader.write_atomic(metrics, lambda p: p.write_text("".join(json.dumps(r) + "\n" for r in kept)))
-        print(f"resumed from {ckpt} at step {step}")
-        return step
-    if (ckpt.exists() or metrics.exists()) and not overwrite:
-        raise FileExistsError(f"{out} already holds a run: pass --resume to continue it or --overwrite to "
-                              "start over, or choose another --out")
-    dist.barrier()
-    if dist.is_main():
-        metrics.unlink(missing_ok=True)
-    return 0
-
-
 # ----------------------------------------------------------------------------- the loop
 
 def train(cfg, resume=False, overwrite=False, two_pass=False):
@@ -425,16 +261,8 @@ def train(cfg, resume=False, overwrite=False, two_pass=False):
     bar, plot and files come from rank 0; a stop (Ctrl-C or a non-finite value) in one process stops all."""
     run = setup(cfg)
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    step = start_or_resume(run, out, resume, overwrite)
+    step = checkpoint.start_or_resume(run, out, resume, overwrite)
     ckpt = out / "checkpoint.safetensors"
-
-    def save():
-        check_weights(run.hyper)
-        weights = save_checkpoint(ckpt, run.hyper, run.opt, step, cfg)
-        if dist.is_main():
-            H.save(run.hyper, out / "hypernet.safetensors", {"step": step, "train_config": json.dumps(asdict(cfg))},
-                   weights)
 
     stop, stopping = {"now": False}, False
     old_handler = signal.signal(signal.SIGINT, lambda *a: stop.update(now=True))  # Ctrl-C: finish the step, save, exit
@@ -446,7 +274,7 @@ def train(cfg, resume=False, overwrite=False, two_pass=False):
             error = None
             try:
                 rec = train_step(run, step, two_pass_loss if two_pass else steered_loss)
-                check_weights(run.hyper)
+                checkpoint.check_weights(run.hyper)
             except FloatingPointError as e:   # nothing of this step is saved
                 error = e
             stopping, failed = dist.any_rank(stop["now"], error is not None)   # every process stops together
@@ -461,20 +289,14 @@ def train(cfg, resume=False, overwrite=False, two_pass=False):
             bar.update(1)
             bar.set_postfix(loss=f"{rec['loss']:.3f}", **({"mem": f"{rec['peak_mem_gib']:.1f}G"} if "peak_mem_gib" in rec else {}))
             if step % cfg.eval_every == 0 or step == run.total:
-                report = []
-                for name, ex in (("held_in", run.held_in), ("held_out", run.held_out)):
-                    if ex:
-                        res = evaluate(run, ex, unsteered.get(name))
-                        unsteered[name] = res["unsteered"]
-                        rec.update({f"{name}_{k}": v for k, v in res.items()})
-                        report.append(f"{name.replace('_', '-')} {res['steered']:.3f} (other concept "
-                                      f"{res['other_concept']:.3f}, unsteered {res['unsteered']:.3f})")
-                if report:
-                    bar.write(f"step {step} eval loss: " + "; ".join(report))
+                evals, line = report.evaluate_splits(run, steered_loss, unsteered)
+                rec.update(evals)
+                if line:
+                    bar.write(f"step {step} eval loss: {line}")
             log.write(json.dumps(rec) + "\n")
             log.flush()
             if step % cfg.save_every == 0 or step == run.total or stopping:
-                save()
+                checkpoint.save(run, step)
     finally:  # also on a NaN stop or an error: the Ctrl-C handler must not outlive the run
         bar.close()
         log.close()
@@ -483,107 +305,11 @@ def train(cfg, resume=False, overwrite=False, two_pass=False):
     if stopping:
         sys.exit(f"interrupted at step {step}: saved {ckpt}; continue with --resume")
     if cfg.samples:
-        final_measurements(run, step)             # every process generates (FSDP2 gathers); rank 0 writes
+        report.final_measurements(run, step)      # every process generates (FSDP2 gathers); rank 0 writes
+        dist.barrier()                            # ... before any process reads metrics.jsonl for the report
     if dist.is_main():
-        plot(out)
+        report.plot(out)
     return run
-
-
-def plot(out):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
-    recs = [r for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
-    plt.figure(figsize=(6, 3.5))
-    plt.plot([r["step"] for r in recs], [r["loss"] for r in recs], lw=0.8, label="train")
-    for k in ("held_in_steered", "held_in_other_concept", "held_in_unsteered", "held_out_steered"):
-        ev = [r for r in recs if k in r]
-        plt.plot([r["step"] for r in ev], [r[k] for r in ev], "o-", label=k.replace("_", " "))
-    plt.xlabel("step"), plt.ylabel("cross-entropy"), plt.legend(), plt.tight_layout()
-    plt.savefig(out / "loss.png", dpi=120)
-    plt.close()
-
-
-# ----------------------------------------------------------------------------- the report
-
-SWEEP = (0.0, 1.0, 2.0, 4.0)
-
-
-@torch.no_grad()
-def greedy_answers(run, rows, concepts, strength, max_new_tokens=48, batch_size=16):
-    """Greedy answers to rows' inputs, steered with Δ = H(concept, input) at `strength` (0 = unsteered)."""
-    base, tok, hyper = run.base, run.tok, run.hyper
-    ids = tok.chat_batch([r["input"] for r in rows])
-    deltas = torch.stack([H.deltas(base, tok, hyper, c, [r["input"]], [i])[0] for r, c, i in zip(rows, concepts, ids)])
-    out = []
-    for j in range(0, len(rows), batch_size):
-        steering = M.Steering.vector(hyper.hcfg.layer, deltas[j:j + batch_size], strength)
-        gens = M.generate(base, ids[j:j + batch_size], max_new_tokens, stop_ids=tok.stop_ids, steering=steering,
-                          steer_masks=M.steer_after(ids[j:j + batch_size], tok.chat_prefix_len))
-        out += [tok.decode(g) for g in gens]
-    return out
-
-
-def final_measurements(run, step):
-    """The report's generations, logged to metrics.jsonl: a strength sweep for two held-in concepts and,
-    with --keywords, how often the held-in answers mention their concept (unsteered, steered with the
-    right concept, steered with another concept's prompt), all greedy."""
-    rows, final = run.rows["held_in"], {}
-    if not rows:
-        return
-    run.hyper.eval()
-    first = {}
-    for r in rows:
-        first.setdefault(r["concept_id"], r)
-    firsts = list(first.values())[:2]                                            # a row of each of 2 concepts
-    final["sweep"] = [{"concept": r["output_concept"], "prompt": r["input"],
-                       "answers": {str(s): greedy_answers(run, [r], [r["output_concept"]], s)[0] for s in SWEEP}}
-                      for r in firsts]
-    if run.cfg.keywords:
-        keywords = data.load_keywords(run.cfg.keywords)
-        right = [r["output_concept"] for r in rows]
-        wrong = [r["output_concept"] for r in next_concept(rows, lambda r: r["concept_id"])]
-        answers = {"unsteered": greedy_answers(run, rows, right, 0.0), "steered": greedy_answers(run, rows, right, 1.0),
-                   "other_concept": greedy_answers(run, rows, wrong, 1.0)}
-        final["mentions"] = {k: sum(data.mentions(a, keywords.get(c, [])) for a, c in zip(v, right)) / len(rows)
-                             for k, v in answers.items()}
-        final["mentions"]["prompts"] = len(rows)
-    if dist.is_main():
-        with open(Path(run.cfg.out) / "metrics.jsonl", "a") as log:
-            log.write(json.dumps({"step": step, "final": final}) + "\n")
-
-
-def verdict(gap, loss):
-    if gap >= 0.02:
-        return f"concept-specific: the right concept's Δ fits its outputs better by {gap:.3f} nats ({gap / loss:.1%})"
-    return f"not concept-specific: another concept's Δ does as well (gap {gap:+.3f} nats); Δ learned the task"
-
-
-def report(run):
-    """The final report, read from metrics.jsonl: evaluation losses with the right-vs-wrong-concept gap,
-    the strength sweep, and the concept-mention rates."""
-    recs = read_metrics(Path(run.cfg.out) / "metrics.jsonl")
-    last = [r for r in recs if "held_in_steered" in r or "held_out_steered" in r][-1]
-    print(f"\nevaluation loss after {last['step']} steps (token-mean cross-entropy on the reference outputs):")
-    print(f"{'':10}{'steered':>9}{'other concept':>15}{'unsteered':>11}{'gap':>8}")
-    for name in ("held_in", "held_out"):
-        if f"{name}_steered" in last:
-            s, o, u = (last[f"{name}_{k}"] for k in ("steered", "other_concept", "unsteered"))
-            print(f"{name.replace('_', '-'):10}{s:9.3f}{o:15.3f}{u:11.3f}{o - s:+8.3f}   {verdict(o - s, s)}")
-    final = next((r["final"] for r in reversed(recs) if "final" in r), {})
-    for item in final.get("sweep", []):
-        print(f"\n[held-in] concept: {item['concept']}\nprompt: {item['prompt']}")
-        for s, text in item["answers"].items():
-            print(f"  strength {float(s):g}: {text.strip()[:160]!r}")
-    if "mentions" in final:
-        m = final["mentions"]
-        print(f"\nconcept mentioned (keywords) in greedy answers to {m['prompts']} held-in prompts: unsteered "
-              f"{m['unsteered']:.0%}, steered {m['steered']:.0%}, steered with another concept's prompt "
-              f"{m['other_concept']:.0%}")
-    print(f"\ncheckpoint: {Path(run.cfg.out) / 'hypernet.safetensors'}; curve: {Path(run.cfg.out) / 'loss.png'}")
 
 
 # ----------------------------------------------------------------------------- command line
@@ -615,7 +341,7 @@ def main(argv=None):
         with loader.one_line_errors(args.debug):
             cfg = replace(cfg, device=dist.start(cfg.device))      # torchrun: join the process group; else nothing
             with dist.only_main_prints():
-                report(train(cfg, args.resume, args.overwrite, args.two_pass))
+                report.print_report(train(cfg, args.resume, args.overwrite, args.two_pass))
     finally:
         dist.stop()
 
