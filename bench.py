@@ -38,6 +38,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from torch.utils._pytree import tree_flatten
 
 import data
+import flex
 import loader
 import model as M
 import train
@@ -185,7 +186,7 @@ def gpu_bench(args):
     ours, hf = random_pair(cfg, device)
     prefill, batches = ((32, 64), (1, 4)) if args.smoke else ((512, 2048), (1, 64))
     print(f"random weights, Gemma-2 shapes ({base_params(cfg) / 1e9:.2f}B), bf16, attention "
-          f"{'FlexAttention' if M.FLEX == device else 'plain'} (prefill) / plain (decode), median of {args.repeats}")
+          f"{'FlexAttention' if flex.FLEX == device else 'plain'} (prefill) / plain (decode), median of {args.repeats}")
     rows = bench_pair(ours, hf, cfg.vocab_size, device, args.repeats, args.decode_tokens, prefill, batches)
     one = next(r for r in rows if r.get("batch") == 1)
     step = one["ours_s"] / args.decode_tokens                       # each step of a batch-1 generation
