@@ -38,6 +38,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from torch.utils._pytree import tree_flatten
 
 import data
+import fileio
 import flex
 import loader
 import model as M
@@ -576,11 +577,11 @@ def main(argv=None):
     if args.command in gpu:
         return {"gpu-speed": gpu_bench, "gpu-train": gpu_train, "gpu-eval": gpu_eval}[args.command](args)
     if args.command == "table1":
-        with loader.one_line_errors():
+        with fileio.one_line_errors():
             return table1_plan(args.preset, train.config_from_args(args))
     if args.command == "memory":
         cfg = train.config_from_args(args)
-        with loader.one_line_errors():
+        with fileio.one_line_errors():
             train.check_config(cfg)
             return print_train_memory(cfg, cfg.max_len // 4)
     if not args.gpu_only:

@@ -42,7 +42,7 @@ from pathlib import Path
 import requests
 from tqdm import tqdm
 
-import loader
+import fileio
 
 CRITERIA = ("concept", "instruction", "fluency")
 REQUIRED = ("method", "concept", "instruction_index", "instruction", "strength", "text")
@@ -147,7 +147,7 @@ def cache_path(body, cfg):
 def write_atomic(path, text):
     """Text through the project's one atomic writer: readers never see half a file."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    loader.write_atomic(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    fileio.write_atomic(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 def api_key(cfg):

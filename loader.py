@@ -1,5 +1,5 @@
 """Loading: config.json, safetensors, tokenizer.json, Hugging Face hub downloads and the offline
-gemma-3-270m build (SPEC §2), plus the project's one atomic writer and one strict state-dict check.
+gemma-3-270m build (SPEC §2), and the project's one strict state-dict check.
 
     model, tok = loader.load()                              # the offline gemma-3-270m (built once)
     model, tok = loader.load("google/gemma-2-2b-it")        # a hub repo id (HF_TOKEN for gated models)
@@ -9,13 +9,10 @@ Hub files land in $HYPERSTEER_CACHE (default ~/.cache/hypersteer)/<kind>s--<owne
 written to `<name>.part` first (resumed with an HTTP Range request) and renamed when complete.
 HF_TOKEN, when set, is sent as a bearer token and never printed or stored. Nothing is unpickled.
 """
-import contextlib
 import json
 import math
 import os
 import re
-import threading
-import warnings
 import zlib
 from pathlib import Path
 
@@ -23,56 +20,10 @@ import requests
 import torch
 from tqdm import tqdm
 
+from fileio import read_json, write_atomic
 from model import Gemma, GemmaConfig
 
 DEMO_MODEL = Path(__file__).resolve().parent / "models" / "gemma-3-270m"   # built by convert_gguf.py
-
-
-# ----------------------------------------------------------------------------- errors and files
-
-@contextlib.contextmanager
-def one_line_errors(debug=False, also=()):
-    """For command-line entry points: the project's errors (a bad file, flag or value; `also` adds more
-    kinds) end the command with one line naming it and a non-zero exit; --debug shows the traceback."""
-    try:
-        yield
-    except (OSError, ValueError, *also) as e:
-        if debug:
-            raise
-        raise SystemExit(f"error: {' '.join(str(e).split())}") from None
-
-
-def write_atomic(path, write):
-    """write(tmp) to a temporary file beside `path`, then rename it onto `path`: a crash or a full
-    disk never leaves a half-written file, and the previous version stays until the new one is whole."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")   # unique per writer
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except OSError as e:
-        raise OSError(f"{path}: could not write ({e.strerror or e}); the previous file is unchanged") from None
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
-
-
-def complete_lines(path):
-    """The complete lines of an append-only JSONL file. A crash can leave a partly written last line:
-    it is cut off the file (with a warning), so the work it recorded is done again."""
-    path = Path(path)
-    if not path.exists():
-        return []
-    raw = path.read_bytes()
-    keep = raw[:raw.rfind(b"\n") + 1]
-    if len(keep) < len(raw):
-        warnings.warn(f"{path}: dropping a partly written last line ({len(raw) - len(keep)} bytes)", stacklevel=3)
-        with open(path, "r+b") as f:
-            f.truncate(len(keep))
-    try:
-        return [line for line in keep.decode("utf-8").splitlines() if line.strip()]
-    except UnicodeDecodeError:
-        raise ValueError(f"{path}: not UTF-8 text") from None
 
 
 # ----------------------------------------------------------------------------- safetensors
@@ -169,16 +120,6 @@ def check_state_dict(where, want, got, what="the model"):
 
 
 # ----------------------------------------------------------------------------- config.json
-
-def read_json(path, what="file"):
-    path = Path(path)
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: {what} not found") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: malformed {what} ({type(e).__name__})") from None
-
 
 def config_from_json(path):
     return config_from_dict(read_json(path, "config.json"), str(path))

@@ -43,6 +43,7 @@ import torch.nn.functional as F
 
 import baselines
 import data
+import fileio
 import loader
 import model as M
 from hypernet import check_base
@@ -138,7 +139,7 @@ def views(tok, x, xp, y, n_prefix=None):
 def read_samples(path):
     """Rows of a samples.jsonl; a partly written last line (a killed run) is cut off and sampled again."""
     try:
-        return [json.loads(line) for line in loader.complete_lines(path)]
+        return [json.loads(line) for line in fileio.complete_lines(path)]
     except json.JSONDecodeError:
         raise ValueError(f"{path}: not a samples file; remove it or pass another --samples") from None
 
@@ -461,7 +462,7 @@ def run(args):
                    rel_rmse={m: {str(l): v for l, v in enumerate(r)} for m, r in rel.items()},
                    seconds={k: round(v, 1) for k, v in seconds.items()}, figures=figures, example=dict(instruction=x, **example),
                    settings={k: v for k, v in vars(args).items() if k != "debug"})
-    loader.write_atomic(out / "summary.json", lambda p: p.write_text(json.dumps(summary, indent=1, ensure_ascii=False)))
+    fileio.write_atomic(out / "summary.json", lambda p: p.write_text(json.dumps(summary, indent=1, ensure_ascii=False)))
 
     print(f"\nheld-back answers of {len(eval_pairs)} unseen instructions | CE(y' | x) | effect recovered | "
           f"rel. RMSE at layers {L}, {n - 1}")
@@ -512,7 +513,7 @@ def main(argv=None):
     add("--seed", type=int, default=0, help="seeds the instruction split, the samples and the training order")
     add("--debug", action="store_true", help="show tracebacks")
     args = ap.parse_args(argv)
-    with loader.one_line_errors(args.debug, also=(RuntimeError,)):
+    with fileio.one_line_errors(args.debug, also=(RuntimeError,)):
         return run(args)
 
 

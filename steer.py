@@ -42,6 +42,7 @@ from tqdm import tqdm
 import baselines
 import data
 import dist
+import fileio
 import hypernet as H
 import loader
 import model as M
@@ -115,7 +116,7 @@ def save_vector(prefix, vector, layer, model_hint, method, concept, overwrite=Fa
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
         w.close()
-    loader.write_atomic(paths[1], write_gguf)
+    fileio.write_atomic(paths[1], write_gguf)
 
 
 def load_vector(path, d_model=None):
@@ -207,7 +208,7 @@ def stack_edits(per_row):
 def read_rows_file(path):
     """Rows already in a generations file (a partly written last line is cut off and generated again)."""
     rows = []
-    for n, line in enumerate(loader.complete_lines(path), 1):
+    for n, line in enumerate(fileio.complete_lines(path), 1):
         try:
             row = json.loads(line)
             row_key(row)
@@ -235,7 +236,7 @@ def generate_rows(base, tok, out, method, split, concepts, instructions, grid, e
                          "write to another --out, or pass --overwrite to replace them")
     if foreign:
         kept = [r for r in old if r not in foreign]
-        loader.write_atomic(out, lambda p: p.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept)))
+        fileio.write_atomic(out, lambda p: p.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept)))
         old = kept
     done, total = {row_key(r) for r in old}, 0
     jobs = {}                                                         # concept -> rows still to generate
@@ -364,7 +365,7 @@ def merge_shards(out, n):
             if first.get("producer") != r.get("producer"):
                 raise ValueError(f"{path}: row {row_key(r)} was made by another checkpoint or other settings "
                                  f"than {out}'s; merge into another --out")
-    loader.write_atomic(out, lambda p: p.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n"
+    fileio.write_atomic(out, lambda p: p.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n"
                                                             for r in rows.values())))
     print(f"merged {n} shards into {out}: {len(rows)} rows")
     return len(rows)
@@ -510,7 +511,7 @@ def main(argv=None):
     if args.command == "export" and not args.psr and not (args.method and args.concept_id is not None
                                                          or args.hypernet and args.concept):
         ap.error("export needs --hypernet with --concept (and --prompt), or --method with --concept-id")
-    with loader.one_line_errors(args.debug):
+    with fileio.one_line_errors(args.debug):
         {"compare": cmd_compare, "eval": cmd_eval, "export": cmd_export, "merge": cmd_merge}[args.command](args)
 
 

@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 import data
 import dist
+import fileio
 import hypernet as H
 import loader
 import model as M
@@ -406,7 +407,7 @@ def start_or_resume(run, out, resume, overwrite):
         kept = read_metrics(metrics, up_to=step)   # records of steps after the checkpoint are redone
         dist.barrier()                             # every process has read the files before rank 0 rewrites one
         if dist.is_main():
-            loader.write_atomic(metrics, lambda p: p.write_text("".join(json.dumps(r) + "\n" for r in kept)))
+            fileio.write_atomic(metrics, lambda p: p.write_text("".join(json.dumps(r) + "\n" for r in kept)))
         print(f"resumed from {ckpt} at step {step}")
         return step
     if (ckpt.exists() or metrics.exists()) and not overwrite:
@@ -612,7 +613,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     cfg = config_from_args(args)
     try:
-        with loader.one_line_errors(args.debug):
+        with fileio.one_line_errors(args.debug):
             cfg = replace(cfg, device=dist.start(cfg.device))      # torchrun: join the process group; else nothing
             with dist.only_main_prints():
                 report(train(cfg, args.resume, args.overwrite, args.two_pass))
