@@ -200,14 +200,13 @@ class Tokenizer:
         self.stop_ids = tuple(i for i in ends if i is not None)
         self.chat_prefix_len = len(self.encode("<start_of_turn>user\n"))   # <bos><start_of_turn>user\n = 4
 
-    def encode(self, text, bos=True):
-        ids = self.tok.encode(text, add_special_tokens=False).ids
-        return [self.bos_id] + ids if bos else ids
-
     def encode_batch(self, texts, bos=True):
-        """encode() of many texts at once, in parallel threads (tokenizers' Rust side)."""
+        """Token ids of many texts at once (parallel threads on tokenizers' Rust side), <bos> first unless bos=False."""
         head = [self.bos_id] if bos else []
         return [head + e.ids for e in self.tok.encode_batch(list(texts), add_special_tokens=False)]
+
+    def encode(self, text, bos=True):
+        return self.encode_batch([text], bos)[0]
 
     def decode(self, ids):
         return self.tok.decode(list(ids), skip_special_tokens=True)
