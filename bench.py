@@ -23,6 +23,7 @@ import time
 
 import torch
 
+import fileio
 import loader
 import memory
 import model as M
@@ -172,11 +173,11 @@ def main(argv=None):
     train.add_config_flags(plan)
     args = ap.parse_args(argv)
     if args.command == "table1":
-        with loader.one_line_errors():
+        with fileio.one_line_errors():
             return table1_plan(args.preset, train.config_from_args(args))
     if args.command == "memory":
         cfg = train.config_from_args(args)
-        with loader.one_line_errors():
+        with fileio.one_line_errors():
             train.check_config(cfg)
             return memory.print_train_memory(cfg, cfg.max_len // 4)
     cpu_bench(args)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import requests
 
-import loader
+import fileio
 
 TOKENS = ("prompt_tokens", "completion_tokens")
 
@@ -180,7 +180,7 @@ def cached_chat(messages, cfg):
     entry = {"request": body, "reply": reply, "usage": usage}
     path.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps(redact(entry, key), ensure_ascii=False)
-    loader.write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))   # never half a file
+    fileio.write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))   # never half a file
     return reply, usage, False
 
 

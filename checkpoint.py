@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 import dist
+import fileio
 import hypernet as H
 import loader
 
@@ -101,10 +102,10 @@ def load_checkpoint(path, hyper, opt, cfg):
 
 
 def read_metrics(path, up_to=None):
-    """Records of metrics.jsonl (loader.complete_lines: a half-written last line, a crash, is cut off with a
+    """Records of metrics.jsonl (fileio.complete_lines: a half-written last line, a crash, is cut off with a
     warning); a malformed line before it is an error."""
     recs = []
-    for n, line in enumerate(loader.complete_lines(path), 1):
+    for n, line in enumerate(fileio.complete_lines(path), 1):
         try:
             recs.append(json.loads(line))
         except json.JSONDecodeError:
@@ -123,7 +124,7 @@ def start_or_resume(run, out, resume, overwrite):
         kept = read_metrics(metrics, up_to=step)   # records of steps after the checkpoint are redone
         dist.barrier()                             # every process has read the files before rank 0 rewrites one
         if dist.is_main():
-            loader.write_atomic(metrics, lambda p: p.write_text("".join(json.dumps(r) + "\n" for r in kept)))
+            fileio.write_atomic(metrics, lambda p: p.write_text("".join(json.dumps(r) + "\n" for r in kept)))
         print(f"resumed from {ckpt} at step {step}")
         return step
     if (ckpt.exists() or metrics.exists()) and not overwrite:

@@ -22,7 +22,7 @@ import torch
 from tqdm import tqdm
 
 import data
-import loader
+import fileio
 import model as M
 
 REQUIRED = ("method", "concept", "instruction_index", "instruction", "strength", "text")   # what judge.py reads
@@ -37,7 +37,7 @@ def row_key(row):
 def read_resumable(path):
     """Rows already in a generations file (a partly written last line is cut off and generated again)."""
     rows = []
-    for n, line in enumerate(loader.complete_lines(path), 1):
+    for n, line in enumerate(fileio.complete_lines(path), 1):
         try:
             row = json.loads(line)
             row_key(row)
@@ -48,8 +48,8 @@ def read_resumable(path):
 
 
 def write_rows(path, rows):
-    """Replace a generations file with `rows`, atomically (loader.write_atomic)."""
-    loader.write_atomic(path, lambda p: p.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)))
+    """Replace a generations file with `rows`, atomically (fileio.write_atomic)."""
+    fileio.write_atomic(path, lambda p: p.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)))
 
 
 # ----------------------------------------------------------------------------- sampling the rows

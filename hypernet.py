@@ -23,9 +23,10 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from flex import use_flex
 from loader import check_state_dict, read_header, read_safetensors, save_safetensors
 from model import (Attention, Block, Gemma, GemmaConfig, RMSNorm, attend, attention_inputs, embed, gemma2_2b,
-                   gemma2_9b, left_pad, use_flex)
+                   gemma2_9b, left_pad)
 
 VARIANTS = ("no_context", "in_context", "cross_attention")
 
@@ -52,9 +53,6 @@ class CrossAttention(Attention):
     """Queries from the hypernetwork stream, keys and values from the base residual X. The base's
     head layout (and Gemma-3's per-head q/k norms); no RoPE: the two sequences' positions are
     unrelated (SPEC §3)."""
-
-    def __init__(self, cfg):
-        super().__init__(cfg, "full_attention")
 
     def forward(self, s, x, mask):  # s (B, T, d), x (B, Tx, d), mask (B, 1, T, Tx)
         cfg, (B, T, _), Tx = self.cfg, s.shape, x.shape[1]

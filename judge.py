@@ -35,8 +35,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+import fileio
 import generations
-import loader
 from chat_api import TOKENS, JudgeConfig, JudgeError, api_key, cache_path, cached_chat, redact, request_body
 
 CRITERIA = ("concept", "instruction", "fluency")
@@ -293,7 +293,7 @@ def run(args, cfg, key):
 
     def write(suffix, text):  # through the one atomic writer: readers never see half a file
         Path(out + suffix).parent.mkdir(parents=True, exist_ok=True)
-        loader.write_atomic(out + suffix, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+        fileio.write_atomic(out + suffix, lambda tmp: tmp.write_text(text, encoding="utf-8"))
     write(".ratings.jsonl", "".join(json.dumps(redact(r, key), ensure_ascii=False) + "\n" for r in rated))
     write(".report.md", redact(markdown_report(results, usage, cfg), key))
     summary = {"config": asdict(cfg), "inputs": args.generations, "usage": usage, "results": results}

@@ -1,5 +1,5 @@
 """Loading: config.json, safetensors, tokenizer.json, Hugging Face hub downloads and the offline
-gemma-3-270m build (SPEC §2), plus the project's one atomic writer and one strict state-dict check.
+gemma-3-270m build (SPEC §2), and the project's one strict state-dict check.
 
     model, tok = loader.load()                              # the offline gemma-3-270m (built once)
     model, tok = loader.load("google/gemma-2-2b-it")        # a hub repo id (HF_TOKEN for gated models)
@@ -9,11 +9,10 @@ Hub files land in $HYPERSTEER_CACHE (default ~/.cache/hypersteer)/<kind>s--<owne
 written to `<name>.part` first (resumed with an HTTP Range request) and renamed when complete.
 HF_TOKEN, when set, is sent as a bearer token and never printed or stored. Nothing is unpickled.
 """
-import contextlib
 import json
+import math
 import os
 import re
-import threading
 import zlib
 from pathlib import Path
 
@@ -21,57 +20,10 @@ import requests
 import torch
 from tqdm import tqdm
 
+from fileio import read_json, write_atomic
 from model import Gemma, GemmaConfig
 
 DEMO_MODEL = Path(__file__).resolve().parent / "models" / "gemma-3-270m"   # built by convert_gguf.py
-
-
-# ----------------------------------------------------------------------------- errors and files
-
-@contextlib.contextmanager
-def one_line_errors(debug=False, also=()):
-    """For command-line entry points: the project's errors (a bad file, flag or value; `also` adds more
-    kinds) end the command with one line naming it and a non-zero exit; --debug shows the traceback."""
-    try:
-        yield
-    except (OSError, ValueError, *also) as e:
-        if debug:
-            raise
-        raise SystemExit(f"error: {' '.join(str(e).split())}") from None
-
-
-def write_atomic(path, write):
-    """write(tmp) to a temporary file beside `path`, then rename it onto `path`: a crash or a full
-    disk never leaves a half-written file, and the previous version stays until the new one is whole."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")   # unique per writer
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except OSError as e:
-        raise OSError(f"{path}: could not write ({e.strerror or e}); the previous file is unchanged") from None
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
-
-
-def complete_lines(path):
-    """The complete lines of an append-only JSONL file. A crash can leave a partly written last line:
-    it is cut off the file (with a warning), so the work it recorded is done again."""
-    import warnings
-    path = Path(path)
-    if not path.exists():
-        return []
-    raw = path.read_bytes()
-    keep = raw[:raw.rfind(b"\n") + 1]
-    if len(keep) < len(raw):
-        warnings.warn(f"{path}: dropping a partly written last line ({len(raw) - len(keep)} bytes)", stacklevel=3)
-        with open(path, "r+b") as f:
-            f.truncate(len(keep))
-    try:
-        return [line for line in keep.decode("utf-8").splitlines() if line.strip()]
-    except UnicodeDecodeError:
-        raise ValueError(f"{path}: not UTF-8 text") from None
 
 
 # ----------------------------------------------------------------------------- safetensors
@@ -104,15 +56,12 @@ def read_header(path):
     for name, info in header.items():
         try:
             dtype, shape, (lo, hi) = DTYPES[info["dtype"]], info["shape"], info["data_offsets"]
-            numel = 1
-            for s in shape:
-                numel *= s if isinstance(s, int) and s >= 0 else -1
-            ok = isinstance(lo, int) and isinstance(hi, int) and 0 <= lo <= hi and numel >= 0
+            ok = all(isinstance(i, int) and i >= 0 for i in [*shape, lo, hi]) and lo <= hi
         except (KeyError, TypeError, ValueError):
             ok = False
         if ok and hi > data_size:
             raise ValueError(f"{path}: truncated file (tensor {name!r} ends past the end of the file)")
-        if not ok or hi - lo != numel * dtype.itemsize:
+        if not ok or hi - lo != math.prod(shape) * dtype.itemsize:
             raise ValueError(f"{path}: tensor {name!r} has a bad dtype, shape or byte range in the header")
         ranges.append((lo, hi, name))
     for (_, end, a), (start, _, b) in zip(sorted(ranges), sorted(ranges)[1:]):
@@ -121,34 +70,27 @@ def read_header(path):
     return header, 8 + n, meta
 
 
-def read_tensor(f, start, name, info, path):
-    """One tensor's bytes straight from the open file (no memory map, so nothing else stays resident)."""
-    lo, hi = info["data_offsets"]
-    f.seek(start + lo)
-    buf = bytearray(hi - lo)
-    if f.readinto(buf) != hi - lo:
-        raise ValueError(f"{path}: truncated file (tensor {name!r} ends early)")
-    return torch.frombuffer(buf, dtype=DTYPES[info["dtype"]]).reshape(info["shape"]) if buf else \
-        torch.empty(info["shape"], dtype=DTYPES[info["dtype"]])
-
-
-def read_safetensors(path, device="cpu"):
-    """(tensors, metadata) of a whole file. Files written by save_safetensors carry a CRC32 per
-    tensor in their metadata; the bytes read are checked against it (a corrupted checkpoint fails)."""
+def read_safetensors(path, device="cpu", dtype=None):
+    """(tensors, metadata) of a whole file, one tensor at a time straight from the file (no memory map,
+    so nothing else stays resident), each moved to `device` (and `dtype`, if given) as it is read.
+    Files written by save_safetensors carry a CRC32 per tensor in their metadata; the bytes read are
+    checked against it (a corrupted checkpoint fails)."""
     header, start, meta = read_header(path)
     crcs = json.loads(meta.get("crc32", "{}"))
     tensors = {}
     with open(path, "rb") as f:
         for name, info in header.items():
-            t = read_tensor(f, start, name, info, path)
-            if name in crcs and zlib.crc32(tensor_bytes(t)) != crcs[name]:
+            lo, hi = info["data_offsets"]
+            f.seek(start + lo)
+            buf = bytearray(hi - lo)
+            if f.readinto(buf) != hi - lo:
+                raise ValueError(f"{path}: truncated file (tensor {name!r} ends early)")
+            if name in crcs and zlib.crc32(buf) != crcs[name]:
                 raise ValueError(f"{path}: tensor {name!r} is corrupted (checksum mismatch)")
-            tensors[name] = t.to(device)
+            kind = DTYPES[info["dtype"]]
+            t = torch.frombuffer(buf, dtype=kind) if buf else torch.empty(0, dtype=kind)   # frombuffer refuses b""
+            tensors[name] = t.reshape(info["shape"]).to(device=device, dtype=dtype)
     return tensors, meta
-
-
-def tensor_bytes(t):
-    return t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()
 
 
 def save_safetensors(path, tensors, metadata=None, checksum=True):
@@ -162,7 +104,7 @@ def save_safetensors(path, tensors, metadata=None, checksum=True):
         raise ValueError(f"{path}: refusing to save non-finite values in {', '.join(bad[:3])}")
     meta = {k: str(v) for k, v in (metadata or {}).items()}
     if checksum:
-        meta["crc32"] = json.dumps({k: zlib.crc32(tensor_bytes(v)) for k, v in tensors.items()})
+        meta["crc32"] = json.dumps({k: zlib.crc32(v.reshape(-1).view(torch.uint8).numpy()) for k, v in tensors.items()})
     return write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
 
@@ -179,25 +121,14 @@ def check_state_dict(where, want, got, what="the model"):
 
 # ----------------------------------------------------------------------------- config.json
 
-def read_json(path, what="file"):
-    path = Path(path)
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: {what} not found") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: malformed {what} ({type(e).__name__})") from None
-
-
 def config_from_json(path):
-    raw = read_json(path, "config.json")
-    if not isinstance(raw, dict):
-        raise ValueError(f"{path}: config.json must hold a JSON object")
-    return config_from_dict(raw, str(path))
+    return config_from_dict(read_json(path, "config.json"), str(path))
 
 
 def config_from_dict(raw, where="config"):
     """GemmaConfig from a Hugging Face config.json dict; wrong types name the field."""
+    if not isinstance(raw, dict):
+        raise ValueError(f"{where}: config.json must hold a JSON object")
     kind = raw.get("model_type")
     if kind not in ("gemma2", "gemma3_text"):
         hint = " (a multimodal Gemma-3; use its text-only checkpoint)" if kind == "gemma3" else ""
@@ -264,20 +195,18 @@ class Tokenizer:
         except Exception as e:
             raise ValueError(f"{path}: unreadable tokenizer.json ({str(e).splitlines()[0]})") from None
         self.bos_id = self.tok.token_to_id("<bos>")
-        self.eos_id = self.tok.token_to_id("<eos>")
-        self.end_of_turn_id = self.tok.token_to_id("<end_of_turn>")
         # Generation stops on these, as this tokenizer numbers them (Gemma-2: 1, 107; Gemma-3: 1, 106)
-        self.stop_ids = tuple(i for i in (self.eos_id, self.end_of_turn_id) if i is not None)
+        ends = (self.tok.token_to_id("<eos>"), self.tok.token_to_id("<end_of_turn>"))
+        self.stop_ids = tuple(i for i in ends if i is not None)
         self.chat_prefix_len = len(self.encode("<start_of_turn>user\n"))   # <bos><start_of_turn>user\n = 4
 
-    def encode(self, text, bos=True):
-        ids = self.tok.encode(text, add_special_tokens=False).ids
-        return [self.bos_id] + ids if bos else ids
-
     def encode_batch(self, texts, bos=True):
-        """encode() of many texts at once, in parallel threads (tokenizers' Rust side)."""
+        """Token ids of many texts at once (parallel threads on tokenizers' Rust side), <bos> first unless bos=False."""
         head = [self.bos_id] if bos else []
         return [head + e.ids for e in self.tok.encode_batch(list(texts), add_special_tokens=False)]
+
+    def encode(self, text, bos=True):
+        return self.encode_batch([text], bos)[0]
 
     def decode(self, ids):
         return self.tok.decode(list(ids), skip_special_tokens=True)
@@ -293,27 +222,12 @@ class Tokenizer:
 
 # ----------------------------------------------------------------------------- hub downloads
 
-def cache_root():
-    return Path(os.environ.get("HYPERSTEER_CACHE", Path.home() / ".cache" / "hypersteer"))
-
-
 def safe_join(folder, name):
     """folder/name, refusing names that leave the folder (an index entry like '../x' or '/etc/x')."""
     folder = Path(folder).resolve()
-    if not isinstance(name, str) or not name or Path(name).is_absolute():
+    if not isinstance(name, str) or folder not in (folder / name).resolve().parents:
         raise ValueError(f"refusing file name {name!r}: it points outside {folder}")
-    p = (folder / name).resolve()
-    if folder not in p.parents:
-        raise ValueError(f"refusing file name {name!r}: it points outside {folder}")
-    return p
-
-
-def check_revision(revision):
-    """A branch, tag or commit: word characters, '.', '-' and single '/' between parts; never '..'."""
-    if not isinstance(revision, str) or not re.fullmatch(r"[\w.\-]+(/[\w.\-]+)*", revision) or \
-            any(part in (".", "..") for part in revision.split("/")):
-        raise ValueError(f"refusing revision {revision!r}: expected a branch, tag or commit hash")
-    return revision
+    return (folder / name).resolve()
 
 
 def shard_names(index):
@@ -373,8 +287,11 @@ def hf_file(repo, path, revision="main", kind="model"):
     path (repo, revision, file) is checked to stay inside the cache folder."""
     if not isinstance(repo, str) or not re.fullmatch(r"[\w.\-]+/[\w.\-]+", repo) or ".." in repo:
         raise ValueError(f"refusing repository id {repo!r}: expected owner/name")
-    check_revision(revision)
-    root = cache_root()
+    # A branch, tag or commit: word characters, '.', '-' and single '/' between parts; never '..'.
+    if not isinstance(revision, str) or not re.fullmatch(r"[\w.\-]+(/[\w.\-]+)*", revision) or \
+            any(part in (".", "..") for part in revision.split("/")):
+        raise ValueError(f"refusing revision {revision!r}: expected a branch, tag or commit hash")
+    root = Path(os.environ.get("HYPERSTEER_CACHE", Path.home() / ".cache" / "hypersteer"))
     folder = safe_join(root, f"{kind}s--{repo.replace('/', '--')}/{revision.replace('/', '--')}")
     hub = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
     prefix = f"{hub}/datasets" if kind == "dataset" else hub
@@ -434,14 +351,12 @@ def load(path_or_repo=DEMO_MODEL, device="cpu", dtype=torch.float32, revision="m
     tokenizer = Tokenizer(folder / "tokenizer.json")
     with torch.device("meta"):
         model = Gemma(cfg)
-    files = {f: read_header(f) for f in checkpoint_files(folder)}
+    files = checkpoint_files(folder)
     check_state_dict(folder, {k: p.shape for k, p in model.named_parameters()},
-                     {k: info["shape"] for header, _, _ in files.values() for k, info in header.items()},
+                     {k: info["shape"] for f in files for k, info in read_header(f)[0].items()},
                      f"a {cfg.model_type} model of {cfg.num_hidden_layers} blocks, d={cfg.hidden_size}")
     state = {}
-    for path, (header, start, _) in files.items():
-        with open(path, "rb") as f:
-            for k, info in header.items():
-                state[k] = read_tensor(f, start, k, info, path).to(device=device, dtype=dtype)
+    for f in files:
+        state.update(read_safetensors(f, device, dtype)[0])
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval().requires_grad_(False), tokenizer

@@ -2,7 +2,7 @@
 
 The config, the model written out in plain torch, the intervention mechanism (paper Eq. 1: what
 is added to the residual stream, where, and how strongly), the KV cache and batched generation.
-Loading checkpoints and the tokenizer live in loader.py.
+Loading checkpoints and the tokenizer live in loader.py, the FlexAttention fast path in flex.py.
 
     python steer.py compare --prompt "The capital of France is" --raw   # a greedy continuation (CPU, seconds)
     python -m pytest -q test_all.py -k transformers               # equal to Hugging Face's Gemma
@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from flex import flex_attend, flex_masks, use_flex
 
 
 # ----------------------------------------------------------------------------- config
@@ -92,9 +94,9 @@ def rope_cos_sin(pos, head_dim, theta, scale, dtype):
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: GemmaConfig, layer_type: str):
+    def __init__(self, cfg: GemmaConfig):
         super().__init__()
-        self.cfg, self.sliding = cfg, layer_type == "sliding_attention"
+        self.cfg = cfg
         d, nh, nkv, hs = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         self.q_proj = nn.Linear(d, nh * hs, bias=False)
         self.k_proj = nn.Linear(d, nkv * hs, bias=False)
@@ -122,7 +124,7 @@ def attend(q, k, v, mask, scale, softcap, fast=True):
     """Grouped-query attention. q (B, nh, T, hs); k, v (B, nkv, S, hs); mask (B, 1, T, S) bool.
     Written out in plain torch. Two fast paths compute the same maths, each proven equal to the plain
     one in test_all.py: SDPA without soft-capping (Gemma-3), and FlexAttention when the mask is a
-    FlexAttention BlockMask (soft-capped Gemma-2 on CUDA without a KV cache: see use_flex)."""
+    FlexAttention BlockMask (soft-capped Gemma-2 on CUDA without a KV cache: flex.py)."""
     B, nh, T, hs = q.shape
     nkv = k.shape[1]
     if not torch.is_tensor(mask):
@@ -136,57 +138,6 @@ def attend(q, k, v, mask, scale, softcap, fast=True):
     att = att.masked_fill(~mask[:, :, None], float("-inf"))
     att = torch.softmax(att.float(), dim=-1).to(q.dtype)               # softmax in fp32
     return (att @ v[:, :, None]).view(B, nh, T, hs)
-
-
-# FlexAttention (torch >= 2.5): the same soft-capped, masked attention as one fused kernel. The
-# soft-capping is a score_mod and the causal + left-padding + sliding-window mask a mask_mod, from
-# which create_block_mask also learns which 128 x 128 tiles are all masked and skips them.
-FLEX = "cuda"     # device type on which use_flex picks FlexAttention; None = the plain path everywhere
-_flex_compiled = None
-
-
-def use_flex(cfg, x, cache=None):
-    """FlexAttention for soft-capped attention (SDPA cannot soft-cap) on the FLEX device, in training and
-    in a prefill (an empty KV cache); never in a decode step, where one query row gains nothing."""
-    return (x.device.type == FLEX and cfg.attn_logit_softcapping is not None
-            and (cache is None or cache.length == 0))
-
-
-def flex_masks(cfg, real):
-    """BlockMasks equal to attention_inputs' boolean masks when the T queries are all the keys (S = T).
-    real (B, T) is True on real tokens; each query also sees itself (no empty row)."""
-    from torch.nn.attention.flex_attention import create_block_mask
-    B, T = real.shape
-
-    def full(b, h, qi, ki):
-        return (ki <= qi) & (real[b, ki] | (ki == qi))
-
-    def sliding(b, h, qi, ki):
-        return full(b, h, qi, ki) & (qi - ki < cfg.sliding_window)
-
-    return {name: create_block_mask(fn, B, None, T, T, device=real.device)
-            for name, fn in (("full_attention", full), ("sliding_attention", sliding))}
-
-
-def flex_attend(q, k, v, block_mask, scale, softcap):
-    """attend's maths through FlexAttention, compiled into one kernel on CUDA (eager elsewhere: the
-    unfused reference, forward only on CPU, which is what the CPU test runs)."""
-    global _flex_compiled
-    from torch.nn.attention.flex_attention import flex_attention
-    fn = flex_attention
-    if q.is_cuda:
-        _flex_compiled = _flex_compiled or torch.compile(flex_attention)
-        fn = _flex_compiled
-
-    if torch.is_autocast_enabled(q.device.type):                       # one dtype, as autocast gives the matmuls
-        dt = torch.get_autocast_dtype(q.device.type)
-        q, k, v = q.to(dt), k.to(dt), v.to(dt)
-
-    def soft_cap(score, b, h, qi, ki):
-        return softcap * torch.tanh(score / softcap)                   # Gemma-2 score soft-capping
-
-    return fn(q, k, v, score_mod=None if softcap is None else soft_cap, block_mask=block_mask, scale=scale,
-              enable_gqa=k.shape[1] != q.shape[1])
 
 
 class MLP(nn.Module):
@@ -206,7 +157,7 @@ class Block(nn.Module):
     def __init__(self, cfg, layer_type):
         super().__init__()
         self.layer_type = layer_type
-        self.self_attn = Attention(cfg, layer_type)
+        self.self_attn = Attention(cfg)
         self.mlp = MLP(cfg)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
@@ -422,8 +373,8 @@ def sample(logits, temperature, top_k, top_p, generators):
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p < 1.0:
         sorted_logits, idx = logits.sort(dim=-1, descending=True)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cum - sorted_logits.softmax(-1) > top_p                 # keep the smallest set reaching top_p
+        sorted_p = sorted_logits.softmax(-1)
+        drop = sorted_p.cumsum(-1) - sorted_p > top_p                  # keep the smallest set reaching top_p
         logits = logits.masked_fill(drop.scatter(-1, idx, drop), float("-inf"))
     probs = logits.softmax(-1)
     return torch.cat([torch.multinomial(p, 1, generator=g) for p, g in zip(probs, generators)])
@@ -463,13 +414,13 @@ def generate(model, prompts, max_new_tokens=64, *, stop_ids, temperature=0.0, to
     its own seed, so a batch samples what one-by-one runs sample.
     Returns the new token ids per row, cut before the first stop id."""
     cfg, dev = model.cfg, model.model.embed_tokens.weight.device
-    ids, pad = left_pad(prompts, cfg.pad_token_id, dev)
+    ids, real = left_pad(prompts, cfg.pad_token_id, dev)
     B, L = ids.shape
     seeds = [seeds + b for b in range(B)] if isinstance(seeds, int) else list(seeds)
     gens = [torch.Generator(device=dev).manual_seed(s) for s in seeds]
     cache = KVCache(cfg, B, L + max_new_tokens, dev, model.model.embed_tokens.weight.dtype)
-    prompt_mask = pad if steer_masks is None else left_pad(steer_masks, False, dev, torch.bool)[0]
-    h = model.run(model.embed(ids), pad, steering=steering, steer_mask=prompt_mask, cache=cache)
+    prompt_mask = real if steer_masks is None else left_pad(steer_masks, False, dev, torch.bool)[0]
+    h = model.run(model.embed(ids), real, steering=steering, steer_mask=prompt_mask, cache=cache)
     logits = decode_logits(model, h[:, -1])                           # only the last position
     tokens, done = [], torch.zeros(B, dtype=torch.bool, device=dev)
     ones = torch.ones(B, 1, dtype=torch.bool, device=dev)

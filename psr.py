@@ -42,6 +42,7 @@ import torch
 import torch.nn as nn
 
 import data
+import fileio
 import loader
 import model as M
 import psr_eval
@@ -276,7 +277,7 @@ def main(argv=None):
     add("--seed", type=int, default=0, help="seeds the instruction split, the samples and the training order")
     add("--debug", action="store_true", help="show tracebacks")
     args = ap.parse_args(argv)
-    with loader.one_line_errors(args.debug, also=(RuntimeError,)):
+    with fileio.one_line_errors(args.debug, also=(RuntimeError,)):
         return run(args)
 
 

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 import baselines
 import chat_api
 import data
-import loader
+import fileio
 import model as M
 
 
@@ -51,7 +51,7 @@ def views(tok, x, xp, y, n_prefix=None):
 def read_samples(path):
     """Rows of a samples.jsonl; a partly written last line (a killed run) is cut off and sampled again."""
     try:
-        return [json.loads(line) for line in loader.complete_lines(path)]
+        return [json.loads(line) for line in fileio.complete_lines(path)]
     except json.JSONDecodeError:
         raise ValueError(f"{path}: not a samples file; remove it or pass another --samples") from None
 

@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 
 import data
+import fileio
 import hypernet as H
 import loader
 import model as M
@@ -270,7 +271,7 @@ def build(argv=None):
         key = os.environ.get(args.api_key_env)
         if not key:
             raise SystemExit(f"error: --api-key-env: environment variable {args.api_key_env} is unset or empty")
-    with loader.one_line_errors():
+    with fileio.one_line_errors():
         engine, concept = load_engine(args)
     return make_server(engine, args.host, 0 if args.bench else args.port, key, concept), args
 

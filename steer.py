@@ -35,6 +35,7 @@ import baselines
 import chat_api
 import data
 import dist
+import fileio
 import generations
 import hypernet as H
 import loader
@@ -305,7 +306,7 @@ def main(argv=None):
     if args.command == "export" and not args.psr and not (args.method and args.concept_id is not None
                                                          or args.hypernet and args.concept):
         ap.error("export needs --hypernet with --concept (and --prompt), or --method with --concept-id")
-    with loader.one_line_errors(args.debug):
+    with fileio.one_line_errors(args.debug):
         {"compare": cmd_compare, "eval": cmd_eval, "export": cmd_export, "merge": cmd_merge}[args.command](args)
 
 

@@ -25,6 +25,7 @@ import checkpoint
 import convert_gguf
 import data
 import dist
+import flex
 import generations
 import loader
 import hypernet as H
@@ -96,7 +97,7 @@ def test_sdpa_fast_path_equals_plain_attention():
 
 
 def flex_on(monkeypatch, device):
-    monkeypatch.setattr(M, "FLEX", device)
+    monkeypatch.setattr(flex, "FLEX", device)
     import warnings
     warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
 
@@ -115,7 +116,7 @@ def test_flex_attention_equals_plain_attention_on_cpu(monkeypatch):
         plain = ours(ids, mask), hyper(ids, mask, x, mask)
         gen = M.generate(ours, prompts, 8, stop_ids=())
         flex_on(monkeypatch, "cpu")
-        assert M.use_flex(ours.cfg, x) and not M.use_flex(hf_pair("gemma3_text")[1].cfg, x)
+        assert flex.use_flex(ours.cfg, x) and not flex.use_flex(hf_pair("gemma3_text")[1].cfg, x)
         fast = ours(ids, mask), hyper(ids, mask, x, mask)
         assert M.generate(ours, prompts, 8, stop_ids=()) == gen
     assert (fast[0] - plain[0])[mask].abs().max() < 1e-5
@@ -125,11 +126,11 @@ def test_flex_attention_equals_plain_attention_on_cpu(monkeypatch):
 def test_flex_is_not_used_in_decode_steps(monkeypatch):
     cfg, x = M.GemmaConfig(model_type="gemma2", **LAYOUT), torch.zeros(1, 1, 64)
     cache = M.KVCache(cfg, 1, 8, "cpu", torch.float32)
-    assert not M.use_flex(cfg, x)                                      # FLEX = "cuda": not on a CPU tensor
-    monkeypatch.setattr(M, "FLEX", "cpu")
-    assert M.use_flex(cfg, x) and M.use_flex(cfg, x, cache)            # training; a prefill (empty cache)
+    assert not flex.use_flex(cfg, x)                                   # FLEX = "cuda": not on a CPU tensor
+    monkeypatch.setattr(flex, "FLEX", "cpu")
+    assert flex.use_flex(cfg, x) and flex.use_flex(cfg, x, cache)      # training; a prefill (empty cache)
     cache.advance(torch.ones(1, 3, dtype=torch.bool))
-    assert not M.use_flex(cfg, x, cache)                               # a decode step
+    assert not flex.use_flex(cfg, x, cache)                            # a decode step
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 FlexAttention kernels need CUDA")
@@ -145,10 +146,10 @@ def test_flex_attention_equals_plain_on_cuda(monkeypatch):
     rel = lambda a, b: ((a.float() - b.float()).norm() / b.float().norm()).item()
     for layer in ("full_attention", "sliding_attention"):
         _, masks = M.attention_inputs(cfg, real, T, torch.float32)
-        flex = M.flex_masks(cfg, real)[layer]
+        block_mask = flex.flex_masks(cfg, real)[layer]
         outs = {}
         for name, dt, m in (("ref", torch.float32, masks[layer]), ("plain", torch.bfloat16, masks[layer]),
-                            ("flex", torch.bfloat16, flex)):
+                            ("flex", torch.bfloat16, block_mask)):
             qq, kk, vv = (t.detach().to(dt).requires_grad_() for t in (q, k, v))
             y = M.attend(qq, kk, vv, m, 256 ** -0.5, 50.0)
             y.float().pow(2).sum().backward()

@@ -31,6 +31,7 @@ from tqdm import tqdm
 import checkpoint
 import data
 import dist
+import fileio
 import hypernet as H
 import loader
 import model as M
@@ -338,7 +339,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     cfg = config_from_args(args)
     try:
-        with loader.one_line_errors(args.debug):
+        with fileio.one_line_errors(args.debug):
             cfg = replace(cfg, device=dist.start(cfg.device))      # torchrun: join the process group; else nothing
             with dist.only_main_prints():
                 report.print_report(train(cfg, args.resume, args.overwrite, args.two_pass))

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import fileio
 import loader
 
 
@@ -43,7 +44,7 @@ def save_vector(prefix, vector, layer, model_hint, method, concept, overwrite=Fa
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
         w.close()
-    loader.write_atomic(paths[1], write_gguf)
+    fileio.write_atomic(paths[1], write_gguf)
 
 
 def load_vector(path, d_model=None):
