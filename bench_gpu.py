@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 import bench
+import flex
 import memory
 import model as M
 import train
@@ -92,7 +93,7 @@ def gpu_bench(args):
     ours, hf = random_pair(cfg, device)
     prefill, batches = ((32, 64), (1, 4)) if args.smoke else ((512, 2048), (1, 64))
     print(f"random weights, Gemma-2 shapes ({bench.base_params(cfg) / 1e9:.2f}B), bf16, attention "
-          f"{'FlexAttention' if M.FLEX == device else 'plain'} (prefill) / plain (decode), median of {args.repeats}")
+          f"{'FlexAttention' if flex.FLEX == device else 'plain'} (prefill) / plain (decode), median of {args.repeats}")
     rows = bench.bench_pair(ours, hf, cfg.vocab_size, device, args.repeats, args.decode_tokens, prefill, batches)
     one = next(r for r in rows if r.get("batch") == 1)
     step = one["ours_s"] / args.decode_tokens                       # each step of a batch-1 generation

@@ -1687,9 +1687,11 @@ def test_gpu_bench_compares_the_same_weights_and_steering():
     assert (ref - out)[mask].abs().max() < 1e-4
 
 
-def test_gpu_train_and_eval_run_on_cpu_at_tiny_sizes(tmp_path):
-    """bench_gpu.py train and eval --smoke: the code paths of the GPU measurements on a tiny CPU model."""
+def test_gpu_speed_train_and_eval_run_on_cpu_at_tiny_sizes(tmp_path):
+    """bench_gpu.py speed, train and eval --smoke: the code paths of the GPU measurements on a tiny CPU model."""
     import bench_gpu as BG
+    r = BG.main(["speed", "--smoke", "--repeats", "1", "--decode-tokens", "2", "--json", str(tmp_path / "s.json")])
+    assert json.loads((tmp_path / "s.json").read_text()) == json.loads(json.dumps(r)) and r
     r = BG.main(["train", "--smoke", "--steps", "1", "--batch-size", "2", "--prompt-tokens", "6",
                  "--output-tokens", "6", "--json", str(tmp_path / "t.json")])
     assert json.loads((tmp_path / "t.json").read_text())["speedup"] == r["speedup"] > 0
