@@ -1600,10 +1600,12 @@ def test_dist_two_processes_equal_one_and_resume_under_any_world_size(tmp_path, 
 def test_dist_nan_in_one_process_stops_every_process(tmp_path, one_thread):
     """A NaN loss in process 1 (FSDP2) during step 3 stops both with the one-process message; the last good
     checkpoint (step 2) and metrics come from rank 0 alone."""
+    cfg = tiny_run(tmp_path, max_steps=6, save_every=1, batch_size=2, fsdp=True)   # files written before the fork
+
     def work(rank):
         if rank == 1:
             TR.steered_loss = loss_calls(3, "nan")
-        TR.train(tiny_run(tmp_path, max_steps=6, save_every=1, batch_size=2, fsdp=True))
+        TR.train(cfg)
     got = in_processes(2, work)
     assert all(g.startswith("SystemExit: loss is nan at step 2: stopping; the last good checkpoint is") for g in got)
     assert safe_open_meta(tmp_path / "run" / "checkpoint.safetensors")["step"] == "2"
