@@ -178,9 +178,7 @@ def cached_chat(messages, cfg):
         raise JudgeError(" ".join(redact(str(e), key).split())) from None  # one line, no key
     usage = {k: token_count(data.get("usage"), k) for k in TOKENS}
     entry = {"request": body, "reply": reply, "usage": usage}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(redact(entry, key), ensure_ascii=False)
-    fileio.write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))   # never half a file
+    fileio.write_text(path, json.dumps(redact(entry, key), ensure_ascii=False))   # never half a file
     return reply, usage, False
 
 

@@ -124,7 +124,7 @@ def start_or_resume(run, out, resume, overwrite):
         kept = read_metrics(metrics, up_to=step)   # records of steps after the checkpoint are redone
         dist.barrier()                             # every process has read the files before rank 0 rewrites one
         if dist.is_main():
-            fileio.write_atomic(metrics, lambda p: p.write_text("".join(json.dumps(r) + "\n" for r in kept)))
+            fileio.write_jsonl(metrics, kept)
         print(f"resumed from {ckpt} at step {step}")
         return step
     if (ckpt.exists() or metrics.exists()) and not overwrite:

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+import fileio
 import generations
 
 
@@ -193,6 +194,6 @@ def merge_shards(out, n):
             if rows.setdefault(key, r).get("producer") != r.get("producer"):
                 raise ValueError(f"{path}: row {key} was made by another checkpoint or other settings "
                                  f"than {out}'s; merge into another --out")
-    generations.write_rows(out, rows.values())
+    fileio.write_jsonl(out, rows.values())
     print(f"merged {n} shards into {out}: {len(rows)} rows")
     return len(rows)

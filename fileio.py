@@ -40,6 +40,17 @@ def write_atomic(path, write):
     return path
 
 
+def write_text(path, text):
+    """`text` into `path` as UTF-8 through write_atomic, creating the folder if needed."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    return write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def write_jsonl(path, records):
+    """Replace a JSONL file with `records`, one JSON object a line, atomically."""
+    return write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+
+
 def complete_lines(path):
     """The complete lines of an append-only JSONL file. A crash can leave a partly written last line:
     it is cut off the file (with a warning), so the work it recorded is done again."""

@@ -47,11 +47,6 @@ def read_resumable(path):
     return rows
 
 
-def write_rows(path, rows):
-    """Replace a generations file with `rows`, atomically (fileio.write_atomic)."""
-    fileio.write_atomic(path, lambda p: p.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)))
-
-
 # ----------------------------------------------------------------------------- sampling the rows
 
 def row_seed(concept_id, instruction_index, strength, seed=0):
@@ -86,7 +81,7 @@ def generate_rows(base, tok, out, method, split, concepts, instructions, grid, e
                          "write to another --out, or pass --overwrite to replace them")
     if foreign:
         kept = [r for r in old if r not in foreign]
-        write_rows(out, kept)
+        fileio.write_jsonl(out, kept)
         old = kept
     done, total = {row_key(r) for r in old}, 0
     jobs = {}                                                         # concept -> rows still to generate

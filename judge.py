@@ -291,13 +291,10 @@ def run(args, cfg, key):
     results = summarize(rated)
     out = args.out or str(Path(args.generations[0]).with_suffix(""))
 
-    def write(suffix, text):  # through the one atomic writer: readers never see half a file
-        Path(out + suffix).parent.mkdir(parents=True, exist_ok=True)
-        fileio.write_atomic(out + suffix, lambda tmp: tmp.write_text(text, encoding="utf-8"))
-    write(".ratings.jsonl", "".join(json.dumps(redact(r, key), ensure_ascii=False) + "\n" for r in rated))
-    write(".report.md", redact(markdown_report(results, usage, cfg), key))
+    fileio.write_jsonl(out + ".ratings.jsonl", [redact(r, key) for r in rated])   # atomic: never half a file
+    fileio.write_text(out + ".report.md", redact(markdown_report(results, usage, cfg), key))
     summary = {"config": asdict(cfg), "inputs": args.generations, "usage": usage, "results": results}
-    write(".report.json", json.dumps(redact(summary, key), indent=1, ensure_ascii=False))
+    fileio.write_text(out + ".report.json", json.dumps(redact(summary, key), indent=1, ensure_ascii=False))
     print(redact(markdown_report(results, usage, cfg, per_concept=False), key))  # full table: the file
     print(f"wrote {out}.ratings.jsonl, {out}.report.md, {out}.report.json")
     if usage["failed"]:

@@ -122,7 +122,7 @@ def greedy_example(base, tok, psr, steer_text, x, args):
 def report(out, summary, rel, seconds):
     """OUT/summary.json, and the printed table: per method CE(y' | x) of the held-back answers, the effect
     recovered, and the relative RMSE at the steering layer and the last; the time of each stage; the example."""
-    fileio.write_atomic(out / "summary.json", lambda p: p.write_text(json.dumps(summary, indent=1, ensure_ascii=False)))
+    fileio.write_text(out / "summary.json", json.dumps(summary, indent=1, ensure_ascii=False))
     ce, L, variant, example = summary["ce"], summary["layer"], summary["variant"], dict(summary["example"])
     print(f"\nheld-back answers of {summary['n_eval']} unseen instructions | CE(y' | x) | effect recovered | "
           f"rel. RMSE at layers {L}, {len(rel[variant]) - 1}")                  # rel: one value per layer
