@@ -60,8 +60,6 @@ def cache_path(body, cfg):
     return Path(cfg.cache_dir) / (hashlib.sha256(canonical.encode("utf-8")).hexdigest() + ".json")
 
 
-
-
 def api_key(cfg):
     """The key from the environment ("" when unset); surrounding whitespace is never part of it."""
     return os.environ.get(cfg.api_key_env, "").strip()
