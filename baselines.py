@@ -13,9 +13,9 @@ import random
 import torch
 import torch.nn.functional as F
 
-import chat_api
 import data
 import model as M
+from lib import chat_api
 
 PROMPT_TEMPLATE = ("Include content related to {concept} in every response you give. Always reference {concept}, "
                    "even where this does not answer the question or seems out of context.")

@@ -22,9 +22,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fileio import one_line_errors, read_json
 from hypernet import hyper_input
-from loader import DEMO_MODEL, hf_file
+from lib.fileio import one_line_errors, read_json
+from lib.loader import DEMO_MODEL, hf_file
 from model import left_pad
 
 DEMO_DATA = Path(__file__).resolve().parent / "demo" / "concepts.jsonl"

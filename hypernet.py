@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from flex import use_flex
-from loader import check_state_dict, read_header, read_safetensors, save_safetensors
+from lib.flex import use_flex
+from lib.loader import check_state_dict, read_header, read_safetensors, save_safetensors
 from model import (Attention, Block, Gemma, GemmaConfig, RMSNorm, attend, attention_inputs, embed, gemma2_2b,
                    gemma2_9b, left_pad)
 

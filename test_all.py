@@ -20,22 +20,17 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import baselines
-import chat_api
-import checkpoint
-import convert_gguf
+import bench
 import data
-import dist
-import flex
-import generations
-import loader
 import hypernet as H
 import judge
 import model as M
-import report
+import protocol
+import psr
 import steer
 import train
-import vectors
 from hypernet import HyperConfig, HyperSteer, count_params, hyper_input, load_hypernet, save
+from lib import chat_api, checkpoint, convert_gguf, dist, flex, loader, serve_api, vectors
 
 # ============================================================================ model.py (SPEC §2, §4)
 
@@ -60,7 +55,7 @@ def hf_pair(kind, seed=0):
         for n, p in hf.named_parameters():
             if "norm" in n:
                 p.normal_(0, 0.5)
-    ours = M.Gemma(loader.config_from_dict(json.loads(hcfg.to_json_string())))
+    ours = M.Gemma(M.config_from_dict(json.loads(hcfg.to_json_string())))
     ours.load_state_dict({k: v for k, v in hf.state_dict().items() if k != "lm_head.weight"}, strict=True)
     return hf.eval(), ours.eval()
 
@@ -243,13 +238,13 @@ def test_run_from_equals_full_forward():
 
 def test_config_layouts():
     base = dict(model_type="gemma3_text", **{k: v for k, v in LAYOUT.items() if k != "pad_token_id"})
-    old = loader.config_from_dict({**base, "rope_theta": 1e6, "rope_local_base_freq": 1e4})
-    new = loader.config_from_dict({**base, "rope_parameters": {
+    old = M.config_from_dict({**base, "rope_theta": 1e6, "rope_local_base_freq": 1e4})
+    new = M.config_from_dict({**base, "rope_parameters": {
         "full_attention": {"rope_type": "default", "rope_theta": 1e6},
         "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}})
     assert old == new and old.rope_theta == 1e6 and old.rope_local_theta == 1e4
     with pytest.raises(ValueError, match="unsupported model_type 'llama'"):
-        loader.config_from_dict({**base, "model_type": "llama"})
+        M.config_from_dict({**base, "model_type": "llama"})
     assert M.gemma2_2b().layer_types[:2] == ["sliding_attention", "full_attention"]
 
 
@@ -288,7 +283,7 @@ def write_checkpoint(folder, shards=1):
 
 def test_load_sharded_checkpoint_and_tokenizer(tmp_path):
     ref = write_checkpoint(tmp_path / "m", shards=3)
-    loaded, tok = loader.load(tmp_path / "m")
+    loaded, tok = M.load(tmp_path / "m")
     ids, mask = padded_batch()
     assert torch.equal(loaded(ids, mask), ref(ids, mask))
     ids, n = tok.chat("w1 w2")
@@ -298,7 +293,7 @@ def test_load_sharded_checkpoint_and_tokenizer(tmp_path):
 def test_bad_checkpoints_give_one_line_errors(tmp_path):
     def err(folder):
         with pytest.raises((ValueError, OSError)) as e:
-            loader.load(folder)
+            M.load(folder)
         msg = str(e.value)
         assert "\n" not in msg
         return msg
@@ -308,7 +303,7 @@ def test_bad_checkpoints_give_one_line_errors(tmp_path):
     assert "missing shard model-00002-of-00002.safetensors" in err(f)
     f = tmp_path / "shape"
     write_checkpoint(f)
-    sd = loader.load(f)[0].state_dict()
+    sd = M.load(f)[0].state_dict()
     sd["model.norm.weight"] = torch.zeros(65)
     save_file(sd, f / "model.safetensors")
     assert "wrong shape model.norm.weight [65] (expected [64])" in err(f)
@@ -330,7 +325,7 @@ def test_bad_checkpoints_give_one_line_errors(tmp_path):
     assert "tokenizer.json not found" in err(f)
     f = tmp_path / "extra"
     write_checkpoint(f)
-    sd = loader.load(f)[0].state_dict()
+    sd = M.load(f)[0].state_dict()
     sd["lm_head.weight"] = torch.zeros(1)
     del sd["model.layers.0.mlp.up_proj.weight"]
     save_file(sd, f / "model.safetensors")
@@ -396,8 +391,8 @@ def test_hub_download_resume_token_and_errors(fake_hub, tmp_path, capsys):
     dest = tmp_path / "cache" / "models--org--tiny" / "main"
     dest.mkdir(parents=True)
     (dest / f"{shard}.part").write_bytes(fake_hub.files[f"/org/tiny/resolve/main/{shard}"][:100])
-    model, _ = loader.load("org/tiny")
-    assert torch.equal(model.model.norm.weight, loader.load(src)[0].model.norm.weight)
+    model, _ = M.load("org/tiny")
+    assert torch.equal(model.model.norm.weight, M.load(src)[0].model.norm.weight)
     assert ("/org/tiny/resolve/main/" + shard, "Bearer hf_secret_token", "bytes=100-") in fake_hub.log
     assert "hf_secret_token" not in capsys.readouterr().err + "".join(p.name for p in dest.iterdir())
     with pytest.raises(PermissionError, match="HTTP 403: gated"):
@@ -1072,7 +1067,7 @@ def test_missing_split_reads_as_all_and_bad_lines_name_file_and_line(tmp_path, c
     row = gen_row()
     del row["split"]
     path = write_gens(tmp_path, [row])
-    assert generations.read_generations([path])[0]["split"] == "all"
+    assert protocol.read_generations([path])[0]["split"] == "all"
     path.write_text(json.dumps(row) + "\n\n" + "{not json\n")
     assert judge.main([str(path), "--dry-run"]) == 2
     assert f"{path}:3:" in capsys.readouterr().err
@@ -1280,7 +1275,7 @@ def test_judge_cli_errors_are_one_line_without_traceback(tmp_path, capsys):
 @pytest.fixture(scope="module")
 def real_pair(built):
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    ours, tok = loader.load(built)
+    ours, tok = M.load(built)
     hf = AutoModelForCausalLM.from_pretrained(built, dtype=torch.float32).eval()
     return ours, tok, hf, AutoTokenizer.from_pretrained(built)
 
@@ -1330,7 +1325,7 @@ def write_rows(path, rows):
 
 def test_labels_and_steering_masks_on_hand_made_rows(tmp_path):
     write_checkpoint(tmp_path / "m")
-    _, tok = loader.load(tmp_path / "m")
+    _, tok = M.load(tmp_path / "m")
     rows = [dict(axbench_row(0, 0), input="w1", output="w2 w3"),
             dict(axbench_row(1, 0), input="w4 w5", output="w6 w7 w8")]
     ex = data.encode(tok, rows, variant="cross_attention")
@@ -1421,7 +1416,7 @@ def tiny_run(tmp_path, **kw):
 
 def test_steered_loss_equals_running_the_base_twice(tmp_path):
     cfg = tiny_run(tmp_path)
-    base, tok = loader.load(cfg.model)
+    base, tok = M.load(cfg.model)
     hyper = HyperSteer.from_base(base, HyperConfig("cross_attention", 2, 1))
     with torch.no_grad():
         hyper.head.weight.normal_(0, 0.5)
@@ -1469,23 +1464,23 @@ def test_checkpoint_round_trip_and_corruption(tmp_path):
     cfg = tiny_run(tmp_path, max_steps=2)
     TR.train(cfg)
     ckpt = tmp_path / "run" / "checkpoint.safetensors"
-    base, _ = loader.load(cfg.model)
+    base, _ = M.load(cfg.model)
     hcfg = HyperConfig("cross_attention", 2, 1)
     h1, h2 = HyperSteer.from_base(base, hcfg), HyperSteer.from_base(base, hcfg)
     o1, o2 = (torch.optim.AdamW([p for p in h.parameters() if p.requires_grad]) for h in (h1, h2))
-    assert checkpoint.load_checkpoint(ckpt, h1, o1, cfg) == 2
-    checkpoint.save_checkpoint(tmp_path / "again.safetensors", h1, o1, 2, cfg)
-    checkpoint.load_checkpoint(tmp_path / "again.safetensors", h2, o2, cfg)
+    assert TR.load_checkpoint(ckpt, h1, o1, cfg) == 2
+    checkpoint.save_checkpoint(tmp_path / "again.safetensors", h1, o1, TR.checkpoint_meta(h1, cfg, 2))
+    TR.load_checkpoint(tmp_path / "again.safetensors", h2, o2, cfg)
     assert all(torch.equal(p, q) for p, q in zip(h1.state_dict().values(), h2.state_dict().values()))
     assert all(torch.equal(o1.state[p]["exp_avg_sq"], o2.state[q]["exp_avg_sq"])
                for p, q in zip(h1.parameters(), h2.parameters()) if p.requires_grad)
     ckpt.write_bytes(ckpt.read_bytes()[:1000])              # a truncated file
     with pytest.raises(ValueError, match="corrupted or unreadable checkpoint") as e:
-        checkpoint.load_checkpoint(ckpt, h1, o1, cfg)
+        TR.load_checkpoint(ckpt, h1, o1, cfg)
     assert "\n" not in str(e.value)
     with pytest.raises(ValueError, match="another variant|differs"):
-        checkpoint.load_checkpoint(tmp_path / "again.safetensors",
-                                   HyperSteer.from_base(base, HyperConfig("no_context", 2, 1)), o1, cfg)
+        TR.load_checkpoint(tmp_path / "again.safetensors",
+                           HyperSteer.from_base(base, HyperConfig("no_context", 2, 1)), o1, cfg)
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
@@ -1517,7 +1512,7 @@ def in_processes(n, work):
     """work(rank) in n forked processes joined in one gloo group, as torchrun sets them up (fork: no
     re-import, a second or two). Returns each process's return value, or its SystemExit message."""
     import os
-    import dist
+    from lib import dist
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -1635,18 +1630,17 @@ def test_torchrun_trains_with_one_writer(tmp_path):
     assert [r["step"] for r in recs if "loss" in r] == [1, 2] and [r["step"] for r in recs if "final" in r] == [2]
     meta = safe_open_meta(tmp_path / "run" / "checkpoint.safetensors")
     assert meta["world_size"] == "2" and json.loads(meta["train_config"])["fsdp"] is True
-    load_hypernet(tmp_path / "run" / "hypernet.safetensors", loader.load(cfg.model)[0])
+    load_hypernet(tmp_path / "run" / "hypernet.safetensors", M.load(cfg.model)[0])
 
 
 @pytest.mark.parametrize("bf16", ["no", "yes"])
 def test_traced_training_memory_equals_a_real_step(bf16):
     """`python bench.py memory` traces a step on fake tensors; on a tiny model the same counter over a
     real CPU step gives the same bytes, and the counts are what the parameters and AdamW state need."""
-    import memory
     cfg = TR.TrainConfig(n_blocks=2, layer=1, batch_size=3, max_len=24, bf16=bf16)
     base_cfg = M.GemmaConfig(model_type="gemma2", **LAYOUT)
-    fake = memory.train_memory(cfg, base_cfg, prompt_tokens=8, fake=True)
-    real = memory.train_memory(cfg, base_cfg, prompt_tokens=8, fake=False)
+    fake = bench.train_memory(cfg, base_cfg, prompt_tokens=8, fake=True)
+    real = bench.train_memory(cfg, base_cfg, prompt_tokens=8, fake=False)
     assert fake == real
     base = M.Gemma(base_cfg).requires_grad_(False)
     hyper = HyperSteer.from_base(base, HyperConfig("cross_attention", 2, 1))
@@ -1665,30 +1659,28 @@ def test_gpu_bench_roofline_arithmetic():
     """bench_gpu.py speed: a batch-1 decode step must read every weight once (the tied embedding once) and
     the KV cache (sliding layers at most their window); datasheet figures by the names torch reports."""
     import bench
-    import bench_gpu as BG
     cfg = M.gemma2_2b()
     assert bench.base_params(cfg) == 2_614_341_888                   # Gemma-2-2b
-    assert BG.decode_bytes(cfg, 1, 0) == 2 * 2_614_341_888
+    assert bench.decode_bytes(cfg, 1, 0) == 2 * 2_614_341_888
     kv_per_token = 2 * 4 * 256 * 2                                    # k and v, 4 KV heads x 256, bf16
-    assert BG.decode_bytes(cfg, 3, 5000) - BG.decode_bytes(cfg, 1, 0) == 3 * kv_per_token * 13 * (5000 + 4096)
-    assert BG.datasheet("NVIDIA H100 80GB HBM3") == (3.35e12, 989e12)
-    assert BG.datasheet("NVIDIA H100 PCIe")[0] == 2.0e12 and BG.datasheet("NVIDIA H200")[0] == 4.8e12
-    assert BG.datasheet("NVIDIA A10G") == (None, None)
-    assert BG.copy_bandwidth("cpu", 2**16, repeats=2) > 0
+    assert bench.decode_bytes(cfg, 3, 5000) - bench.decode_bytes(cfg, 1, 0) == 3 * kv_per_token * 13 * (5000 + 4096)
+    assert bench.datasheet("NVIDIA H100 80GB HBM3") == (3.35e12, 989e12)
+    assert bench.datasheet("NVIDIA H100 PCIe")[0] == 2.0e12 and bench.datasheet("NVIDIA H200")[0] == 4.8e12
+    assert bench.datasheet("NVIDIA A10G") == (None, None)
+    assert bench.copy_bandwidth("cpu", 2**16, repeats=2) > 0
 
 
 def test_gpu_bench_compares_the_same_weights_and_steering():
     """bench_gpu.py speed and eval time transformers and ours on shared weights; transformers' steering hook adds
     what our Steering adds (so both sides do the same work)."""
-    import bench_gpu as BG
-    ours, hf = BG.random_pair(TINY_GEMMA2, "cpu", torch.float32)
+    ours, hf = bench.random_pair(TINY_GEMMA2, "cpu", torch.float32)
     assert hf.config._attn_implementation == "eager"
     assert ours.model.embed_tokens.weight.data_ptr() == hf.model.embed_tokens.weight.data_ptr()
     ids, mask = padded_batch(T=12)
     deltas, strengths = torch.randn(3, 64), torch.tensor([0.5, 1.0, 2.0])
     pos = (mask.long().cumsum(-1) - 1).clamp(min=0)
     with torch.no_grad():
-        handle = BG.add_steering_hook(hf, 2, deltas, strengths)
+        handle = bench.add_steering_hook(hf, 2, deltas, strengths)
         ref = hf(input_ids=ids, attention_mask=mask.long(), position_ids=pos).logits
         handle.remove()
         out = ours(ids, mask, steering=M.Steering.vector(2, deltas, strengths))
@@ -1696,15 +1688,14 @@ def test_gpu_bench_compares_the_same_weights_and_steering():
 
 
 def test_gpu_speed_train_and_eval_run_on_cpu_at_tiny_sizes(tmp_path):
-    """bench_gpu.py speed, train and eval --smoke: the code paths of the GPU measurements on a tiny CPU model."""
-    import bench_gpu as BG
-    r = BG.main(["speed", "--smoke", "--repeats", "1", "--decode-tokens", "2", "--json", str(tmp_path / "s.json")])
+    """bench.py gpu-speed, gpu-train and gpu-eval --smoke: the code paths of the GPU measurements on a tiny CPU model."""
+    r = bench.main(["gpu-speed", "--smoke", "--repeats", "1", "--decode-tokens", "2", "--json", str(tmp_path / "s.json")])
     assert json.loads((tmp_path / "s.json").read_text()) == json.loads(json.dumps(r)) and r
-    r = BG.main(["train", "--smoke", "--steps", "1", "--batch-size", "2", "--prompt-tokens", "6",
+    r = bench.main(["gpu-train", "--smoke", "--steps", "1", "--batch-size", "2", "--prompt-tokens", "6",
                  "--output-tokens", "6", "--json", str(tmp_path / "t.json")])
     assert json.loads((tmp_path / "t.json").read_text())["speedup"] == r["speedup"] > 0
     assert r["spec5"]["traced_flops"] < r["two_pass"]["traced_flops"]
-    r = BG.main(["eval", "--smoke", "--batches", "2", "--new-tokens", "3"])
+    r = bench.main(["gpu-eval", "--smoke", "--batches", "2", "--new-tokens", "3"])
     assert r["ours"]["batch"] == r["transformers"]["batch"] == 2 and r["ratio"] > 0
 
 
@@ -1833,7 +1824,7 @@ def test_resumed_run_writes_no_duplicates(setup, tmp_path):
     base, tok, hyper = setup
     ins, concepts = instructions(), [(3, "w3 w4"), (11, "w7")]
     edits = lambda cid, concept, xs, ids: [{LAYER: d} for d in H.deltas(base, tok, hyper, concept, xs, ids)]
-    run = lambda out, **kw: generations.generate_rows(base, tok, out, "HyperSteer", "held-out", concepts, ins,
+    run = lambda out, **kw: protocol.generate_rows(base, tok, out, "HyperSteer", "held-out", concepts, ins,
                                                       [0.0, 2.0], edits, batch_size=7, max_new_tokens=6, **kw)
     full, part = tmp_path / "full.jsonl", tmp_path / "part.jsonl"
     assert run(full) == (0, 40)
@@ -1843,17 +1834,17 @@ def test_resumed_run_writes_no_duplicates(setup, tmp_path):
         assert run(part) == (13, 27)
     assert run(part) == (40, 0)                                            # nothing left to do
     got = [json.loads(l) for l in part.read_text().splitlines()]
-    keys = [generations.row_key(r) for r in got]
+    keys = [protocol.row_key(r) for r in got]
     assert len(keys) == len(set(keys)) == 40
-    assert sorted(got, key=generations.row_key) == sorted(map(json.loads, lines),
-                                                          key=generations.row_key)  # same samples
+    assert sorted(got, key=protocol.row_key) == sorted(map(json.loads, lines),
+                                                          key=protocol.row_key)  # same samples
     r = got[0]
     assert list(r) == ["method", "split", "concept", "concept_id", "instruction_index", "instruction", "strength",
                        "text", "seed", "producer"]
     assert r["instruction"] == data.pick_instructions(ins, r["concept_id"])[r["instruction_index"]]
     # another method in the same file: prompting rows keep the original instruction
     prompt_for = lambda concept, x: baselines.prompted(baselines.steering_prompt(concept), x)
-    generations.generate_rows(base, tok, part, "Prompting", "held-out", concepts, ins, [1.0],
+    protocol.generate_rows(base, tok, part, "Prompting", "held-out", concepts, ins, [1.0],
                               prompt_for=prompt_for, max_new_tokens=4)
     rows = [json.loads(l) for l in part.read_text().splitlines()]
     assert sum(r["method"] == "Prompting" for r in rows) == 20
@@ -1971,7 +1962,7 @@ def cli_run_folder(setup, tmp_path):
     cfg = train.TrainConfig(model=str(folder), data=str(tmp_path / "data.jsonl"), n_blocks=2, layer=LAYER,
                             held_out_concepts=1, eval_rows=1, seed=3, max_len=32)
     ckpt = tmp_path / "hypernet.safetensors"
-    H.save(tiny_hyper(loader.load(folder)[0]), ckpt, {"step": "1", "train_config": json.dumps(asdict(cfg))})
+    H.save(tiny_hyper(M.load(folder)[0]), ckpt, {"step": "1", "train_config": json.dumps(asdict(cfg))})
     return folder, ckpt, rows
 
 
@@ -1983,11 +1974,11 @@ def test_cli_eval_baseline_export_and_interactive(setup, tmp_path, capsys):
     common = ["--out", str(out), "--instructions", str(tmp_path / "ins.json"), "--max-new-tokens", "3", "--grid", "0,1"]
     steer.main(["eval", "--hypernet", str(ckpt), "--split", "held-out", *common])
     held_out = {r["concept_id"] for r in data.split_concepts(rows, 1, 0.0, 3, 1)[2]}
-    gens = generations.read_generations([out])
+    gens = protocol.read_generations([out])
     assert {r["concept_id"] for r in gens} == held_out and len(gens) == 20
     assert {r["method"] for r in gens} == {"HyperSteer cross attention"}
     steer.main(["eval", "--method", "diffmean", "--hypernet", str(ckpt), "--split", "held-in", *common])
-    gens = generations.read_generations([out])
+    gens = protocol.read_generations([out])
     assert {r["concept_id"] for r in gens if r["method"] == "DiffMean"} == {0, 1, 2, 3} - held_out
     steer.main(["export", "--method", "reft-r1", "--hypernet", str(ckpt), "--concept-id", "2",
                 "--out", str(tmp_path / "v")])
@@ -2021,7 +2012,7 @@ def test_generation_stops_at_gemma2_end_of_turn(tmp_path):
     folder = tmp_path / "g2"
     write_checkpoint(folder)
     gemma2_tokenizer_json(folder / "tokenizer.json")
-    base, tok = loader.load(folder)
+    base, tok = M.load(folder)
     assert tok.stop_ids == (1, 107) and tok.chat_prefix_len == 4
     ids, n_prefix = tok.chat("w1 w2")
     with torch.no_grad():   # rig the tied head: token 107's row points along the last position's normed residual
@@ -2029,7 +2020,7 @@ def test_generation_stops_at_gemma2_end_of_turn(tmp_path):
         base.model.embed_tokens.weight[107] = 50 * h / h.norm()
     assert M.generate(base, [ids], 5, stop_ids=(1, 106))[0][0] == 107     # the old hard-coded ids run on past it
     assert M.generate(base, [ids], 5, stop_ids=tok.stop_ids) == [[]]
-    rows = generations.generate_rows(base, tok, tmp_path / "g.jsonl", "m", "list", [(0, "w9")], ["w1 w2"] * 10,
+    rows = protocol.generate_rows(base, tok, tmp_path / "g.jsonl", "m", "list", [(0, "w9")], ["w1 w2"] * 10,
                                      [0.0], max_new_tokens=5, temperature=0.0)
     assert rows == (0, 10) and all(json.loads(l)["text"] == "" for l in open(tmp_path / "g.jsonl"))
 
@@ -2040,7 +2031,7 @@ def test_evaluation_samples_with_top_k_50(setup, tmp_path, monkeypatch):
     seen = []
     real = M.generate
     monkeypatch.setattr(M, "generate", lambda *a, **k: seen.append(k) or real(*a, **k))
-    generations.generate_rows(base, tok, tmp_path / "g.jsonl", "m", "list", [(0, "w9")], instructions(10), [1.0],
+    protocol.generate_rows(base, tok, tmp_path / "g.jsonl", "m", "list", [(0, "w9")], instructions(10), [1.0],
                               max_new_tokens=2)
     assert seen and all(k["top_k"] == 50 and k["temperature"] == 1.0 for k in seen)
     # sampling with top_k keeps only the k likeliest tokens
@@ -2163,7 +2154,7 @@ def test_corrupted_checkpoint_bytes_are_detected(tmp_path):
     raw = bytearray(ckpt.read_bytes())
     raw[-5] ^= 0xFF                                                        # one flipped byte in the data
     ckpt.write_bytes(bytes(raw))
-    base, _ = loader.load(tiny_run(tmp_path).model)
+    base, _ = M.load(tiny_run(tmp_path).model)
     with pytest.raises(ValueError, match="corrupted"):
         load_hypernet(ckpt, base)
 
@@ -2248,12 +2239,12 @@ def test_eval_refuses_rows_of_another_producer(setup, tmp_path):
     ins, concepts = instructions(), [(3, "w3 w4")]
     edits = lambda cid, concept, xs, ids: [{LAYER: d} for d in H.deltas(base, tok, hyper, concept, xs, ids)]
     out = tmp_path / "g.jsonl"
-    generations.generate_rows(base, tok, out, "HyperSteer", "held-out", concepts, ins, [1.0], edits,
+    protocol.generate_rows(base, tok, out, "HyperSteer", "held-out", concepts, ins, [1.0], edits,
                               producer="ckpt-A", max_new_tokens=2)
     with pytest.raises(ValueError, match="holds 10 HyperSteer rows made by another checkpoint"):
-        generations.generate_rows(base, tok, out, "HyperSteer", "held-out", concepts, ins, [1.0], edits,
+        protocol.generate_rows(base, tok, out, "HyperSteer", "held-out", concepts, ins, [1.0], edits,
                                   producer="ckpt-B", max_new_tokens=2)
-    assert generations.generate_rows(base, tok, out, "HyperSteer", "held-out", concepts, ins, [1.0], edits,
+    assert protocol.generate_rows(base, tok, out, "HyperSteer", "held-out", concepts, ins, [1.0], edits,
                                      producer="ckpt-B", max_new_tokens=2, overwrite=True) == (0, 10)
     assert {json.loads(l)["producer"] for l in open(out)} == {"ckpt-B"}
 
@@ -2303,10 +2294,10 @@ def test_bad_config_and_data_files_name_the_file_and_field(tmp_path):
                          ("rms_norm_eps", "tiny")]:
         (f / "config.json").write_text(json.dumps({**cfg, field: value}))
         with pytest.raises(ValueError, match=f"config.json: field {field} must be"):
-            loader.load(f)
+            M.load(f)
     (f / "config.json").write_bytes(b'{"model_type": "gemma2", "x": "\xff\xfe"}')
     with pytest.raises(ValueError, match=r"config.json: malformed config.json \(UnicodeDecodeError\)"):
-        loader.load(f)
+        M.load(f)
     (tmp_path / "d.jsonl").write_bytes(b'{"input": "\xff"}\n')
     with pytest.raises(ValueError, match=r"d.jsonl: not UTF-8 text"):
         data.read_rows(tmp_path / "d.jsonl")
@@ -2377,7 +2368,7 @@ def test_keywords_never_reach_training_and_the_report_reads_the_log(tmp_path, ca
     final["mentions"].update(unsteered=0.125, steered=0.875, other_concept=0.25)
     log.write_text("".join(json.dumps(r) + "\n" for r in recs))
     capsys.readouterr()
-    report.print_report(run)
+    TR.print_report(run)
     out = capsys.readouterr().out
     assert "1.234" in out and "1.334" in out and "+0.100" in out and "concept-specific" in out
     assert "unsteered 12%, steered 88%, steered with another concept's prompt 25%" in out
@@ -2390,7 +2381,7 @@ def test_shard_eval_writes_every_row_once(setup, tmp_path, monkeypatch, capsys):
     common = ["eval", "--hypernet", str(ckpt), "--split", "held-in", "--instructions", str(tmp_path / "ins.json"),
               "--max-new-tokens", "3", "--grid", "0,1"]
     steer.main([*common, "--out", str(tmp_path / "all.jsonl")])
-    want = sorted(generations.read_generations([tmp_path / "all.jsonl"]), key=generations.row_key)
+    want = sorted(protocol.read_generations([tmp_path / "all.jsonl"]), key=protocol.row_key)
     out = tmp_path / "sharded.jsonl"
     monkeypatch.setenv("RANK", "1")                            # what torchrun sets for process 1 of 2
     monkeypatch.setenv("WORLD_SIZE", "2")
@@ -2401,11 +2392,11 @@ def test_shard_eval_writes_every_row_once(setup, tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit, match="not every shard is done"):
         steer.main(["merge", "--out", str(out), "--shards", "2"])
     steer.main([*common, "--out", str(out), "--shard", "0/2"])  # the last to finish merges
-    shards = [generations.read_generations([dist.shard_path(out, i, 2)]) for i in range(2)]
+    shards = [protocol.read_generations([protocol.shard_path(out, i, 2)]) for i in range(2)]
     assert {r["concept_id"] for r in shards[0]}.isdisjoint({r["concept_id"] for r in shards[1]})
-    got = generations.read_generations([out])
-    assert sorted(got, key=generations.row_key) == want
-    assert len({generations.row_key(r) for r in got}) == len(want) == 60
+    got = protocol.read_generations([out])
+    assert sorted(got, key=protocol.row_key) == want
+    assert len({protocol.row_key(r) for r in got}) == len(want) == 60
     before = out.read_bytes()
     steer.main([*common, "--out", str(out), "--shard", "1/2"])  # resumed: nothing to do, the same merge
     steer.main(["merge", "--out", str(out), "--shards", "2"])
@@ -2421,7 +2412,6 @@ import sys
 import requests
 
 import serve
-import serve_api
 
 
 @pytest.fixture(scope="module")
@@ -2430,7 +2420,7 @@ def serve_files(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("serve")
     folder = tiny_model_folder(steer_base(), tmp / "model")
     ckpt = tmp / "hyper.safetensors"
-    H.save(tiny_hyper(loader.load(folder)[0]), ckpt)
+    H.save(tiny_hyper(M.load(folder)[0]), ckpt)
     return folder, ckpt
 
 
@@ -2647,7 +2637,7 @@ class FakePSR:
 
 def test_serve_psr_rows_and_lambda_per_token(serve_files):
     folder, _ = serve_files
-    base, tok = loader.load(folder)
+    base, tok = M.load(folder)
     fake = FakePSR()
     engine = serve.Engine(base, tok, "tiny", psr=fake, gather_ms=50).start()
     server = serve_api.make_server(engine, port=0)
@@ -2750,7 +2740,6 @@ def test_serve_page_in_headless_chromium(served, tmp_path):
 # ============================================================================ psr.py (SPEC §8a)
 
 import psr as P  # noqa: E402
-import psr_data  # noqa: E402
 
 
 def random_psr(base, layers, seed=0, scale=0.3):
@@ -2769,7 +2758,7 @@ def psr_pairs(tok, n=4, seed=0, same_prompt=False):
         x = words(g, 2 + i)
         xp = x if same_prompt else f"{words(g, 1 + 2 * i)} Question: {x}"
         y = tok.encode(words(g, 2 + (3 * i) % 5), bos=False)
-        out.append(psr_data.views(tok, tok.CHAT.format(prompt=x), tok.CHAT.format(prompt=xp), y))
+        out.append(psr.views(tok, tok.CHAT.format(prompt=x), tok.CHAT.format(prompt=xp), y))
     return out
 
 
@@ -2809,7 +2798,7 @@ def test_psr_answer_positions_are_right_aligned(setup):
     base, tok, _ = setup
     pairs = psr_pairs(tok, 3)
     assert len({len(p.plain) for p in pairs}) == 3 and len({p.n_answer for p in pairs}) == 3
-    views = {v: psr_data.collate(pairs, v, 0, "cpu") for v in ("plain", "prompted")}
+    views = {v: psr.collate(pairs, v, 0, "cpu") for v in ("plain", "prompted")}
     for v, (ids, real, steer, answer) in views.items():
         A = answer.shape[1]
         assert answer.sum(-1).tolist() == [p.n_answer for p in pairs]
@@ -2817,29 +2806,29 @@ def test_psr_answer_positions_are_right_aligned(setup):
             assert ids[b, -A:][answer[b]].tolist() == getattr(p, v)[-p.n_answer:]
             assert steer[b].sum() == len(getattr(p, v)) - p.n_prefix
     assert torch.equal(views["plain"][0][:, -A:] * views["plain"][3], views["prompted"][0][:, -A:] * views["prompted"][3])
-    full, late = psr_data.prepare(base, pairs, 0), psr_data.prepare(base, pairs, 2)  # S-PSR's examples start at block 2
+    full, late = psr.prepare(base, pairs, 0), psr.prepare(base, pairs, 2)  # S-PSR's examples start at block 2
     for a, b in zip(full, late):
         assert (a["target"][2:] - b["target"]).abs().max() < 1e-5 and (a["plain"][2:] - b["plain"]).abs().max() < 1e-5
     # the same prompt in both views: Δ_PS = 0 at every layer, though the two views pad differently
     mixed = psr_pairs(tok, 3, same_prompt=True) + psr_pairs(tok, 1, seed=5)
-    for e in psr_data.prepare(base, mixed, 0, batch_size=4)[:3]:
+    for e in psr.prepare(base, mixed, 0, batch_size=4)[:3]:
         assert e["target"].shape == (4, e["pair"].n_answer, 64) and (e["target"] - e["plain"]).abs().max() < 1e-5
 
 
 def test_psr_prompt_tokenisation_mismatch_is_refused(setup):
     base, tok, _ = setup
-    p = psr_data.views(tok, "w1 w2", "w5 w6 w2", " w3 w4", n_prefix=1)  # text: tokenised in each view, same tokens
+    p = psr.views(tok, "w1 w2", "w5 w6 w2", " w3 w4", n_prefix=1)  # text: tokenised in each view, same tokens
     assert p.plain[-3:] == p.prompted[-3:] == tok.encode("w2 w3 w4", bos=False) and p.n_answer == 3
     with pytest.raises(ValueError, match="tokenises differently"):
-        psr_data.views(tok, "w1 w2", "w5 w6 w2", "w3", n_prefix=1)    # "w2w3" merges with the prompt
+        psr.views(tok, "w1 w2", "w5 w6 w2", "w3", n_prefix=1)    # "w2w3" merges with the prompt
     with pytest.raises(ValueError, match="end in different tokens"):
-        psr_data.views(tok, "w1 w2", "w1 w3", [12], n_prefix=1)
+        psr.views(tok, "w1 w2", "w1 w3", [12], n_prefix=1)
 
 
 @pytest.mark.parametrize("loss,start,reg", [("mse", 0, 0.0), ("mse", 2, 0.1), ("ll", 0, 0.0), ("ll", 2, 0.0)])
 def test_psr_batched_loss_and_gradients_equal_batch_1(setup, loss, start, reg):
     base, tok, _ = setup
-    ex = psr_data.prepare(base, psr_pairs(tok, 4), start, batch_size=3)
+    ex = psr.prepare(base, psr_pairs(tok, 4), start, batch_size=3)
     p = random_psr(base, [0, 1, 2, 3] if start == 0 else [start], seed=2, scale=0.05).requires_grad_(True)
     norms = torch.rand(4 - start) + 0.5 if loss == "mse" else None
 
@@ -2864,13 +2853,13 @@ def test_psr_recovers_a_planted_psr(setup):
     with torch.no_grad():
         planted.z[str(LAYER)].mul_(8)
     pairs = psr_pairs(tok, 8, seed=4, same_prompt=True)
-    ex = psr_data.prepare(base, pairs, LAYER, batch_size=8)
+    ex = psr.prepare(base, pairs, LAYER, batch_size=8)
     with torch.no_grad():
         acts = P.steered(base, planted, ex, LAYER)[0]                # (L, B, A, d)
         for b, e in enumerate(ex):
             e["target"] = acts[:, b, -e["pair"].n_answer:]
     delta = torch.cat([(e["target"] - e["plain"]).flatten() for e in ex])
-    active = planted.last_lambda[LAYER][psr_data.collate(pairs, "plain", 0, "cpu")[2]].gt(0).float().mean()
+    active = planted.last_lambda[LAYER][psr.collate(pairs, "plain", 0, "cpu")[2]].gt(0).float().mean()
     assert delta.norm() > 1 and 0.1 < active < 0.9                    # λ switches on some tokens, not all
     torch.manual_seed(0)
     learned = P.PSR(64, [LAYER], "single")
@@ -2929,7 +2918,7 @@ def test_psr_cli_and_steer_eval_and_compare(setup, tmp_path, capsys):
     steer.main(["eval", "--method", "psr", "--psr", path, "--model", str(folder), "--data", str(tmp_path / "data.jsonl"),
                 "--concept-ids", "0", "--layer", "2", "--instructions", str(tmp_path / "ins.json"), "--max-new-tokens", "3",
                 "--grid", "0,1", "--out", str(out)])
-    gens = generations.read_generations([out])
+    gens = protocol.read_generations([out])
     assert len(gens) == 20 and {r["method"] for r in gens} == {"PSR all"}
     steer.main(["compare", "--psr", path, "--model", str(folder), "--prompt", "w1 w2", "--sweep", "0,1", "--max-new-tokens", "3"])
     assert "PSR (all) at layers [0, 1, 2, 3]" in capsys.readouterr().out

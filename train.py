@@ -21,21 +21,17 @@ import os
 import signal
 import sys
 import time
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-import checkpoint
 import data
-import dist
-import fileio
 import hypernet as H
-import loader
 import model as M
-import report
+from lib import checkpoint, dist, fileio, loader
 
 
 def flag(default, help):
@@ -199,7 +195,7 @@ def setup(cfg):
     bf16 = use_bf16(cfg)
     # fp32 master weights and AdamW state; with bf16 (default on CUDA) the frozen base is bf16 and the
     # forward runs under bf16 autocast (SPEC §5).
-    base, tok = loader.load(cfg.model, cfg.device, torch.bfloat16 if bf16 else torch.float32)
+    base, tok = M.load(cfg.model, cfg.device, torch.bfloat16 if bf16 else torch.float32)
     if cfg.max_len > base.cfg.max_position_embeddings:
         raise ValueError(f"--max-len {cfg.max_len} exceeds the model's context of {base.cfg.max_position_embeddings}")
     hyper, model, trainable, opt = hypernet_and_optimizer(base, cfg)
@@ -213,7 +209,7 @@ def setup(cfg):
     total = cfg.max_steps or math.ceil(cfg.epochs * per_epoch)
     run = Run(cfg, base, tok, hyper, model, trainable, opt, amp, train_ex, in_ex, out_ex,
               {"held_in": in_rows, "held_out": out_rows}, per_epoch, total)
-    report.print_setup(run, bf16)             # parameters, dtype, device, memory, data, steps
+    print_setup(run, bf16)             # parameters, dtype, device, memory, data, steps
     return run
 
 
@@ -262,7 +258,7 @@ def train(cfg, resume=False, overwrite=False, two_pass=False):
     bar, plot and files come from rank 0; a stop (Ctrl-C or a non-finite value) in one process stops all."""
     run = setup(cfg)
     out = Path(cfg.out)
-    step = checkpoint.start_or_resume(run, out, resume, overwrite)
+    step = start_or_resume(run, out, resume, overwrite)
     ckpt = out / "checkpoint.safetensors"
 
     stop, stopping = {"now": False}, False
@@ -290,14 +286,14 @@ def train(cfg, resume=False, overwrite=False, two_pass=False):
             bar.update(1)
             bar.set_postfix(loss=f"{rec['loss']:.3f}", **({"mem": f"{rec['peak_mem_gib']:.1f}G"} if "peak_mem_gib" in rec else {}))
             if step % cfg.eval_every == 0 or step == run.total:
-                evals, line = report.evaluate_splits(run, steered_loss, unsteered)
+                evals, line = evaluate_splits(run, steered_loss, unsteered)
                 rec.update(evals)
                 if line:
                     bar.write(f"step {step} eval loss: {line}")
             log.write(json.dumps(rec) + "\n")
             log.flush()
             if step % cfg.save_every == 0 or step == run.total or stopping:
-                checkpoint.save(run, step)
+                save(run, step)
     finally:  # also on a NaN stop or an error: the Ctrl-C handler must not outlive the run
         bar.close()
         log.close()
@@ -306,10 +302,10 @@ def train(cfg, resume=False, overwrite=False, two_pass=False):
     if stopping:
         sys.exit(f"interrupted at step {step}: saved {ckpt}; continue with --resume")
     if cfg.samples:
-        report.final_measurements(run, step)      # every process generates (FSDP2 gathers); rank 0 writes
+        final_measurements(run, step)      # every process generates (FSDP2 gathers); rank 0 writes
         dist.barrier()                            # ... before any process reads metrics.jsonl for the report
     if dist.is_main():
-        report.plot(out)
+        plot(out)
     return run
 
 
@@ -342,9 +338,228 @@ def main(argv=None):
         with fileio.one_line_errors(args.debug):
             cfg = replace(cfg, device=dist.start(cfg.device))      # torchrun: join the process group; else nothing
             with dist.only_main_prints():
-                report.print_report(train(cfg, args.resume, args.overwrite, args.two_pass))
+                print_report(train(cfg, args.resume, args.overwrite, args.two_pass))
     finally:
         dist.stop()
+
+
+# ----------------------------------------------------------------------------- checkpoints (lib/checkpoint.py holds the file format)
+
+def save(run, step):
+    """OUT/checkpoint.safetensors (resumable) and OUT/hypernet.safetensors (what steer.py and serve.py load)."""
+    checkpoint.check_weights(run.hyper)
+    out = Path(run.cfg.out)
+    weights = checkpoint.save_checkpoint(out / "checkpoint.safetensors", run.hyper, run.opt,
+                                         checkpoint_meta(run.hyper, run.cfg, step))
+    if dist.is_main():
+        H.save(run.hyper, out / "hypernet.safetensors", {"step": step, "train_config": json.dumps(asdict(run.cfg))},
+               weights)
+
+
+
+def checkpoint_meta(hyper, cfg, step):
+    """What a checkpoint records beside the weights: the step, the three configs, the number of processes."""
+    return {"step": step, "train_config": json.dumps(asdict(cfg)), "hyper_config": json.dumps(asdict(hyper.hcfg)),
+            "base_config": json.dumps(asdict(hyper.base_cfg)), "world_size": dist.world_size()}
+
+
+def load_checkpoint(path, hyper, opt, cfg):
+    """Restores `hyper` and `opt` from OUT/checkpoint.safetensors; returns its step. Refuses a checkpoint
+    of another base model, hypernetwork or training config, listing the differences."""
+    tensors, meta = checkpoint.read_checkpoint(path)
+    H.check_base(path, meta, hyper.base_cfg)
+    if json.loads(meta["hyper_config"]) != asdict(hyper.hcfg):
+        raise ValueError(f"{path}: checkpoint hypernetwork config {meta['hyper_config']} differs from this run's")
+    theirs = json.loads(meta["train_config"])
+    diff = [f"{k} {theirs.get(k)!r} -> {v!r}" for k, v in asdict(cfg).items()
+            if k not in checkpoint.RESUMABLE_CHANGES | {"grad_accum"} and theirs.get(k, v) != v]
+    was = (theirs.get("grad_accum", cfg.grad_accum), int(meta.get("world_size", 1)))
+    now = (cfg.grad_accum, dist.world_size())
+    if was[0] * was[1] != now[0] * now[1]:   # another split of a step's micro-batches resumes exactly (train_step)
+        diff.append(f"grad_accum x processes {was[0]} x {was[1]} -> {now[0]} x {now[1]}")
+    if diff:
+        raise ValueError(f"{path}: this run's settings differ from the checkpoint's ({'; '.join(diff)}); "
+                         "resume with the same settings, or start over with --overwrite")
+    checkpoint.restore(path, hyper, opt, tensors)
+    return int(meta["step"])
+
+
+def start_or_resume(run, out, resume, overwrite):
+    """Creates OUT; returns the step to start from. A finished or started run is never overwritten silently."""
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt, metrics = out / "checkpoint.safetensors", out / "metrics.jsonl"
+    if resume:
+        if not ckpt.exists():
+            raise FileNotFoundError(f"{ckpt}: nothing to resume")
+        step = load_checkpoint(ckpt, run.hyper, run.opt, run.cfg)
+        kept = checkpoint.read_metrics(metrics, up_to=step)   # records of steps after the checkpoint are redone
+        dist.barrier()                             # every process has read the files before rank 0 rewrites one
+        if dist.is_main():
+            fileio.write_jsonl(metrics, kept)
+        print(f"resumed from {ckpt} at step {step}")
+        return step
+    if (ckpt.exists() or metrics.exists()) and not overwrite:
+        raise FileExistsError(f"{out} already holds a run: pass --resume to continue it or --overwrite to "
+                              "start over, or choose another --out")
+    dist.barrier()
+    if dist.is_main():
+        metrics.unlink(missing_ok=True)
+    return 0
+
+
+# ============================================================================= from report.py (merged)
+SWEEP = (0.0, 1.0, 2.0, 4.0)
+
+
+def print_setup(run, bf16):
+    """The facts at the start: parameters, dtype and device; the memory of the weights (the base in its
+    dtype, the hypernetwork in fp32, SPEC §5) and of each trainable parameter's gradient and two AdamW
+    moments (fp32); the data and the steps."""
+    cfg, world = run.cfg, dist.world_size()
+    n_train = sum(p.numel() for p in run.trainable)
+    n_frozen = H.count_params(run.hyper) - n_train
+    n_base = H.count_params(run.base)
+    est = (n_base * (2 if bf16 else 4) + (n_train + n_frozen) * 4 + n_train * 12) / 2**30
+    print(f"base {cfg.model}: {n_base / 1e6:.1f}M frozen parameters ({'bf16' if bf16 else 'fp32'}) on {cfg.device}")
+    print(f"hypernet {cfg.variant}, N={cfg.n_blocks}, layer {cfg.layer}: {n_train / 1e6:.1f}M trainable, "
+          f"{n_frozen / 1e6:.1f}M frozen; weights + AdamW ~{est:.1f} GiB before activations "
+          f"(python bench.py memory for the peak)")
+    concepts = lambda examples: len({e.concept_id for e in examples})
+    print(f"data: {len(run.train_ex)} train examples ({concepts(run.train_ex)} concepts), {len(run.held_in)} held-in "
+          f"eval, {len(run.held_out)} held-out eval ({concepts(run.held_out)} concepts); "
+          f"{run.total} steps of {cfg.batch_size * cfg.grad_accum * world} examples"
+          + (f" ({world} processes, {'FSDP2' if cfg.fsdp else 'DDP'})" if world > 1 else ""))
+
+
+@torch.no_grad()
+def evaluate(run, examples, loss_fn, unsteered=None):
+    """Mean loss over the first eval_batches batches: steered; steered with Δ from another concept's
+    steering prompt (if that is as good, Δ learned the task, not the concept); unsteered (strength 0).
+    loss_fn is train.steered_loss. The frozen base's unsteered loss never changes: pass an earlier
+    evaluation's value to skip it."""
+    cfg, hyper = run.cfg, run.hyper
+    hyper.eval()
+    pairs = zip(examples, data.next_concept(examples, lambda e: e.concept_id))
+    other = [replace(e, hyper_ids=o.hyper_ids) for e, o in pairs]          # each with another concept's prompt
+    losses = {"steered": [], "other_concept": [], "unsteered": []}
+    for i in range(0, min(len(examples), cfg.eval_batches * cfg.batch_size), cfg.batch_size):  # fixed order
+        batch = data.collate(examples[i:i + cfg.batch_size]).to(cfg.device)
+        swapped = data.collate(other[i:i + cfg.batch_size]).to(cfg.device)
+        with run.amp():
+            losses["steered"].append(loss_fn(run.base, hyper, batch).item())
+            losses["other_concept"].append(loss_fn(run.base, hyper, swapped).item())
+            if unsteered is None:
+                losses["unsteered"].append(loss_fn(run.base, hyper, batch, strength=0.0).item())
+    hyper.train()
+    means = {k: sum(v) / max(len(v), 1) for k, v in losses.items()}
+    return {**means, "unsteered": means["unsteered"] if unsteered is None else unsteered}
+
+
+def evaluate_splits(run, loss_fn, unsteered):
+    """evaluate() on held-in and on held-out, where they have examples: the fields of the step's metrics
+    record and the progress line. `unsteered` keeps each split's unsteered loss from its first evaluation."""
+    fields, parts = {}, []
+    for name, ex in (("held_in", run.held_in), ("held_out", run.held_out)):
+        if ex:
+            res = evaluate(run, ex, loss_fn, unsteered.get(name))
+            unsteered[name] = res["unsteered"]
+            fields.update({f"{name}_{k}": v for k, v in res.items()})
+            parts.append(f"{name.replace('_', '-')} {res['steered']:.3f} (other concept "
+                         f"{res['other_concept']:.3f}, unsteered {res['unsteered']:.3f})")
+    return fields, "; ".join(parts)
+
+
+@torch.no_grad()
+def greedy_answers(run, rows, concepts, strength, max_new_tokens=48, batch_size=16):
+    """Greedy answers to rows' inputs, steered with Δ = H(concept, input) at `strength` (0 = unsteered)."""
+    base, tok, hyper = run.base, run.tok, run.hyper
+    ids = tok.chat_batch([r["input"] for r in rows])
+    deltas = torch.stack([H.deltas(base, tok, hyper, c, [r["input"]], [i])[0] for r, c, i in zip(rows, concepts, ids)])
+    out = []
+    for j in range(0, len(rows), batch_size):
+        steering = M.Steering.vector(hyper.hcfg.layer, deltas[j:j + batch_size], strength)
+        gens = M.generate(base, ids[j:j + batch_size], max_new_tokens, stop_ids=tok.stop_ids, steering=steering,
+                          steer_masks=M.steer_after(ids[j:j + batch_size], tok.chat_prefix_len))
+        out += [tok.decode(g) for g in gens]
+    return out
+
+
+def final_measurements(run, step):
+    """The report's generations, logged to metrics.jsonl: a strength sweep for two held-in concepts and,
+    with --keywords, how often the held-in answers mention their concept (unsteered, steered with the
+    right concept, steered with another concept's prompt), all greedy."""
+    rows, final = run.rows["held_in"], {}
+    if not rows:
+        return
+    run.hyper.eval()
+    first = {}
+    for r in rows:
+        first.setdefault(r["concept_id"], r)
+    firsts = list(first.values())[:2]                                            # a row of each of 2 concepts
+    final["sweep"] = [{"concept": r["output_concept"], "prompt": r["input"],
+                       "answers": {str(s): greedy_answers(run, [r], [r["output_concept"]], s)[0] for s in SWEEP}}
+                      for r in firsts]
+    if run.cfg.keywords:
+        keywords = data.load_keywords(run.cfg.keywords)
+        right = [r["output_concept"] for r in rows]
+        wrong = [r["output_concept"] for r in data.next_concept(rows, lambda r: r["concept_id"])]
+        answers = {"unsteered": greedy_answers(run, rows, right, 0.0), "steered": greedy_answers(run, rows, right, 1.0),
+                   "other_concept": greedy_answers(run, rows, wrong, 1.0)}
+        final["mentions"] = {k: sum(data.mentions(a, keywords.get(c, [])) for a, c in zip(v, right)) / len(rows)
+                             for k, v in answers.items()}
+        final["mentions"]["prompts"] = len(rows)
+    if dist.is_main():
+        with open(Path(run.cfg.out) / "metrics.jsonl", "a") as log:
+            log.write(json.dumps({"step": step, "final": final}) + "\n")
+
+
+def plot(out):
+    """OUT/loss.png: the training loss per step and the evaluation losses (nothing without matplotlib)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    recs = [r for r in checkpoint.read_metrics(out / "metrics.jsonl") if "loss" in r]
+    plt.figure(figsize=(6, 3.5))
+    plt.plot([r["step"] for r in recs], [r["loss"] for r in recs], lw=0.8, label="train")
+    for k in ("held_in_steered", "held_in_other_concept", "held_in_unsteered", "held_out_steered"):
+        ev = [r for r in recs if k in r]
+        plt.plot([r["step"] for r in ev], [r[k] for r in ev], "o-", label=k.replace("_", " "))
+    plt.xlabel("step"), plt.ylabel("cross-entropy"), plt.legend(), plt.tight_layout()
+    plt.savefig(out / "loss.png", dpi=120)
+    plt.close()
+
+
+def verdict(gap, loss):
+    if gap >= 0.02:
+        return f"concept-specific: the right concept's Δ fits its outputs better by {gap:.3f} nats ({gap / loss:.1%})"
+    return f"not concept-specific: another concept's Δ does as well (gap {gap:+.3f} nats); Δ learned the task"
+
+
+def print_report(run):
+    """The final report, read from metrics.jsonl: evaluation losses with the right-vs-wrong-concept gap,
+    the strength sweep, and the concept-mention rates."""
+    recs = checkpoint.read_metrics(Path(run.cfg.out) / "metrics.jsonl")
+    last = [r for r in recs if "held_in_steered" in r or "held_out_steered" in r][-1]
+    print(f"\nevaluation loss after {last['step']} steps (token-mean cross-entropy on the reference outputs):")
+    print(f"{'':10}{'steered':>9}{'other concept':>15}{'unsteered':>11}{'gap':>8}")
+    for name in ("held_in", "held_out"):
+        if f"{name}_steered" in last:
+            s, o, u = (last[f"{name}_{k}"] for k in ("steered", "other_concept", "unsteered"))
+            print(f"{name.replace('_', '-'):10}{s:9.3f}{o:15.3f}{u:11.3f}{o - s:+8.3f}   {verdict(o - s, s)}")
+    final = next((r["final"] for r in reversed(recs) if "final" in r), {})
+    for item in final.get("sweep", []):
+        print(f"\n[held-in] concept: {item['concept']}\nprompt: {item['prompt']}")
+        for s, text in item["answers"].items():
+            print(f"  strength {float(s):g}: {text.strip()[:160]!r}")
+    if "mentions" in final:
+        m = final["mentions"]
+        print(f"\nconcept mentioned (keywords) in greedy answers to {m['prompts']} held-in prompts: unsteered "
+              f"{m['unsteered']:.0%}, steered {m['steered']:.0%}, steered with another concept's prompt "
+              f"{m['other_concept']:.0%}")
+    print(f"\ncheckpoint: {Path(run.cfg.out) / 'hypernet.safetensors'}; curve: {Path(run.cfg.out) / 'loss.png'}")
 
 
 if __name__ == "__main__":

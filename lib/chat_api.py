@@ -23,7 +23,7 @@ from pathlib import Path
 
 import requests
 
-import fileio
+from lib import fileio
 
 TOKENS = ("prompt_tokens", "completion_tokens")
 

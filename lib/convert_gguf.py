@@ -31,7 +31,7 @@ import torch
 from safetensors.torch import save_file
 from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, processors
 
-DEFAULT_DIR = Path(__file__).resolve().parent / "models" / "gemma-3-270m"
+DEFAULT_DIR = Path(__file__).resolve().parent.parent / "models" / "gemma-3-270m"
 FILES = ("config.json", "model.safetensors", "tokenizer.json")
 MARKER = ".complete"
 

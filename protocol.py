@@ -8,7 +8,7 @@ strength, text, seed, producer. The seed depends only on (concept_id, instructio
 every method samples with the same random numbers and a resumed run reproduces the rows it lost;
 `producer` fingerprints the checkpoint and settings, and a file holding another producer's rows of
 the same method is refused. A row's key is (method, concept_id, instruction_index, strength): a resumed
-run, or shards merged into one file (dist.merge_shards), holds each key once.
+run, or shards merged into one file (merge_shards), holds each key once.
 
 Two readers, because the two sides need different things: generate_rows appends to a file as it goes,
 so read_resumable cuts a partly written last line (a killed run) and generates it again; judge.py reads
@@ -16,14 +16,16 @@ finished files, so read_generations refuses any malformed line, naming file and 
 score a different set of rows.
 """
 import json
+import os
 import zlib
+from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 import data
-import fileio
 import model as M
+from lib import dist, fileio
 
 REQUIRED = ("method", "concept", "instruction_index", "instruction", "strength", "text")   # what judge.py reads
 
@@ -149,3 +151,47 @@ def read_generations(paths):
                 row.setdefault("split", "all")
                 rows.append(row)
     return rows
+
+
+# ----------------------------------------------------------------------------- sharded work (steer.py eval --shard, torchrun)
+
+def shard_of(text=None):
+    """(i, n) from "--shard i/n" (0 <= i < n), else this process's (rank, world size) under torchrun, else (0, 1)."""
+    if text is None:
+        return (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if dist.launched() else (0, 1)
+    try:
+        i, n = (int(s) for s in text.split("/"))
+    except ValueError:
+        raise ValueError(f"--shard: expected i/n such as 0/4, got {text!r}") from None
+    if not 0 <= i < n:
+        raise ValueError(f"--shard {text}: need 0 <= i < n")
+    return i, n
+
+
+def shard_path(out, i, n):
+    """Shard i of n writes OUT.shard-i-of-n.jsonl (resumable like OUT), taking every n-th concept from the i-th,
+    and, when done, OUT.shard-i-of-n.jsonl.done. The shard that finds all n done merges them into OUT; on
+    machines without a shared disk, copy the shard files and their .done files together and run
+    `python steer.py merge --out OUT --shards n`."""
+    out = Path(out)
+    return out.with_name(f"{out.stem}.shard-{i}-of-{n}{out.suffix}")
+
+
+def merge_shards(out, n):
+    """OUT's rows, then each shard's, each row key once, written atomically into OUT. Returns the number of
+    rows, or None while a shard is not done. Rows of one key from different producers are refused."""
+    shards = [shard_path(out, i, n) for i in range(n)]
+    waiting = [str(i) for i, p in enumerate(shards) if not Path(f"{p}.done").exists()]
+    if waiting:
+        print(f"{out}: shard(s) {', '.join(waiting)} of {n} not done yet; the last one to finish merges")
+        return None
+    rows = {}
+    for path in [Path(out), *shards]:
+        for r in read_resumable(path):
+            key = row_key(r)
+            if rows.setdefault(key, r).get("producer") != r.get("producer"):
+                raise ValueError(f"{path}: row {key} was made by another checkpoint or other settings "
+                                 f"than {out}'s; merge into another --out")
+    fileio.write_jsonl(out, rows.values())
+    print(f"merged {n} shards into {out}: {len(rows)} rows")
+    return len(rows)

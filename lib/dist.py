@@ -18,13 +18,12 @@ import contextlib
 import io
 import os
 from datetime import timedelta
-from pathlib import Path
+
 
 import torch
 import torch.distributed as dist
 
-import fileio
-import generations
+
 
 
 def launched():
@@ -153,47 +152,3 @@ def load_full_state(module, opt, weights, optim_state):
     set_model_state_dict(module, weights, options=opts)
     groups = get_optimizer_state_dict(module, opt, options=opts)["param_groups"]       # parameters by name
     set_optimizer_state_dict(module, opt, {"state": optim_state, "param_groups": groups}, options=opts)
-
-
-# ----------------------------------------------------------------------------- sharded work (steer.py eval)
-
-def shard_of(text=None):
-    """(i, n) from "--shard i/n" (0 <= i < n), else this process's (rank, world size) under torchrun, else (0, 1)."""
-    if text is None:
-        return (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if launched() else (0, 1)
-    try:
-        i, n = (int(s) for s in text.split("/"))
-    except ValueError:
-        raise ValueError(f"--shard: expected i/n such as 0/4, got {text!r}") from None
-    if not 0 <= i < n:
-        raise ValueError(f"--shard {text}: need 0 <= i < n")
-    return i, n
-
-
-def shard_path(out, i, n):
-    """Shard i of n writes OUT.shard-i-of-n.jsonl (resumable like OUT), taking every n-th concept from the i-th,
-    and, when done, OUT.shard-i-of-n.jsonl.done. The shard that finds all n done merges them into OUT; on
-    machines without a shared disk, copy the shard files and their .done files together and run
-    `python steer.py merge --out OUT --shards n`."""
-    out = Path(out)
-    return out.with_name(f"{out.stem}.shard-{i}-of-{n}{out.suffix}")
-
-
-def merge_shards(out, n):
-    """OUT's rows, then each shard's, each row key once, written atomically into OUT. Returns the number of
-    rows, or None while a shard is not done. Rows of one key from different producers are refused."""
-    shards = [shard_path(out, i, n) for i in range(n)]
-    waiting = [str(i) for i, p in enumerate(shards) if not Path(f"{p}.done").exists()]
-    if waiting:
-        print(f"{out}: shard(s) {', '.join(waiting)} of {n} not done yet; the last one to finish merges")
-        return None
-    rows = {}
-    for path in [Path(out), *shards]:
-        for r in generations.read_resumable(path):
-            key = generations.row_key(r)
-            if rows.setdefault(key, r).get("producer") != r.get("producer"):
-                raise ValueError(f"{path}: row {key} was made by another checkpoint or other settings "
-                                 f"than {out}'s; merge into another --out")
-    fileio.write_jsonl(out, rows.values())
-    print(f"merged {n} shards into {out}: {len(rows)} rows")
-    return len(rows)
