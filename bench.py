@@ -1,5 +1,6 @@
-"""Speed of our Gemma against Hugging Face `transformers` on the same weights, side by side in one run;
-a training step's traced memory and FLOPs (memory.py); the Table 1 plan.
+"""Speed of our Gemma against Hugging Face `transformers` on the same weights, side by side in one run; the
+demo's training step on the CPU (ours vs the public code's two passes, and where its time goes); a training
+step's traced memory and FLOPs; the GPU measurements; the Table 1 plan.
 
 Prefill tokens/s (one 128- and one 512-token prompt, last-position logits, as generation needs) and
 decode tokens/s (greedy, batch 1 and 8), printed with the ratio ours / transformers, plus the peak
@@ -8,7 +9,10 @@ alternating the two implementations so that both see the same machine state.
 
     python bench.py                       # gemma-3-270m, fp32, CPU (the offline model)
     python bench.py --repeats 1 --decode-tokens 16      # quicker
-    python bench_gpu.py speed             # the same on a GPU: random weights in the Gemma-2-2b shapes, bf16
+    python bench.py gpu-speed             # the same on a GPU: random weights in the Gemma-2-2b shapes, bf16
+
+    python bench.py train-step --bf16 no        # the demo's training step in fp32, parted (also ends `python bench.py`)
+    python bench.py train-step --threads 1 --cpu-time --steps 2     # on a machine others share: CPU seconds
 
     python bench.py memory                      # a training step's peak memory and FLOPs, traced (no GPU)
     python bench.py memory --preset paper-9b --batch-size 8     # any train.py preset and flags
@@ -108,6 +112,95 @@ def cpu_bench(args):
     hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     print(f"\ngemma-3-270m, fp32, CPU ({torch.get_num_threads()} threads), median of {args.repeats}")
     bench_pair(ours, hf, ours.cfg.vocab_size, "cpu", args.repeats, args.decode_tokens)
+    del ours, hf
+    train_step_bench(train.PRESETS["demo"], args.repeats)    # the demo's step, with --bf16 auto
+
+
+# ----------------------------------------------------------------------------- a training step on the CPU
+
+PARTS = {"first": "frozen first pass, blocks 0..L (no gradients)", "hyper": "hypernetwork: Δ = H(s, X)",
+         "steered": "steered pass, blocks L+1.. from h_L + Δ", "head": "LM head + cross-entropy, labelled positions",
+         "backward": "backward (all of it)", "head_backward": "  of which the LM head's (measured apart)",
+         "adamw": "gradient clip + AdamW step"}
+
+
+def step_parts(run, batch, clock):
+    """Seconds of each part of one training step: train.steered_loss taken apart, its backward, clip + AdamW;
+    and, apart, the backward of the LM head alone on the same positions."""
+    cfg, base = run.cfg, run.base
+    L, t, mark = base.layer_index(cfg.layer), {}, [clock()]
+
+    def lap(name):
+        now = clock()
+        t[name], mark[0] = now - mark[0], now
+    with run.amp():
+        with torch.no_grad():
+            h = base.residual(batch.ids, batch.real, L)                               # (B, T, d)
+        lap("first")
+        delta = H.steering_delta(run.model, batch.hyper_ids, batch.hyper_real, h, batch.prompt,
+                                 batch.prompt & batch.steer)                          # (B, d)
+        lap("hyper")
+        out = base.run_from(M.intervene(h, delta, 1.0, batch.steer), L, batch.real)
+        lap("steered")
+        sel = batch.labels != -100
+        loss = F.cross_entropy(base.head(out[sel]).float(), batch.labels[sel])
+        lap("head")
+    loss.backward()
+    lap("backward")
+    torch.nn.utils.clip_grad_norm_(run.trainable, cfg.clip)
+    run.opt.step()
+    run.opt.zero_grad(set_to_none=True)
+    lap("adamw")
+    x = out[sel].detach().requires_grad_()                                            # (labelled, d)
+    with run.amp():
+        head_loss = F.cross_entropy(base.head(x).float(), batch.labels[sel])
+    lap("skip")
+    head_loss.backward()
+    lap("head_backward")
+    return {k: v for k, v in t.items() if k != "skip"}, int(sel.sum()), int(batch.real.sum())
+
+
+def train_step_bench(cfg, steps=3, clock=time.perf_counter):
+    """A training step of `cfg` (train.py's preset and flags) on its real model and data, the median of `steps`
+    steps after one warm-up: the SPEC §5 step (train.steered_loss), the same with the base residual cached
+    (--cache-residual, every residual already computed: a later epoch), and the public code's two passes
+    (two_pass_loss), the three taken in turn so that all see the same machine; then the parts of a step."""
+    cfg = dataclasses.replace(cfg, max_steps=10**6, samples=0, cache_residual=False)
+    first = train.setup(cfg)
+    runs = {"two_pass": (first, two_pass_loss)}
+    for label in ("spec5", "cached"):                   # each its own hypernetwork and AdamW on the one base
+        hyper, model, trainable, opt = train.hypernet_and_optimizer(first.base, cfg)
+        cache = train.ResidualCache(first.base, cfg.layer, first.amp) if label == "cached" else None
+        runs[label] = (dataclasses.replace(first, hyper=hyper, model=model, trainable=trainable, opt=opt,
+                                           residuals=cache), train.steered_loss)
+    order, B = train.epoch_order(len(first.train_ex), cfg.seed, 0), cfg.batch_size
+    times = {k: [] for k in runs}
+    for i in range(steps + 1):                          # the first step warms up
+        for label, (run, loss_fn) in runs.items():
+            if run.residuals:                           # this step's residuals are cached already, as in epoch 2
+                [run.residuals.get(run.train_ex[j]) for j in order[i * B:(i + 1) * B]]
+            t = clock()
+            train.train_step(run, i, loss_fn)
+            times[label].append(clock() - t)
+    med = {k: statistics.median(v[1:]) for k, v in times.items()}
+    parts = [step_parts(runs["spec5"][0], train.collate([first.train_ex[j] for j in order[i * B:(i + 1) * B]]),
+                        clock) for i in range(steps + 1)][1:]
+    labelled, tokens = parts[0][1], parts[0][2]
+    part = {k: statistics.median(p[0][k] for p in parts) for k in PARTS}
+    print(f"\ntraining step, {cfg.model.split('/')[-1]} + {cfg.variant} N={cfg.n_blocks}, layer {cfg.layer}, batch "
+          f"{cfg.batch_size}, max_len {cfg.max_len}, {'bf16' if train.use_bf16(cfg) else 'fp32'}, "
+          f"{torch.get_num_threads()} threads, median of {steps} ({'CPU time' if clock is time.process_time else 'wall clock'}):")
+    print("| step | ms | vs two passes |\n| --- | --- | --- |")
+    for label, name in (("two_pass", "two passes (public code: the base whole, again, with gradients)"),
+                        ("spec5", "ours: SPEC §5 (prefix once, no gradients; steered pass from L+1)"),
+                        ("cached", "ours, base residual cached (--cache-residual, a later epoch)")):
+        print(f"| {name} | {med[label] * 1e3:,.0f} | {med['two_pass'] / med[label]:.2f}x |")
+    print(f"| part of a step ({tokens} tokens, {labelled} labelled) | ms | share |\n| --- | --- | --- |")
+    total = sum(v for k, v in part.items() if k != "head_backward")
+    for k, name in PARTS.items():
+        print(f"| {name} | {part[k] * 1e3:,.0f} | {part[k] / total:.0%} |")
+    return {"steps_ms": {k: v * 1e3 for k, v in med.items()}, "parts_ms": {k: v * 1e3 for k, v in part.items()},
+            "labelled": labelled, "tokens": tokens}
 
 
 # ----------------------------------------------------------------------------- the Table 1 plan
@@ -177,6 +270,14 @@ def main(argv=None):
                                         "fake tensors (no GPU or weights needed; rows max-len long, a quarter prompt; "
                                         "bf16 auto = as on CUDA)")
     train.add_config_flags(mem)
+    step = sub.add_parser("train-step", help="a training step of the demo (or any preset) on the CPU: ours vs the "
+                                             "public code's two passes, and where the time goes")
+    train.add_config_flags(step)
+    step.set_defaults(preset="demo")
+    step.add_argument("--steps", type=int, default=3, help="timed steps (median), after one warm-up")
+    step.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default, one per core)")
+    step.add_argument("--cpu-time", action="store_true", help="time the process's CPU seconds, not the wall "
+                                                              "clock (on a shared machine, with --threads 1)")
     plan = sub.add_parser("table1", help="the sequence that reproduces paper Table 1, with a dry run of its cost")
     train.add_config_flags(plan)
     for name in ("gpu-speed", "gpu-train", "gpu-eval"):
@@ -189,6 +290,12 @@ def main(argv=None):
     if args.command == "table1":
         with fileio.one_line_errors():
             return table1_plan(args.preset, train.config_from_args(args))
+    if args.command == "train-step":
+        cfg = train.config_from_args(args)
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        with fileio.one_line_errors():
+            return train_step_bench(cfg, args.steps, time.process_time if args.cpu_time else time.perf_counter)
     if args.command == "memory":
         cfg = train.config_from_args(args)
         with fileio.one_line_errors():
@@ -285,14 +392,15 @@ def train_memory(cfg, base_cfg, prompt_tokens=64, fake=True, steps=2, loss_fn=tr
     mode = FakeTensorMode() if fake else torch.device("cpu")
     with mode:
         if fake:
-            batch = train.Batch(**{k: mode.from_tensor(v) for k, v in vars(batch).items()})
+            batch = train.Batch(**{k: mode.from_tensor(v) for k, v in vars(batch).items() if v is not None})
         torch.set_default_dtype(torch.bfloat16 if bf16 else torch.float32)   # a fake module cannot be cast
         try:
             base = M.Gemma(base_cfg).eval().requires_grad_(False)
         finally:
             torch.set_default_dtype(torch.float32)
         hyper, _, trainable, opt = train.hypernet_and_optimizer(base, cfg)
-        counter = LiveBytes([*base.parameters(), *hyper.parameters(), *vars(batch).values()], selected, trainable)
+        counter = LiveBytes([*base.parameters(), *hyper.parameters(), *(v for v in vars(batch).values() if v is not None)],
+                            selected, trainable)
         weights, flops = counter.now, FlopCounterMode(display=False)
         with counter:
             for step in range(steps):  # the second step is the steady state: AdamW state lives from the first

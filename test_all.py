@@ -2994,3 +2994,107 @@ def test_generate_honours_the_mask_it_is_given():
                 logits = ours(torch.tensor([seq]), steering=M.Steering.vector(1, v[b:b + 1]), steer_mask=m)
             seq.append(logits[0, -1].argmax().item())
         assert got[b] == seq[len(p):]
+
+
+# ==== new tests: demo speed
+
+def test_cached_base_residual_gives_the_same_loss_and_gradients(tmp_path):
+    """SPEC §5: the base residual at L, kept per example (computed alone, no padding) and left padded into a
+    batch, gives the loss and gradients of recomputing it on the padded batch, for the steered, other-concept
+    and unsteered losses; a later batch of the same examples computes nothing."""
+    cfg = tiny_run(tmp_path)
+    base, tok = M.load(cfg.model)
+    hyper = HyperSteer.from_base(base, HyperConfig("cross_attention", 2, 1))
+    with torch.no_grad():
+        hyper.head.weight.normal_(0, 0.5)
+    rows = [dict(axbench_row(c, i), input=" ".join(f"w{10 + j}" for j in range(1 + 2 * i)),
+                 output=" ".join(f"w{40 + c + j}" for j in range(2 + 3 * (i % 2)))) for c in range(2) for i in range(3)]
+    ex = TR.encode(tok, rows, variant="cross_attention")
+    assert len({len(e.ids) for e in ex}) > 2                                   # padding differs row to row
+    cache = TR.ResidualCache(base, 1)
+    plain, cached = TR.collate(ex), TR.collate(ex, residuals=cache)
+    assert plain.residual is None and cached.residual.shape == (*cached.ids.shape, 64)
+    for strength in (1.0, 0.0):
+        want, got = TR.steered_loss(base, hyper, plain, 1, strength), TR.steered_loss(base, hyper, cached, 1, strength)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    grads = []
+    for b in (plain, cached):
+        hyper.zero_grad()
+        TR.steered_loss(base, hyper, b, 1).backward()
+        grads.append([p.grad.clone() for p in hyper.parameters() if p.grad is not None])
+    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(*grads)) and len(grads[1]) > 0
+    other = [replace(e, hyper_ids=ex[-1 - i].hyper_ids) for i, e in enumerate(ex)]   # the evaluation's swap
+    torch.testing.assert_close(TR.steered_loss(base, hyper, TR.collate(other, residuals=cache), 1),
+                               TR.steered_loss(base, hyper, TR.collate(other), 1), rtol=1e-5, atol=1e-6)
+    calls = []
+    base.residual = lambda *a, **k: calls.append(1)                           # nothing left to compute
+    TR.collate(ex[::-1], residuals=cache)
+    assert not calls and len(cache.saved) == len(ex)
+    wrong = TR.ResidualCache(base, 2)                                          # another layer gives another loss
+    del base.residual
+    assert abs(TR.steered_loss(base, hyper, TR.collate(ex, residuals=wrong), 1).item()
+               - TR.steered_loss(base, hyper, plain, 1).item()) > 1e-4
+
+
+def test_cached_runs_are_deterministic_and_resume_exactly(tmp_path, monkeypatch, capsys):
+    """With --cache-residual (the demo's), the same seed gives the same losses, evaluations, answers and
+    weights; an interrupted run resumed with an empty cache ends exactly where an uninterrupted one does
+    (each residual is computed alone, whatever batch first needs it); and it trains as the uncached loop
+    does, to fp32 tolerance, over two epochs (the second reads the cache)."""
+    kw = tmp_path / "kw.json"
+    kw.write_text(json.dumps({str(c): {"concept": f"w{80 + c}", "keywords": [f"w{40 + c}"]} for c in range(3)}))
+    common = dict(max_steps=6, save_every=2, eval_every=3, samples=1, keywords=str(kw), cache_residual=True)
+    runs = {}
+    for name in ("a", "b", "plain"):
+        cfg = tiny_run(tmp_path, **common, out=str(tmp_path / name))
+        runs[name] = TR.train(replace(cfg, cache_residual=name != "plain"))
+    TR.print_report(runs["a"])
+    assert "wall clock:" in capsys.readouterr().out.splitlines()[-1]
+    logs = {k: [json.loads(l) for l in open(tmp_path / k / "metrics.jsonl")] for k in runs}
+    drop = lambda recs: [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in recs]
+    assert drop(logs["a"]) == drop(logs["b"]) and "final" in logs["a"][-1] and runs["a"].steps_per_epoch == 3
+    assert len(runs["a"].residuals.saved) == len(runs["a"].train_ex) + len(runs["a"].held_in) + len(runs["a"].held_out)
+    w = {k: load_file(tmp_path / k / "hypernet.safetensors") for k in runs}
+    assert all(torch.equal(w["a"][k], w["b"][k]) for k in w["a"])
+    assert all(torch.allclose(w["a"][k], w["plain"][k], rtol=1e-3, atol=1e-5) for k in w["a"])
+    real, calls = TR.steered_loss, []
+
+    def ctrl_c_at_step_4(*a, **k):
+        calls.append(1)
+        if len(calls) == 4:                                 # in the second epoch, which read the cache
+            import signal
+            signal.raise_signal(signal.SIGINT)
+        return real(*a, **k)
+    monkeypatch.setattr(TR, "steered_loss", ctrl_c_at_step_4)
+    cfg = tiny_run(tmp_path, **common, out=str(tmp_path / "resumed"))
+    with pytest.raises(SystemExit, match="interrupted at step 4"):
+        TR.train(cfg)
+    monkeypatch.setattr(TR, "steered_loss", real)
+    TR.train(cfg, resume=True)
+    r = load_file(tmp_path / "resumed" / "hypernet.safetensors")
+    assert all(torch.equal(w["a"][k], r[k]) for k in r)
+
+
+def test_report_answers_batched_equal_one_by_one(tmp_path):
+    """The report's greedy answers in one batch with a strength per row (the sweep) and Δ computed per concept
+    equal the answers of one row at a time."""
+    cfg = tiny_run(tmp_path, max_steps=2, samples=0)
+    run = TR.train(cfg)
+    with torch.no_grad():
+        run.hyper.head.weight.normal_(0, 0.5)
+    rows = run.rows["held_in"][:3]
+    concepts = [rows[0]["output_concept"], rows[-1]["output_concept"], rows[0]["output_concept"]]
+    batched = TR.greedy_answers(run, rows, concepts, [0.0, 1.0, 4.0], max_new_tokens=6)
+    single = [TR.greedy_answers(run, [r], [c], s, max_new_tokens=6)[0] for r, c, s in zip(rows, concepts, (0.0, 1.0, 4.0))]
+    assert batched == single and batched[1] != TR.greedy_answers(run, rows[1:2], concepts[1:2], 0.0, max_new_tokens=6)[0]
+
+
+def test_bench_train_step_prints_the_breakdown(tmp_path, capsys):
+    """python bench.py train-step: ours, cached and two passes timed, and every part of a step."""
+    cfg = tiny_run(tmp_path, held_out_concepts=0, eval_rows=0)
+    res = bench.train_step_bench(cfg, steps=1)
+    out = capsys.readouterr().out
+    assert set(res["steps_ms"]) == {"spec5", "cached", "two_pass"} and set(res["parts_ms"]) == set(bench.PARTS)
+    assert all(v > 0 for v in res["parts_ms"].values()) and res["labelled"] > 0
+    for name in ("two passes", "SPEC §5", "cached", *bench.PARTS.values()):
+        assert name in out

@@ -54,6 +54,9 @@ class TrainConfig:
     random_init: bool = flag(False, "fresh hypernetwork weights instead of the base's (paper Table 2 ablation)")
     unit_norm: bool = flag(False, "no context: unit-norm Δ scaled by its max activation on the prompt (App. A.4)")
     freeze_embeddings: bool = flag(False, "keep the hypernetwork's embeddings fixed (CPU demos, memory)")
+    cache_residual: bool = flag(False, "compute each example's frozen base residual at the steering layer once and "
+                                       "reuse it in every epoch and evaluation (SPEC §5; memory: tokens x d x 4 "
+                                       "bytes, the demo's ~0.1 GB, not Concept16k's terabytes)")
     batch_size: int = flag(12, "examples per micro-batch and process (paper 2b: 12)")
     grad_accum: int = flag(1, "micro-batches per optimizer step and process (a step: batch x accum x processes)")
     lr: float = flag(8e-5, "peak learning rate, decayed linearly to 0 (paper 2b: 8e-5)")
@@ -170,13 +173,43 @@ class Batch:
     prompt: torch.Tensor      # bool: the base prompt's real tokens, X for the cross-attention hypernetwork (never the output)
     hyper_ids: torch.Tensor   # (B, Ts) what the hypernetwork reads (hypernet.hyper_input)
     hyper_real: torch.Tensor  # (B, Ts) bool: True on its real tokens
+    residual: torch.Tensor = None  # (B, T, d) the frozen base's residual at the steering layer, from a ResidualCache
 
     def to(self, device):
-        return Batch(**{k: v.to(device) for k, v in vars(self).items()})
+        return Batch(**{k: None if v is None else v.to(device) for k, v in vars(self).items()})
 
 
-def collate(examples, pad_id=0):
-    """A list of Examples -> a Batch."""
+class ResidualCache:
+    """SPEC §5: the frozen base's residual at the steering layer over an example's prompt + output is a pure
+    function of the example (the base never changes), so it is computed once, the first time a batch needs
+    it, and reused by every later epoch and evaluation (--cache-residual). Each example runs alone, without
+    padding, so what is kept does not depend on the batch it first came in: a resumed run reads exactly what
+    an uninterrupted one does. Keyed by the example's token ids."""
+
+    def __init__(self, base, layer, amp=contextlib.nullcontext):
+        self.base, self.layer, self.amp, self.saved = base, base.layer_index(layer), amp, {}
+
+    @torch.no_grad()
+    def get(self, example):
+        """(n, d): the residual over the example's n tokens, computed the first time it is asked for."""
+        key = example.ids.tobytes()
+        if key not in self.saved:
+            with self.amp():
+                ids = torch.as_tensor(example.ids, dtype=torch.long, device=self.base.model.embed_tokens.weight.device)
+                self.saved[key] = self.base.residual(ids[None], None, self.layer)[0]      # (1, n) -> (n, d)
+        return self.saved[key]
+
+    def __call__(self, examples, T):
+        """(B, T, d): the examples' residuals, left padded with zeros to T tokens as collate pads their ids."""
+        rows = [self.get(e) for e in examples]
+        out = rows[0].new_zeros(len(rows), T, rows[0].shape[-1])                          # (B, T, d)
+        for b, h in enumerate(rows):
+            out[b, T - len(h):] = h
+        return out
+
+
+def collate(examples, pad_id=0, residuals=None):
+    """A list of Examples -> a Batch; with a ResidualCache, the Batch carries the base residual too."""
     ids, real = M.left_pad([e.ids for e in examples], pad_id)
     T = ids.shape[1]
     idx = torch.arange(T)[None]
@@ -188,7 +221,8 @@ def collate(examples, pad_id=0):
     labels[:, :-1] = torch.where(predicts[:, :-1], ids[:, 1:], -100)
     hyper_ids, hyper_real = M.left_pad([e.hyper_ids for e in examples], pad_id)
     return Batch(ids=ids, real=real, labels=labels, steer=idx >= start + n_prefix,
-                 prompt=real & (idx < start + n_prompt), hyper_ids=hyper_ids, hyper_real=hyper_real)
+                 prompt=real & (idx < start + n_prompt), hyper_ids=hyper_ids, hyper_real=hyper_real,
+                 residual=None if residuals is None else residuals(examples, T))
 
 
 def epoch_order(n, seed, epoch):
@@ -208,10 +242,13 @@ def batches(examples, batch_size, seed, epoch, pad_id=0):
 
 def steered_loss(base, hyper, batch, layer, strength=1.0):
     """Token-mean cross-entropy of the steered base model on the output tokens (Eq. 4). `hyper` is the
-    hypernetwork, or under torchrun its DDP / FSDP2 form; `layer` the steering layer (SPEC §4)."""
+    hypernetwork, or under torchrun its DDP / FSDP2 form; `layer` the steering layer (SPEC §4). A batch
+    collated with a ResidualCache (of this layer) brings the base residual along; else it is computed here."""
     L = base.layer_index(layer)
-    with torch.no_grad():
-        h = base.residual(batch.ids, batch.real, L)                           # (B, T, d), no gradients
+    h = batch.residual
+    if h is None:
+        with torch.no_grad():
+            h = base.residual(batch.ids, batch.real, L)                       # (B, T, d), no gradients
     delta = H.steering_delta(hyper, batch.hyper_ids, batch.hyper_real, h, batch.prompt,
                              batch.prompt & batch.steer)                      # Eq. 2-3: Δ (B, d)
     h = M.intervene(h, delta, strength, batch.steer)                          # Eq. 1: h_L + strength * Δ
@@ -246,12 +283,15 @@ class Run:
     trainable: list
     opt: torch.optim.Optimizer
     amp: object                 # a context manager factory: bf16 autocast or nothing
-    train_ex: list              # data.Examples
+    train_ex: list              # Examples
     held_in: list
     held_out: list
     rows: dict                  # {"held_in": rows, "held_out": rows}, for the report
     steps_per_epoch: int
     total: int                  # optimizer steps of the whole run
+    residuals: ResidualCache = None   # with --cache-residual: every batch collated with it (SPEC §5)
+    started: float = 0.0        # time.time() when setup began, for the report's wall clock
+    build_s: float = 0.0        # seconds spent building (offline model) or downloading the model, left out of it
 
 
 def use_bf16(cfg):
@@ -269,12 +309,16 @@ def use_bf16(cfg):
 
 
 def setup(cfg):
+    started = time.time()
     check_config(cfg)
     torch.manual_seed(cfg.seed)
     train_rows, in_rows, out_rows = data.split_run(data.load_rows(cfg.data, cfg.data_revision), cfg)  # before the model
     bf16 = use_bf16(cfg)
     # fp32 master weights and AdamW state; with bf16 (default on CUDA) the frozen base is bf16 and the
     # forward runs under bf16 autocast (SPEC §5).
+    t = time.time()
+    loader.model_folder(cfg.model)                      # the offline model is built here the first time (~30 s)
+    build_s = time.time() - t
     base, tok = M.load(cfg.model, cfg.device, torch.bfloat16 if bf16 else torch.float32)
     if cfg.max_len > base.cfg.max_position_embeddings:
         raise ValueError(f"--max-len {cfg.max_len} exceeds the model's context of {base.cfg.max_position_embeddings}")
@@ -288,7 +332,8 @@ def setup(cfg):
     per_epoch = max(1, math.ceil(len(train_ex) / cfg.batch_size) // (cfg.grad_accum * world))
     total = cfg.max_steps or math.ceil(cfg.epochs * per_epoch)
     run = Run(cfg, base, tok, hyper, model, trainable, opt, amp, train_ex, in_ex, out_ex,
-              {"held_in": in_rows, "held_out": out_rows}, per_epoch, total)
+              {"held_in": in_rows, "held_out": out_rows}, per_epoch, total,
+              ResidualCache(base, cfg.layer, amp) if cfg.cache_residual else None, started, build_s)
     print_setup(run, bf16)             # parameters, dtype, device, memory, data, steps
     return run
 
@@ -313,8 +358,8 @@ def train_step(run, step, loss_fn):
     lr = cfg.lr * linear_decay(step, run.total)
     for g in run.opt.param_groups:
         g["lr"] = lr
-    batches = [collate([run.train_ex[j] for j in order[i * cfg.batch_size:(i + 1) * cfg.batch_size]])
-               for i in range(first, first + cfg.grad_accum)]
+    batches = [collate([run.train_ex[j] for j in order[i * cfg.batch_size:(i + 1) * cfg.batch_size]],
+                       residuals=run.residuals) for i in range(first, first + cfg.grad_accum)]
     labelled = [int((b.labels != -100).sum()) for b in batches]
     step_labelled, = dist.sum_over_ranks(sum(labelled))                        # every process's micro-batches
     loss_sum, tokens = 0.0, 0
@@ -495,7 +540,8 @@ def start_or_resume(run, out, resume, overwrite):
 
 
 # ============================================================================= from report.py (merged)
-SWEEP = (0.0, 1.0, 2.0, 4.0)
+SWEEP = (0.0, 1.0, 2.0, 4.0)      # the report's strengths for two held-in concepts
+ANSWER_TOKENS = 48               # new tokens per greedy answer of the report
 
 
 def print_setup(run, bf16):
@@ -516,6 +562,10 @@ def print_setup(run, bf16):
           f"eval, {len(run.held_out)} held-out eval ({concepts(run.held_out)} concepts); "
           f"{run.total} steps of {cfg.batch_size * cfg.grad_accum * world} examples"
           + (f" ({world} processes, {'FSDP2' if cfg.fsdp else 'DDP'})" if world > 1 else ""))
+    if run.residuals:
+        n = sum(len(e.ids) for e in (*run.train_ex, *run.held_in, *run.held_out))
+        print(f"base residual at layer {cfg.layer} cached per example as first needed (SPEC §5): {n:,} tokens, "
+              f"{n * run.base.cfg.hidden_size * (2 if bf16 else 4) / 2**20:,.0f} MiB")
 
 
 @torch.no_grad()
@@ -530,8 +580,8 @@ def evaluate(run, examples, loss_fn, unsteered=None):
     other = [replace(e, hyper_ids=o.hyper_ids) for e, o in pairs]          # each with another concept's prompt
     losses = {"steered": [], "other_concept": [], "unsteered": []}
     for i in range(0, min(len(examples), cfg.eval_batches * cfg.batch_size), cfg.batch_size):  # fixed order
-        batch = collate(examples[i:i + cfg.batch_size]).to(cfg.device)
-        swapped = collate(other[i:i + cfg.batch_size]).to(cfg.device)
+        batch = collate(examples[i:i + cfg.batch_size], residuals=run.residuals).to(cfg.device)
+        swapped = collate(other[i:i + cfg.batch_size], residuals=run.residuals).to(cfg.device)   # same ids: cached
         with run.amp():
             losses["steered"].append(loss_fn(run.base, hyper, batch, run.cfg.layer).item())
             losses["other_concept"].append(loss_fn(run.base, hyper, swapped, run.cfg.layer).item())
@@ -557,14 +607,21 @@ def evaluate_splits(run, loss_fn, unsteered):
 
 
 @torch.no_grad()
-def greedy_answers(run, rows, concepts, strength, max_new_tokens=48, batch_size=16):
-    """Greedy answers to rows' inputs, steered with Δ = H(concept, input) at `strength` (0 = unsteered)."""
+def greedy_answers(run, rows, concepts, strength, max_new_tokens=ANSWER_TOKENS, batch_size=64):
+    """Greedy answers to rows' inputs, steered with Δ = H(concept, input) at `strength`: a number, or a list
+    of one per row (0 = unsteered). Large batches: decoding reads every weight once per step."""
     base, tok, hyper = run.base, run.tok, run.hyper
     ids = tok.chat_batch([r["input"] for r in rows])
-    deltas = torch.stack([H.deltas(base, tok, hyper, c, [r["input"]], [i])[0] for r, c, i in zip(rows, concepts, ids)])
+    deltas = torch.zeros(len(rows), base.cfg.hidden_size, device=base.model.embed_tokens.weight.device)  # (n, d)
+    if strength != 0:                                                             # 0: unsteered, Δ unused
+        for c in dict.fromkeys(concepts):                                         # one batch per concept
+            at = [j for j, cj in enumerate(concepts) if cj == c]
+            deltas[at] = H.deltas(base, tok, hyper, c, [rows[j]["input"] for j in at], [ids[j] for j in at])
+    strength = torch.tensor(strength) if isinstance(strength, list) else strength
     out = []
     for j in range(0, len(rows), batch_size):
-        steering = M.Steering.vector(hyper.hcfg.layer, deltas[j:j + batch_size], strength)
+        s = strength[j:j + batch_size] if torch.is_tensor(strength) else strength
+        steering = M.Steering.vector(hyper.hcfg.layer, deltas[j:j + batch_size], s)
         gens = M.generate(base, ids[j:j + batch_size], max_new_tokens, stop_ids=tok.stop_ids, steering=steering,
                           steer_masks=M.steer_after(ids[j:j + batch_size], tok.chat_prefix_len))
         out += [tok.decode(g) for g in gens]
@@ -583,9 +640,11 @@ def final_measurements(run, step):
     for r in rows:
         first.setdefault(r["concept_id"], r)
     firsts = list(first.values())[:2]                                            # a row of each of 2 concepts
+    swept = [(r, s) for r in firsts for s in SWEEP]                            # one batch
+    texts = iter(greedy_answers(run, [r for r, _ in swept], [r["output_concept"] for r, _ in swept],
+                                [s for _, s in swept]))
     final["sweep"] = [{"concept": r["output_concept"], "prompt": r["input"],
-                       "answers": {str(s): greedy_answers(run, [r], [r["output_concept"]], s)[0] for s in SWEEP}}
-                      for r in firsts]
+                       "answers": {str(s): next(texts) for s in SWEEP}} for r in firsts]
     if run.cfg.keywords:
         keywords = data.load_keywords(run.cfg.keywords)
         right = [r["output_concept"] for r in rows]
@@ -647,6 +706,9 @@ def print_report(run):
               f"{m['unsteered']:.0%}, steered {m['steered']:.0%}, steered with another concept's prompt "
               f"{m['other_concept']:.0%}")
     print(f"\ncheckpoint: {Path(run.cfg.out) / 'hypernet.safetensors'}; curve: {Path(run.cfg.out) / 'loss.png'}")
+    took = time.time() - run.started - run.build_s
+    print(f"wall clock: {took // 60:.0f} min {took % 60:.0f} s from start to this report"
+          + (f" (building or fetching the model, {run.build_s:.0f} s, left out)" if run.build_s >= 1 else ""))
 
 
 if __name__ == "__main__":
