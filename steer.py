@@ -17,7 +17,8 @@
 
 One steering prompt, end to end: compare() tokenises the prompt once; hypernet.deltas reads the base
 residual at layer L over it and returns Δ = H(s, x); model.generate runs with
-Steering({L: Δ}, strength), and model.intervene adds strength * Δ to the residual (Eq. 1).
+Steering({L: Δ}, strength), and model.intervene adds strength * Δ to the residual (Eq. 1). sweep() is that
+generation for several prompts and strengths in one batch (compare --sweep, the workshop notebook).
 eval builds the method (method_for -> protocol.Method) and samples its rows with protocol.generate_rows.
 """
 import hashlib
@@ -72,15 +73,22 @@ def load_run(args):
 
 # ----------------------------------------------------------------------------- evaluation generations (SPEC §7)
 
+def hypersteer_method(base, tok, hyper, source=None):
+    """A trained hypernetwork as a protocol.Method: Δ = H(s, x) for every (concept, instruction), added at the
+    layer it was trained for, on the SPEC §7 grid."""
+    layer = base.layer_index(hyper.hcfg.layer)
+    edits = lambda cid, concept, ins, ids: [{layer: d} for d in H.deltas(base, tok, hyper, concept, ins, ids)]
+    return protocol.Method(f"HyperSteer {hyper.hcfg.variant.replace('_', ' ')}", list(protocol.HYPER_GRID), edits,
+                           source=source)
+
+
 def method_for(args, base, tok, hyper, settings, rows):
     """The protocol.Method of --method: its name, strength grid, and what it adds (or how it prompts)."""
     layer, method = base.layer_index(settings["layer"]), args.method
     if method == "hypersteer":
         if hyper is None:
             raise ValueError("--method hypersteer needs --hypernet")
-        edits = lambda cid, concept, ins, ids: [{layer: d} for d in H.deltas(base, tok, hyper, concept, ins, ids)]
-        return protocol.Method(f"HyperSteer {hyper.hcfg.variant.replace('_', ' ')}", protocol.HYPER_GRID, edits,
-                               source=args.hypernet)
+        return hypersteer_method(base, tok, hyper, args.hypernet)
     if method == "psr":
         import psr
         if not args.psr:
@@ -141,6 +149,26 @@ def cmd_merge(args):
 
 # ----------------------------------------------------------------------------- compare and export
 
+def sweep(base, tok, prompts, edits, strengths, max_new_tokens=48, *, raw=False, temperature=0.0, seed=0,
+          batch_size=16):
+    """Answers to every prompt at every strength, {strength: [answer per prompt]}, greedy by default: Eq. 1
+    with one strength per row of a batched generate, every row sampled with the same seed, so two rows
+    differ only by their strength. edits {layer: Δ (d,) or a per-token function} is shared by all prompts
+    (None: unsteered); raw: no chat template, a plain continuation (only <bos> is never steered)."""
+    ids, n_prefix = ([tok.encode(p) for p in prompts], 1) if raw else (tok.chat_batch(prompts), tok.chat_prefix_len)
+    jobs = [(s, i) for s in strengths for i in range(len(prompts))]
+    out = {s: [None] * len(prompts) for s in strengths}
+    for j in range(0, len(jobs), batch_size):
+        batch = jobs[j:j + batch_size]
+        rows = [ids[i] for _, i in batch]
+        steering = None if edits is None else M.Steering(edits, torch.tensor([float(s) for s, _ in batch]))
+        gens = M.generate(base, rows, max_new_tokens, stop_ids=tok.stop_ids, temperature=temperature,
+                          seeds=[seed] * len(rows), steering=steering, steer_masks=M.steer_after(rows, n_prefix))
+        for (s, i), g in zip(batch, gens):
+            out[s][i] = tok.decode(g)
+    return out
+
+
 def cmd_compare(args):
     base, tok, hyper, settings = load_run(args)
     ids, n_prefix = (tok.encode(args.prompt), 1) if args.raw else tok.chat(args.prompt)
@@ -163,11 +191,9 @@ def cmd_compare(args):
     grid = protocol.parse_grid(args.sweep, "--sweep") if args.sweep else [0.0, args.strength]
     if edits is None:
         grid = [0.0]
-    steering = None if edits is None else M.Steering(edits, torch.tensor(grid))     # one strength per row
-    outs = M.generate(base, [ids] * len(grid), args.max_new_tokens, stop_ids=tok.stop_ids,
-                      temperature=args.temperature, seeds=[args.seed] * len(grid), steering=steering,
-                      steer_masks=M.steer_after([ids] * len(grid), n_prefix))
-    texts = [tok.decode(o) for o in outs]
+    answers = sweep(base, tok, [args.prompt], edits, grid, args.max_new_tokens, raw=args.raw,
+                    temperature=args.temperature, seed=args.seed)
+    texts = [answers[s][0] for s in grid]
     if edits is None:
         print(args.prompt + texts[0] if args.raw else texts[0])
         return
