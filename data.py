@@ -210,6 +210,13 @@ def mentions(text, keywords):
     return any(k in text for k in keywords)
 
 
+def distinct_words(text):
+    """A judge-free fluency proxy: the share of distinct words among the text's words (1 = no word twice).
+    Steered too hard, a model loops on a few words, and this falls toward 0; an empty text counts as 0."""
+    words = text.lower().split()
+    return len(set(words)) / len(words) if words else 0.0
+
+
 def main():
     ap = fileio.ArgumentParser(description="Download (optionally) and summarise AxBench-shaped data.")
     ap.add_argument("--dataset", default=None, help="concept10 | concept500 | concept16k (default: bundled demo)")

@@ -150,6 +150,10 @@ class Tokenizer:
     def decode(self, ids):
         return self.tok.decode(list(ids), skip_special_tokens=True)
 
+    def pieces(self, ids):
+        """The token strings of ids, special tokens included ("<bos>", "▁party"): labels for per-token plots."""
+        return [self.tok.id_to_token(int(i)) for i in ids]
+
     def chat(self, prompt):
         """Token ids of the user turn in the Gemma chat template, and the chat-prefix length."""
         return self.chat_batch([prompt])[0], self.chat_prefix_len
