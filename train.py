@@ -338,9 +338,10 @@ def train_step(run, step, loss_fn):
 
 # ----------------------------------------------------------------------------- the loop
 
-def train(cfg, resume=False, overwrite=False):
+def train(cfg, resume=False, overwrite=False, on_step=None):
     """The run. Under torchrun (dist.start first) every process runs all of it, in step: metrics, progress
-    bar, plot and files come from rank 0; a stop (Ctrl-C or a non-finite value) in one process stops all."""
+    bar, plot and files come from rank 0; a stop (Ctrl-C or a non-finite value) in one process stops all.
+    on_step(record): called on rank 0 with each step's metrics record (workshop.ipynb's live loss plot)."""
     run = setup(cfg)
     out = Path(cfg.out)
     step = start_or_resume(run, out, resume, overwrite)
@@ -377,6 +378,8 @@ def train(cfg, resume=False, overwrite=False):
                     bar.write(f"step {step} eval loss: {line}")
             log.write(json.dumps(rec) + "\n")
             log.flush()
+            if on_step is not None and dist.is_main():
+                on_step(rec)
             if step % cfg.save_every == 0 or step == run.total or stopping:
                 save(run, step)
     finally:  # also on a NaN stop or an error: the Ctrl-C handler must not outlive the run
@@ -601,22 +604,23 @@ def final_measurements(run, step):
 
 
 def plot(out):
-    """OUT/loss.png: the training loss per step and the evaluation losses (nothing without matplotlib)."""
+    """OUT/loss.png: the training loss per step and the evaluation losses (nothing without matplotlib). A bare
+    Figure, not pyplot: the caller's backend (a notebook's inline plots) stays as it is."""
     try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        from matplotlib.figure import Figure
     except ImportError:
         return
     recs = [r for r in checkpoint.read_metrics(out / "metrics.jsonl") if "loss" in r]
-    plt.figure(figsize=(6, 3.5))
-    plt.plot([r["step"] for r in recs], [r["loss"] for r in recs], lw=0.8, label="train")
+    fig = Figure(figsize=(6, 3.5))
+    ax = fig.subplots()
+    ax.plot([r["step"] for r in recs], [r["loss"] for r in recs], lw=0.8, label="train")
     for k in ("held_in_steered", "held_in_other_concept", "held_in_unsteered", "held_out_steered"):
         ev = [r for r in recs if k in r]
-        plt.plot([r["step"] for r in ev], [r[k] for r in ev], "o-", label=k.replace("_", " "))
-    plt.xlabel("step"), plt.ylabel("cross-entropy"), plt.legend(), plt.tight_layout()
-    plt.savefig(out / "loss.png", dpi=120)
-    plt.close()
+        ax.plot([r["step"] for r in ev], [r[k] for r in ev], "o-", label=k.replace("_", " "))
+    ax.set(xlabel="step", ylabel="cross-entropy")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "loss.png", dpi=120)
 
 
 def verdict(gap, loss):
