@@ -463,12 +463,11 @@ def rel_rmse(base, examples, steering, batch_size=8):
 def plot(out, tok, example, lambdas, layers, rel, steer_layer):
     """OUT/psr_norms.png (Fig. 2: per-token ‖Δ_PS‖ over one answer at a few layers, log scale, and the
     learned λ beside it) and OUT/psr_rmse.png (Fig. 3: relative RMSE per layer of each method)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure                               # not pyplot: the caller's backend stays
     p = example["pair"]
     labels = [repr(tok.decode([t]))[1:-1][:10] for t in p.plain[-p.n_answer:]]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 3.8))
+    fig = Figure(figsize=(13, 3.8))
+    ax1, ax2 = fig.subplots(1, 2)
     for l in layers:
         ax1.plot((example["target"][l] - example["plain"][l]).norm(dim=-1).cpu(), marker=".", label=f"layer {l}")
     for l, lam in lambdas.items():
@@ -481,7 +480,8 @@ def plot(out, tok, example, lambdas, layers, rel, steer_layer):
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out / "psr_norms.png", dpi=80)
-    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    fig = Figure(figsize=(6.5, 3.8))
+    ax = fig.subplots()
     for name, values in rel.items():
         ax.plot(range(len(values)), values, marker=".", label=name)
     ax.axhline(1.0, color="gray", lw=0.8, ls="--")
@@ -492,7 +492,6 @@ def plot(out, tok, example, lambdas, layers, rel, steer_layer):
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "psr_rmse.png", dpi=80)
-    plt.close("all")
     return [str(out / "psr_norms.png"), str(out / "psr_rmse.png")]
 
 
@@ -523,6 +522,18 @@ def evaluate(base, tok, psr, train_ex, eval_pairs, layer, start, args, out):
     except ImportError:
         print("matplotlib is not installed: no figures")
     return ce, recovered, rel, figures
+
+
+@torch.no_grad()
+def token_lambdas(base, psr, ids, n_prefix, strength=1.0):
+    """λ_l(h_t) at every edited layer and every token of one sequence `ids` (a list), steered by the PSR at
+    `strength` after the first n_prefix tokens (SPEC §4): (layers in psr.layers order, T), each layer's λ
+    read from the activation that arrives there (earlier edits applied). The notebook's heatmap."""
+    dev = base.model.embed_tokens.weight.device
+    steer_mask = torch.tensor(M.steer_after([ids], n_prefix), device=dev)
+    base.run(base.embed(torch.tensor([ids], device=dev)), steering=M.Steering(psr.edits(), strength),
+             steer_mask=steer_mask)                                    # the residual stream only: no logits needed
+    return torch.stack([psr.last_lambda[l][0] for l in psr.layers]).float().cpu()
 
 
 def greedy_example(base, tok, psr, steer_text, x, args):
