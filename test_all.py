@@ -2994,3 +2994,74 @@ def test_generate_honours_the_mask_it_is_given():
                 logits = ours(torch.tensor([seq]), steering=M.Steering.vector(1, v[b:b + 1]), steer_mask=m)
             seq.append(logits[0, -1].argmax().item())
         assert got[b] == seq[len(p):]
+
+
+# ==== new tests: workshop notebook
+
+NOTEBOOK = Path(__file__).parent / "workshop.ipynb"
+
+
+def test_workshop_notebook_is_stored_without_outputs():
+    """Outputs are stripped in git: every code cell of the committed notebook is unexecuted."""
+    cells = [c for c in json.loads(NOTEBOOK.read_text(encoding="utf-8"))["cells"] if c["cell_type"] == "code"]
+    assert cells and all(c["outputs"] == [] and c["execution_count"] is None for c in cells)
+
+
+def test_workshop_notebook_runs_in_smoke_mode(tmp_path, monkeypatch):
+    """The tour executed headlessly as CI runs it (WORKSHOP_SMOKE=1 shrinks every step; about a minute on
+    2 cores): no cell fails, it draws at least three figures, and its training cells wrote their files."""
+    import nbformat
+    from nbclient import NotebookClient
+    monkeypatch.setenv("WORKSHOP_SMOKE", "1")
+    monkeypatch.setenv("WORKSHOP_OUT", str(tmp_path))
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOK.parent)}}).execute()
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+    errors = [o for o in outputs if o.output_type == "error" or o.get("name") == "stderr" and "Traceback" in o.text]
+    assert not errors, errors
+    assert sum("image/png" in o.get("data", {}) for o in outputs) >= 3
+    assert (tmp_path / "train" / "hypernet.safetensors").is_file() and (tmp_path / "psr" / "psr.safetensors").is_file()
+    assert (tmp_path / "gens.jsonl").is_file()
+
+
+def test_sweep_equals_one_generate_per_strength(setup):
+    """steer.sweep's rows (prompts x strengths in one batch) are what generate gives each (prompt, strength)
+    alone; strength 0 is the unsteered answer."""
+    base, tok, _ = setup
+    prompts, v = ["w1 w2 w3", "w4"], torch.randn(base.cfg.hidden_size) * 3
+    got = steer.sweep(base, tok, prompts, {LAYER: v}, [0.0, 1.0, 2.0], max_new_tokens=4, batch_size=4)
+    plain = steer.sweep(base, tok, prompts, None, [0.0], max_new_tokens=4)
+    assert got[0.0] == plain[0.0] and got[1.0] != got[0.0]
+    for s, answers in got.items():
+        for p, a in zip(prompts, answers):
+            ids = tok.chat(p)[0]
+            one = M.generate(base, [ids], 4, stop_ids=tok.stop_ids, steering=M.Steering.vector(LAYER, v, s),
+                             steer_masks=M.steer_after([ids], tok.chat_prefix_len))[0]
+            assert a == tok.decode(one)
+
+
+def test_token_lambdas_equal_a_hand_written_chain(setup):
+    """psr.token_lambdas: λ_l at every token, each layer reading the activation with the earlier edits added
+    (positions of the chat prefix get λ too, but no edit)."""
+    base, tok, _ = setup
+    p, ids, n_prefix = random_psr(base, [0, 2, 3], seed=4), tok.chat("w5 w6 w7")[0], tok.chat_prefix_len
+    got = psr.token_lambdas(base, p, ids, n_prefix, strength=0.5)
+    steer_mask = torch.tensor([[i >= n_prefix for i in range(len(ids))]])
+    with torch.no_grad():
+        rot, masks = M.attention_inputs(base.cfg, torch.ones_like(steer_mask), len(ids), torch.float32)
+        h, want = base.embed(torch.tensor([ids])), []
+        for i, block in enumerate(base.model.layers):
+            h = block(h, *rot[block.layer_type], masks[block.layer_type])
+            if i in p.layers:
+                lam = torch.relu(h @ p.w[str(i)] + p.b[str(i)])
+                want.append(lam[0])
+                h = h + 0.5 * lam[..., None] * p.z[str(i)] * steer_mask[..., None]
+    assert got.shape == (3, len(ids)) and torch.allclose(got, torch.stack(want), atol=1e-5) and got.max() > 0
+
+
+def test_distinct_words_and_train_on_step(tmp_path):
+    assert data.distinct_words("a b c d") == 1.0 and data.distinct_words("the sea the sea the sea") == 2 / 6
+    assert data.distinct_words("  ") == 0.0
+    seen = []
+    TR.train(tiny_run(tmp_path, max_steps=3), on_step=seen.append)          # the notebook's live loss plot
+    assert seen == [json.loads(l) for l in open(tmp_path / "run" / "metrics.jsonl")] and len(seen) == 3
