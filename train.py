@@ -4,13 +4,14 @@ Eq. 4; SPEC §5). The base model is frozen; only the hypernetwork learns.
     python train.py --preset demo       # offline: gemma-3-270m + bundled demo concepts, CPU, < 10 min
     python train.py                     # the paper's Gemma-2-2b cross-attention run (one 80 GB GPU)
     python train.py --preset demo --max-steps 20 --eval-batches 1 --samples 0 --out runs/smoke   # 1 minute
-    torchrun --nproc-per-node 8 train.py                # 8 GPUs (DDP); --fsdp shards the hypernetwork (dist.py)
+    torchrun --nproc-per-node 8 train.py                # 8 GPUs (DDP); --fsdp shards the hypernetwork (lib/dist.py)
 
 Read top to bottom: the config, the loss (one step's maths), setup, one optimizer step, the loop, the
-command line; the evaluation and the final report are report.py's, checkpoints checkpoint.py's. One step
-(SPEC §5 compute structure): the base residual h_L at the steering layer over prompt + output, once,
-without gradients; Δ = H(s, X = h_L over the prompt); the steered pass runs only blocks L+1.. from
-h_L + Δ; the loss reaches H through Δ alone. Under torchrun every process takes its slice of each
+command line; then the checkpoints (their file format is lib/checkpoint.py's) and the run report (evaluation
+with the right-vs-wrong-concept gap, the strength sweep, loss.png). One step (SPEC §5 compute structure):
+the base residual h_L at the steering layer over prompt + output, once, without gradients;
+Δ = H(s, X = h_L over the prompt); the steered pass runs only blocks L+1.. from h_L + Δ; the loss reaches
+H through Δ alone. Under torchrun every process takes its slice of each
 optimizer step's examples (train_step).
 """
 import argparse
