@@ -204,7 +204,7 @@ def main(argv=None):
     cpu_bench(args)
 
 
-# ============================================================================= from memory.py (merged)
+# ============================================================================= a training step's memory and FLOPs, traced on fake tensors (SPEC §5)
 class LiveBytes(TorchDispatchMode):
     """Bytes of live tensor storage, counted as ops create tensors and as Python frees them, with the
     peak: what torch.cuda.max_memory_allocated reports, less the caching allocator's rounding.
@@ -378,7 +378,7 @@ def print_fsdp_memory(cfg, traced, world_sizes=(1, 2, 4, 8), gpu_gib=80):
           " blocks it would gather (< 1 GiB)")
 
 
-# ============================================================================= from bench_gpu.py (merged)
+# ============================================================================= on a GPU: random weights in the Gemma-2-2b shapes, bf16 (gpu-speed, gpu-train, gpu-eval)
 # ----------------------------------------------------------------------------- ceilings and speed
 
 # memory bandwidth (bytes/s) and dense bf16 peak (FLOP/s) from the vendors' datasheets, by a part of the

@@ -223,7 +223,7 @@ def build(out_dir: str | Path = DEFAULT_DIR, verbose: bool = True) -> Path:
 def main() -> None:
     parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=DEFAULT_DIR,
-                        help="output folder (default: models/gemma-3-270m next to this file)")
+                        help="output folder (default: models/gemma-3-270m in the repository)")
     parser.add_argument("--quiet", action="store_true", help="print nothing")
     with one_line_errors():
         args = parser.parse_args()
