@@ -2604,8 +2604,10 @@ def test_serve_api_key(serve_files, monkeypatch, capfd):
         server.shutdown()
         server.server_close()
     monkeypatch.setenv("SERVE_TEST_KEY", "")
-    with pytest.raises(SystemExit, match="SERVE_TEST_KEY is unset or empty"):
+    capfd.readouterr()
+    with pytest.raises(SystemExit) as e:
         start_server(serve_files, "--api-key-env", "SERVE_TEST_KEY")
+    assert e.value.code == 2 and "SERVE_TEST_KEY is unset or empty" in capfd.readouterr().err
 
 
 def test_serve_cli_starts_and_answers(serve_files):
@@ -2988,3 +2990,179 @@ def test_generate_honours_the_mask_it_is_given():
                 logits = ours(torch.tensor([seq]), steering=M.Steering.vector(1, v[b:b + 1]), steer_mask=m)
             seq.append(logits[0, -1].argmax().item())
         assert got[b] == seq[len(p):]
+
+
+# ==== new tests: reliability (issue 24: nothing lost, nothing silent, on every surface)
+
+def test_sampling_values_that_mean_nothing_are_refused_by_one_check():
+    """model.check_sampling is the one sampler guard: temperature 0 or >= MIN_TEMPERATURE (a tiny temperature
+    overflows logits / T to inf, NaN probabilities), top_k >= 0, top_p in (0, 1]; it names the field."""
+    for t, k, p in [(0, 0, 1.0), (M.MIN_TEMPERATURE, 50, 1e-9), (2.0, 0, 0.9), (100.0, 1, 1)]:
+        M.check_sampling(t, k, p)
+    for (t, k, p), field in [((1e-300, 0, 1.0), "temperature"), ((-1.0, 0, 1.0), "temperature"),
+                             ((float("nan"), 0, 1.0), "temperature"), ((float("inf"), 0, 1.0), "temperature"),
+                             ((1.0, -1, 1.0), "top_k"), ((1.0, 1.5, 1.0), "top_k"), ((1.0, 0, 0.0), "top_p"),
+                             ((1.0, 0, 1.01), "top_p"), ((1.0, 0, float("nan")), "top_p")]:
+        with pytest.raises(ValueError, match=f"^{field} must be") as e:
+            M.check_sampling(t, k, p)
+        assert e.value.field == field
+    base, ids = steer_base(), [[2, 5, 6]]
+    with pytest.raises(ValueError, match="temperature must be"):
+        M.generate(base, ids, 2, stop_ids=(), temperature=1e-300)
+    poisoned = M.Steering({LAYER: lambda h: h * float("nan")}, 1.0)        # a steering that breaks the model
+    with pytest.raises(ValueError, match=r"non-finite logits in row\(s\) \[0\]"):
+        M.generate(base, ids, 2, stop_ids=(), temperature=0, steering=poisoned)
+
+
+@pytest.fixture(scope="module")
+def short_context(tmp_path_factory):
+    """A tiny model whose context is 64 tokens, and a hypernetwork for it."""
+    tmp = tmp_path_factory.mktemp("short")
+    base = steer_base()
+    base.cfg.max_position_embeddings = 64
+    folder = tiny_model_folder(base, tmp / "model")
+    ckpt = tmp / "hyper.safetensors"
+    H.save(tiny_hyper(M.load(folder)[0]), ckpt)
+    return folder, ckpt
+
+
+def test_serve_bad_sampling_values_get_400_and_a_failing_row_fails_alone(short_context, monkeypatch):
+    """A temperature that would make NaN probabilities is refused at the door (400 naming the field); a row whose
+    Δ or probabilities still go non-finite fails alone: the others in its decode batch reply as they do alone."""
+    server, url = start_server(short_context, "--gather-ms", "200", engine=False)  # all five queued before it starts
+    try:
+        for bad, param in [({"temperature": 1e-300}, "temperature"), ({"temperature": 1e-5}, "temperature"),
+                           ({"top_p": 1e-300}, None), ({"steering": {"concept": "w1 " * 80, "strength": 1}},
+                                                       "steering.concept")]:
+            r = requests.post(f"{url}/v1/chat/completions", timeout=10, json={
+                "messages": [{"role": "user", "content": "w1 w2"}], "max_tokens": 3, **bad})
+            assert r.status_code == 400 and r.json()["error"]["param"] in (param, "top_p"), (bad, r.text)
+        real_deltas, real_sample = H.deltas, M.sample
+        monkeypatch.setattr(H, "deltas", lambda base, tok, hyper, concept, *a: real_deltas(base, tok, hyper, concept, *a)
+                            * (float("nan") if concept == "poison" else 1.0))
+        monkeypatch.setattr(M, "sample", lambda logits, t, *a: real_sample(logits * (float("nan") if t == 0.77 else 1.0),
+                                                                          t, *a))
+        reqs = [dict(prompt="w1 w2 w3", concept="w4", strength=2.0, temperature=0, max_tokens=6),
+                dict(prompt="w5 w6", concept="poison", strength=1.0, temperature=1.0, max_tokens=6),
+                dict(prompt="w7", concept="w8 w9", strength=-1.0, temperature=1.0, seed=3, max_tokens=6),
+                dict(prompt="w2 w2", temperature=0.77, max_tokens=6),
+                dict(prompt="w3 w1", concept="w5", strength=1.0, temperature=0.7, seed=4, max_tokens=6, stream=True)]
+        got = [None] * len(reqs)
+        threads = [threading.Thread(target=lambda i=i: got.__setitem__(i, chat(url, **reqs[i]))) for i in range(len(reqs))]
+        for t in threads:
+            t.start()
+        while server.engine.queue.qsize() < len(reqs):
+            time.sleep(0.01)
+        server.engine.start()
+        for t in threads:
+            t.join()
+        assert server.engine.batch_sizes[0] == len(reqs)                   # all five shared one decode batch
+        assert [r.status_code for r in got] == [200, 500, 200, 500, 200]
+        assert "non-finite" in got[1].json()["error"]["message"]
+        assert "generation failed" in got[3].json()["error"]["message"]
+        for i in (0, 2, 4):                                                 # the others: their replies alone
+            alone = chat(url, **reqs[i])
+            assert alone.status_code == 200 and alone.text.count("content") and \
+                [c["choices"][0]["delta"].get("content") for c in sse(alone)] == \
+                [c["choices"][0]["delta"].get("content") for c in sse(got[i])] if reqs[i].get("stream") else \
+                alone.json()["choices"] == got[i].json()["choices"]
+        assert chat(url, "w1", max_tokens=2).status_code == 200              # and the server goes on
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_serve_a_burst_of_clients_gets_200_or_503_never_a_reset(short_context):
+    """64 clients connect before the server accepts any: the OS holds every connection (a listen backlog of 5
+    dropped most), and each gets an answer: 200 for the --max-queue 4 that fit, an immediate 503 for the rest."""
+    server, url = start_server(short_context, "--max-queue", "4", engine=False)
+    port = server.server_address[1]
+    body = json.dumps({"messages": [{"role": "user", "content": "w1 w2"}], "max_tokens": 2, "temperature": 0})
+    request = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+               f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n{body}").encode()
+    try:
+        server.shutdown()                                   # the accept loop stops; the socket keeps listening
+        socks = [socket.socket() for _ in range(64)]
+        for s in socks:
+            s.setblocking(False)
+            s.connect_ex(("127.0.0.1", port))
+        import select
+        deadline, pending = time.monotonic() + 0.5, set(socks)
+        while pending and time.monotonic() < deadline:
+            pending -= set(select.select([], list(pending), [], 0.05)[1])
+        assert not pending, f"{len(pending)} of 64 connections were not taken by the OS"
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        for s in socks:
+            s.setblocking(True)
+            s.settimeout(30)
+            s.sendall(request)
+        codes = []
+
+        def status(s):
+            data = b""
+            while chunk := s.recv(65536):
+                data += chunk
+            s.close()
+            codes.append(int(data.split(b" ", 2)[1]))
+        readers = [threading.Thread(target=status, args=(s,)) for s in socks]
+        for t in readers:
+            t.start()
+        deadline = time.monotonic() + 30
+        while len(codes) < 60 and time.monotonic() < deadline:      # the engine is not running yet: 60 are refused
+            time.sleep(0.01)
+        assert sorted(codes) == [503] * 60 and server.engine.queue.qsize() == 4
+        server.engine.start()
+        for t in readers:
+            t.join()
+        assert sorted(codes) == [200] * 4 + [503] * 60
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_serve_incomplete_body_is_a_quick_400(short_context, monkeypatch):
+    """A body shorter than its Content-Length: 400 at once when the client stops sending (half-closed), and
+    after serve_api.BODY_TIMEOUT of silence when it waits (never the 60-second header timeout and a 500)."""
+    monkeypatch.setattr(serve_api, "BODY_TIMEOUT", 1, raising=False)
+    server, url = start_server(short_context)
+    port = server.server_address[1]
+    head = b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n"
+    try:
+        for half_close in (True, False):
+            s = socket.create_connection(("127.0.0.1", port), timeout=15)
+            t = time.monotonic()
+            s.sendall(head + b'{"messages": [')
+            if half_close:
+                s.shutdown(socket.SHUT_WR)
+            reply = b""
+            while chunk := s.recv(65536):
+                reply += chunk
+            s.close()
+            assert reply.startswith(b"HTTP/1.0 400") and b"incomplete_body" in reply, reply[:300]
+            assert time.monotonic() - t < 5
+        for length in ("abc", "-5"):
+            r = requests.post(f"{url}/v1/chat/completions", data=b"{}", timeout=10, headers={"Content-Length": length})
+            assert r.status_code == 400, length
+        assert chat(url, "w1", max_tokens=2).status_code == 200
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_serve_bad_flags_busy_port_and_bad_host_are_one_line_exit_2(short_context, capfd):
+    folder, ckpt = short_context
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = str(busy.getsockname()[1])
+        for flags, named in [(["--port", port], f"127.0.0.1:{port}"), (["--port", "70000"], "--port"),
+                             (["--port", "-1"], "--port"), (["--host", "no.such.host.invalid"], "no.such.host.invalid"),
+                             (["--threads", "-1"], "--threads"), (["--threads", "0"], "--threads"),
+                             (["--max-queue", "0"], "--max-queue"), (["--max-batch", "0"], "--max-batch"),
+                             (["--gather-ms", "nan"], "--gather-ms"), (["--max-tokens", "0"], "--max-tokens"),
+                             (["--bench", "4,x"], "--bench")]:
+            capfd.readouterr()
+            with pytest.raises(SystemExit) as e:
+                serve.build(["--model", str(folder), "--hypernet", str(ckpt), *flags])
+            err = capfd.readouterr().err
+            assert e.value.code == 2 and err.count("\n") == 1 and "Traceback" not in err and named in err, (flags, err)
