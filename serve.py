@@ -231,7 +231,7 @@ def load_engine(args):
     if args.hypernet:
         kw["hyper"] = H.load_hypernet(args.hypernet, base).eval()
     elif args.vector:
-        v, layer, meta = vectors.load_vector(args.vector, base.cfg.hidden_size)
+        v, layer, meta = vectors.load_vector(args.vector, base.cfg.hidden_size, base.cfg.num_hidden_layers)
         kw.update(vector=v.to(base.model.embed_tokens.weight.device), layer=base.layer_index(layer))
         concept = meta.get("concept")
     elif args.psr:

@@ -2211,7 +2211,7 @@ def test_steering_values_must_be_finite_and_fit(setup, tmp_path):
                   match="--sweep: strengths must be finite")
     save_file({"direction.2": torch.randn(32)}, str(tmp_path / "small.safetensors"))
     one_line_exit(steer.main, ["compare", "--vector", str(tmp_path / "small.safetensors"), *common],
-                  match="the model needs [64]")
+                  match="(expected [64])")
     save_file({"direction.2": torch.full((64,), float("nan"))}, str(tmp_path / "nan.safetensors"))
     one_line_exit(steer.main, ["compare", "--vector", str(tmp_path / "nan.safetensors"), *common],
                   match="non-finite")
@@ -3166,3 +3166,41 @@ def test_serve_bad_flags_busy_port_and_bad_host_are_one_line_exit_2(short_contex
                 serve.build(["--model", str(folder), "--hypernet", str(ckpt), *flags])
             err = capfd.readouterr().err
             assert e.value.code == 2 and err.count("\n") == 1 and "Traceback" not in err and named in err, (flags, err)
+
+
+def test_every_steering_file_is_checked_by_one_function_naming_it(setup, short_context, tmp_path, capfd):
+    """vectors.check_steering_file, called by every loader: a vector or PSR file (a file without a checksum can
+    hold anything) with NaN, absurd values, another width or a layer the model lacks is refused, naming the file."""
+    base, tok, _ = setup
+    n, d = base.cfg.num_hidden_layers, base.cfg.hidden_size
+    v = torch.randn(d)
+    for name, tensors, match in [("nan", {"direction.2": torch.full((d,), float("nan"))}, "non-finite"),
+                                 ("huge", {"direction.2": v * 1e30}, "beyond"),
+                                 ("far", {"direction.9": v}, "layer 9 is out of range for a 4-block model"),
+                                 ("wide", {"direction.2": torch.randn(32)}, r"expected \[64\]"),
+                                 ("two", {"direction.1": v, "direction.2": v.clone()}, "exactly one")]:
+        save_file(tensors, str(tmp_path / f"{name}.safetensors"))
+        with pytest.raises(ValueError, match=f"{name}.safetensors: .*{match}"):
+            vectors.load_vector(tmp_path / f"{name}.safetensors", d, n)
+    assert vectors.load_vector(tmp_path / "far.safetensors")[1] == 9          # no model given: no layer to check
+    folder, _ = short_context
+    capfd.readouterr()
+    with pytest.raises(SystemExit) as e:                                     # the server loads through it too
+        serve.build(["--model", str(folder), "--vector", str(tmp_path / "far.safetensors"), "--port", "0"])
+    assert "far.safetensors: layer 9 is out of range" in str(e.value.code) and "\n" not in str(e.value.code)
+
+    good = tmp_path / "psr.safetensors"
+    P.save(random_psr(base, [1, 2]), good, base.cfg)
+    tensors, meta = loader.read_safetensors(good)
+    del meta["crc32"]                                                        # as another tool would write it
+    for name, key, value, match in [("psr_nan", "psr.w.1", float("nan"), "'psr.w.1' holds non-finite"),
+                                    ("psr_huge", "psr.z.2", 1e30, "'psr.z.2' holds values up to 1e\\+30")]:
+        bad = dict(tensors)
+        bad[key] = torch.full_like(bad[key], value)
+        save_file(bad, str(tmp_path / f"{name}.safetensors"), metadata=meta)
+        with pytest.raises(ValueError, match=f"{name}.safetensors: tensor {match}"):
+            P.load(tmp_path / f"{name}.safetensors", base)
+    save_file(tensors, str(tmp_path / "psr_far.safetensors"), metadata={**meta, "layers": "[1, 9]"})
+    with pytest.raises(ValueError, match="psr_far.safetensors: .*layer 9"):
+        P.load(tmp_path / "psr_far.safetensors", base)
+    P.load(good, base)
