@@ -3204,3 +3204,33 @@ def test_every_steering_file_is_checked_by_one_function_naming_it(setup, short_c
     with pytest.raises(ValueError, match="psr_far.safetensors: .*layer 9"):
         P.load(tmp_path / "psr_far.safetensors", base)
     P.load(good, base)
+
+
+def test_dist_processes_with_different_settings_all_stop_naming_the_setting(one_thread):
+    """dist.check_same_settings: rank 0's settings reach every process (no pickle); a difference anywhere stops
+    every process with the same line, naming the first setting that differs and both values."""
+    def check(settings):
+        def work(rank):
+            try:
+                dist.check_same_settings(settings(rank))
+            except ValueError as e:
+                return str(e)
+        return in_processes(2, work)
+    same = {"lr": 8e-5, "out": "runs/a", "layers": [1, 2], "fsdp": False}
+    assert check(lambda rank: dict(same)) == [None, None]
+    got = check(lambda rank: {**same, "lr": 8e-5 if rank == 0 else 2e-4, "out": f"runs/{rank}"})
+    assert got[0] == got[1] == ("the processes were started with different settings: lr is 8e-05 in process 0 and "
+                                "0.0002 in process 1; start every process with the same flags")
+    got = check(lambda rank: {**same, **({"extra": 1} if rank else {})})
+    assert got[0] == got[1] and "extra is \"(absent)\" in process 0 and 1 in process 1" in got[0]
+
+
+def test_config_fields_that_must_hold_a_number_name_the_field(tmp_path):
+    """`rms_norm_eps: null` (or 0, or text) is a one-line error naming the field, not a TypeError later;
+    a null soft-capping is the documented 'none'."""
+    raw = json.loads(json.dumps(asdict(M.GemmaConfig(model_type="gemma3_text", **LAYOUT))))
+    for field, value in [("rms_norm_eps", None), ("rms_norm_eps", 0), ("rms_norm_eps", "1e-6"),
+                         ("query_pre_attn_scalar", None), ("final_logit_softcapping", -1)]:
+        with pytest.raises(ValueError, match=f"c.json: field {field} must be a positive number"):
+            M.config_from_dict({**raw, field: value}, "c.json")
+    assert M.config_from_dict({**raw, "final_logit_softcapping": None}, "c.json").final_logit_softcapping is None
