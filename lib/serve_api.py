@@ -57,13 +57,15 @@ class Job:
 
 # ----------------------------------------------------------------------------- the request schema
 
-def number(body, name, default, lo, hi, types=(int, float)):
-    """body[name] (default when absent or null), checked to be a finite number of `types` in [lo, hi]."""
+def number(body, name, default, lo, hi, types=(int, float), param=None):
+    """body[name] (default when absent or null), checked to be a finite number of `types` in [lo, hi];
+    the error names `param` (default: name)."""
     v = body.get(name)
     v = default if v is None else v
     if isinstance(v, bool) or not isinstance(v, types) or not math.isfinite(v) or not lo <= v <= hi:
         what = "an integer" if types is int else "a number"
-        raise APIError(400, f"'{name}' must be {what} in [{lo}, {hi}], got {json.dumps(v)[:40]}", name)
+        raise APIError(400, f"'{param or name}' must be {what} in [{lo}, {hi}], got {json.dumps(v)[:40]}",
+                       param or name)
     return v
 
 
@@ -89,7 +91,7 @@ def parse_request(raw, engine):
     """Bytes of a chat-completions body -> a Job, or an APIError naming the field."""
     try:
         body = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:      # RecursionError: [[[[...]]]]
         raise APIError(400, f"the body is not valid JSON ({type(e).__name__})", code="invalid_json") from None
     if not isinstance(body, dict):
         raise APIError(400, "the body must be a JSON object")
@@ -120,7 +122,7 @@ def parse_request(raw, engine):
             raise APIError(400, "'steering' must be an object {concept, strength}", "steering")
         if engine.kind is None:
             raise APIError(400, "this server was started without --hypernet, --vector or --psr", "steering")
-        job.steered, job.strength = True, number(s, "strength", 1.0, -1e4, 1e4)
+        job.steered, job.strength = True, number(s, "strength", 1.0, -1e4, 1e4, param="steering.strength")
         if engine.kind == "hypernet":
             job.concept = s.get("concept")
             if not isinstance(job.concept, str) or not job.concept.strip():
