@@ -15,7 +15,6 @@ alternating the two implementations so that both see the same machine state.
     python bench.py memory --preset paper-9b --fsdp   # + the per-GPU peak under torchrun --fsdp on 1, 2, 4, 8 GPUs
     python bench.py table1                      # the Table 1 sequence, with generations, judge cost and GPU hours
 """
-import argparse
 import contextlib
 import dataclasses
 import json
@@ -27,13 +26,15 @@ import weakref
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import FlopCounterMode
 
-import data
+import hypernet as H
 import model as M
+import protocol
 import train
 from lib import fileio, flex, loader
 
@@ -119,14 +120,13 @@ def table1_plan(preset, cfg, concepts=500, rows=1_150_000, judge_out=120, gpu_tf
     batch of 64). Both are estimates, printed as such, until a GPU measures them."""
     from lib import chat_api
     import judge
-    import steer
     run, gens = cfg.out, f"{cfg.out}/gens.jsonl"
     ckpt = f"{run}/hypernet.safetensors"
     commands = [f"python train.py --preset {preset}"]
-    methods = [("HyperSteer", "", len(steer.HYPER_GRID), ("held-in", "held-out")),
+    methods = [("HyperSteer", "", len(protocol.HYPER_GRID), ("held-in", "held-out")),
                ("Prompting", "--method prompting --judge-url URL ", 1, ("held-in", "held-out")),
-               ("DiffMean", "--method diffmean ", len(steer.VECTOR_GRID), ("held-in",)),
-               ("ReFT-r1", "--method reft-r1 ", len(steer.VECTOR_GRID), ("held-in",))]
+               ("DiffMean", "--method diffmean ", len(protocol.VECTOR_GRID), ("held-in",)),
+               ("ReFT-r1", "--method reft-r1 ", len(protocol.VECTOR_GRID), ("held-in",))]
     n_gen = 0
     for name, flags, grid, splits in methods:
         for split in splits:
@@ -166,7 +166,7 @@ def base_params(base_cfg):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description="Ours vs transformers: prefill and decode tokens/s, load memory; "
+    ap = fileio.ArgumentParser(description="Ours vs transformers: prefill and decode tokens/s, load memory; "
                                              "'memory': a training step's traced peak memory and FLOPs.")
     sub = ap.add_subparsers(dest="command")
     speed = sub.add_parser("speed", help="the default: speed and load memory against transformers")
@@ -184,7 +184,8 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0].startswith("gpu-"):
         return gpu_main([argv[0][4:], *argv[1:]])
-    args = ap.parse_args(argv)
+    with fileio.one_line_errors():
+        args = ap.parse_args(argv)
     if args.command == "table1":
         with fileio.one_line_errors():
             return table1_plan(args.preset, train.config_from_args(args))
@@ -254,8 +255,20 @@ def synthetic_examples(n, vocab, max_len, prompt_tokens, seed=0):
     """n AxBench-shaped training Examples of random tokens: max_len tokens of which prompt_tokens prompt
     (4 of them the chat prefix), and a 12-token steering prompt for the hypernetwork."""
     g = torch.Generator().manual_seed(seed)
-    return [data.Example(torch.randint(3, vocab, (max_len,), generator=g).int().numpy(), prompt_tokens, 4,
+    return [train.Example(torch.randint(3, vocab, (max_len,), generator=g).int().numpy(), prompt_tokens, 4,
                          torch.randint(3, vocab, (12,), generator=g).int().numpy(), "a concept", i) for i in range(n)]
+
+
+def two_pass_loss(base, hyper, batch, layer):
+    """The public code's structure, the baseline of the speed comparison (equal to train.steered_loss, a test
+    checks): the base runs once for X and again, whole and with gradients through every block."""
+    L = base.layer_index(layer)
+    with torch.no_grad():
+        x = base.residual(batch.ids, batch.real, L)
+    delta = H.steering_delta(hyper, batch.hyper_ids, batch.hyper_real, x, batch.prompt, batch.prompt & batch.steer)
+    logits = base(batch.ids, batch.real, steering=M.Steering.vector(L, delta), steer_mask=batch.steer)
+    sel = batch.labels != -100
+    return F.cross_entropy(logits[sel].float(), batch.labels[sel])
 
 
 def train_memory(cfg, base_cfg, prompt_tokens=64, fake=True, steps=2, loss_fn=train.steered_loss):
@@ -266,13 +279,13 @@ def train_memory(cfg, base_cfg, prompt_tokens=64, fake=True, steps=2, loss_fn=tr
     "flops", the floating-point operations of one step's forward and backward (matrix products); for
     fsdp_memory, bytes of "base" and "hyper" weights, "adam" state, "grads_at_peak", and "units", the
     hypernetwork's FSDP2 units (dist.wrap: the embeddings, one block, the rest)."""
-    batch = data.collate(synthetic_examples(cfg.batch_size, base_cfg.vocab_size, cfg.max_len, prompt_tokens))
+    batch = train.collate(synthetic_examples(cfg.batch_size, base_cfg.vocab_size, cfg.max_len, prompt_tokens))
     selected = int((batch.labels != -100).sum())
     bf16 = cfg.bf16 != "no"
     mode = FakeTensorMode() if fake else torch.device("cpu")
     with mode:
         if fake:
-            batch = data.Batch(**{k: mode.from_tensor(v) for k, v in vars(batch).items()})
+            batch = train.Batch(**{k: mode.from_tensor(v) for k, v in vars(batch).items()})
         torch.set_default_dtype(torch.bfloat16 if bf16 else torch.float32)   # a fake module cannot be cast
         try:
             base = M.Gemma(base_cfg).eval().requires_grad_(False)
@@ -285,7 +298,7 @@ def train_memory(cfg, base_cfg, prompt_tokens=64, fake=True, steps=2, loss_fn=tr
             for step in range(steps):  # the second step is the steady state: AdamW state lives from the first
                 with flops if step == 0 else contextlib.nullcontext():
                     with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
-                        loss = loss_fn(base, hyper, batch)
+                        loss = loss_fn(base, hyper, batch, cfg.layer)
                     loss.backward()
                 torch.nn.utils.clip_grad_norm_(trainable, cfg.clip)
                 opt.step()
@@ -315,10 +328,10 @@ def fsdp_memory(traced, k, offload=False):
 
 
 def print_train_memory(cfg, prompt_tokens):
-    """Memory and FLOPs of a step with the SPEC §5 structure and with the base run twice (--two-pass)."""
+    """Memory and FLOPs of a step with the SPEC §5 structure and with the base run twice (two_pass_loss)."""
     t0, base_cfg = time.perf_counter(), base_config(cfg.model)
     fast, slow = (train_memory(cfg, base_cfg, prompt_tokens, loss_fn=f)
-                  for f in (train.steered_loss, train.two_pass_loss))
+                  for f in (train.steered_loss, two_pass_loss))
     print(f"{cfg.model}, {cfg.variant} N={cfg.n_blocks}, layer {cfg.layer}, batch {cfg.batch_size} x {cfg.max_len} "
           f"tokens ({prompt_tokens} prompt), {'bf16 base + autocast' if cfg.bf16 != 'no' else 'fp32'}; "
           f"traced on fake tensors in {time.perf_counter() - t0:.0f} s:")
@@ -475,7 +488,7 @@ def gpu_train(args):
                                          args.prompt_tokens)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     results = {"device": name, "config": dataclasses.asdict(cfg)}
-    for label, loss_fn in (("spec5", train.steered_loss), ("two_pass", train.two_pass_loss)):
+    for label, loss_fn in (("spec5", train.steered_loss), ("two_pass", two_pass_loss)):
         hyper, model, trainable, opt = train.hypernet_and_optimizer(base, cfg)
         amp = lambda: torch.autocast(device, torch.bfloat16)
         run = train.Run(cfg, base, None, hyper, model, trainable, opt, amp, examples, [], [], {},
@@ -568,7 +581,7 @@ def gpu_eval(args):
 
 
 def gpu_main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = fileio.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="command", required=True)
     cmd = {c: sub.add_parser(c, help=h) for c, h in (
         ("speed", "prefill 512/2048 and decode batch 1/64 vs transformers, random Gemma-2-2b bf16, + roofline"),
@@ -589,7 +602,8 @@ def gpu_main(argv=None):
                              help="batch sizes to try, largest first (comma-separated)")
     cmd["eval"].add_argument("--new-tokens", type=int, default=128, help="new tokens per generation (SPEC §7)")
     cmd["eval"].add_argument("--repeats", type=int, default=1, help="timed runs (median)")
-    args = ap.parse_args(argv)
+    with fileio.one_line_errors():
+        args = ap.parse_args(argv)
     return {"speed": gpu_bench, "train": gpu_train, "eval": gpu_eval}[args.command](args)
 
 

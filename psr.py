@@ -49,6 +49,7 @@ import data
 import model as M
 from hypernet import check_base
 from lib import chat_api, fileio, loader, vectors
+from train import linear_decay
 
 GRID = [0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0]   # SPEC §7 strengths; 1 = what training fitted
 
@@ -177,7 +178,7 @@ def train(base, psr, examples, start, loss, epochs, lr=1e-3, weight_decay=1e-6, 
             norms = torch.cat(per, 1).mean(1).clamp(min=1e-12)         # (L,)
     opt = torch.optim.AdamW(psr.parameters(), lr=lr, weight_decay=weight_decay)
     steps = epochs * math.ceil(len(examples) / batch_size)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 - s / steps)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: linear_decay(s, steps))
     rng, history = random.Random(seed), []
     for epoch in range(epochs):
         order = rng.sample(examples, len(examples))
@@ -312,10 +313,8 @@ def views(tok, x, xp, y, n_prefix=None):
 
 def read_samples(path):
     """Rows of a samples.jsonl; a partly written last line (a killed run) is cut off and sampled again."""
-    try:
-        return [json.loads(line) for line in fileio.complete_lines(path)]
-    except json.JSONDecodeError:
-        raise ValueError(f"{path}: not a samples file; remove it or pass another --samples") from None
+    return [row for _, row in fileio.read_jsonl(path, "samples file (remove it or pass another --samples)",
+                                                append_only=True)]
 
 
 def sample_answers(base, tok, steer_text, instructions, path, args):

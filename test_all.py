@@ -420,7 +420,7 @@ def test_dataset_downloads_axbench_and_alpaca(fake_hub, tmp_path):
     assert data.read_rows(data.download_axbench("concept500", "2b/l20/train/data.parquet", "v1")) == rows
     instructions = data.load_instructions("alpaca")
     order = np.random.RandomState(17).permutation(805)[:10]
-    assert data.pick_instructions(instructions, 17) == [f"task {i}" for i in order]
+    assert protocol.pick_instructions(instructions, 17) == [f"task {i}" for i in order]
     with pytest.raises(ValueError, match="unknown dataset"):
         data.download_axbench("concept9")
 
@@ -1041,7 +1041,7 @@ def test_selection_and_means_on_a_hand_made_example():
         rows.append(rated(2, idx, 2.0, *((2, 2, 2) if idx < 5 else (0, 2, 2))))
         rows.append(rated(2, idx, 0.5, *((2, 2, 2) if idx < 5 else (2, 1, 2))))
     rows.append({**rated(2, 9, 0.5, 0, 0, 0), "ratings": {}, "score": None, "failed": ["fluency"]})  # skipped
-    results = judge.summarize(rows)
+    results = protocol.summarize(rows)
     assert len(results) == 1
     res = results[0]
     by_id = {c["concept_id"]: c for c in res["concepts"]}
@@ -1055,7 +1055,7 @@ def test_selection_and_means_on_a_hand_made_example():
     assert res["failed_requests"] == 1
     usage = dict(requests=0, cached=0, sent=0, failed=1, prompt_tokens=0, completion_tokens=0,
                  cost_usd=0, saved_usd=0)
-    prompting = judge.summarize([{**r, "method": "prompting", "split": "held-out"} for r in rows[:20]])
+    prompting = protocol.summarize([{**r, "method": "prompting", "split": "held-out"} for r in rows[:20]])
     md = judge.markdown_report(results + prompting, usage, chat_api.JudgeConfig())
     assert "| method | held-out | held-in |" in md
     assert "| hypersteer | - | 1.400 |" in md and "| prompting | 1.300 | - |" in md
@@ -1267,7 +1267,7 @@ def test_judge_cli_errors_are_one_line_without_traceback(tmp_path, capsys):
     run = subprocess.run([sys.executable, "judge.py", str(bad), "--workers", "0"], capture_output=True,
                          text=True, cwd=Path(judge.__file__).parent)
     assert run.returncode == 2 and run.stdout == "" and "Traceback" not in run.stderr
-    assert run.stderr == "error: --workers must be at least 1, got 0\n"
+    assert run.stderr == "error: argument --workers: must be at least 1, got 0\n"
 
 
 # ---------------------------------------------------------------- ours vs transformers on the real model
@@ -1328,18 +1328,18 @@ def test_labels_and_steering_masks_on_hand_made_rows(tmp_path):
     _, tok = M.load(tmp_path / "m")
     rows = [dict(axbench_row(0, 0), input="w1", output="w2 w3"),
             dict(axbench_row(1, 0), input="w4 w5", output="w6 w7 w8")]
-    ex = data.encode(tok, rows, variant="cross_attention")
-    b = data.collate(ex)
+    ex = TR.encode(tok, rows, variant="cross_attention")
+    b = TR.collate(ex)
     S, E, B_, U, M_ = 4, 5, 2, 6, 7   # <start_of_turn> <end_of_turn> <bos> user model; "\n" = 8; wK = 9 + K
     row0 = [0, 0, B_, S, U, 8, 10, E, 8, S, M_, 8, 11, 12]        # left pad 2, prompt (10 tokens), w2 w3
     row1 = [B_, S, U, 8, 13, 14, E, 8, S, M_, 8, 15, 16, 17]      # prompt (11 tokens), w6 w7 w8
     assert b.ids.tolist() == [row0, row1]
     assert b.labels.tolist() == [[-100] * 11 + [11, 12, -100], [-100] * 10 + [15, 16, 17, -100]]
     assert b.steer.long().tolist() == [[0] * 6 + [1] * 8, [0] * 4 + [1] * 10]   # after the chat prefix
-    assert b.x_mask.long().tolist() == [[0, 0] + [1] * 10 + [0, 0], [1] * 11 + [0] * 3]
+    assert b.prompt.long().tolist() == [[0, 0] + [1] * 10 + [0, 0], [1] * 11 + [0] * 3]
     assert b.real.long().tolist() == [[0, 0] + [1] * 12, [1] * 14]
     assert b.hyper_ids.tolist() == [[2, 89], [2, 90]]            # <bos> + raw concept, no template
-    short = data.encode(tok, rows, max_len=11)  # truncation keeps the prompt
+    short = TR.encode(tok, rows, max_len=11)  # truncation keeps the prompt
     assert [len(e.ids) for e in short] == [11]                       # row 1's prompt fills 11: dropped
 
 
@@ -1421,9 +1421,9 @@ def test_steered_loss_equals_running_the_base_twice(tmp_path):
     with torch.no_grad():
         hyper.head.weight.normal_(0, 0.5)
     rows = [axbench_row(c, i) for c in range(2) for i in range(3)]
-    b = data.collate(data.encode(tok, rows, variant="cross_attention"))
-    fast, slow = TR.steered_loss(base, hyper, b), TR.two_pass_loss(base, hyper, b)
-    assert abs(fast.item() - slow.item()) < 1e-5 and fast.item() != TR.steered_loss(base, hyper, b, 0.0).item()
+    b = TR.collate(TR.encode(tok, rows, variant="cross_attention"))
+    fast, slow = TR.steered_loss(base, hyper, b, 1), bench.two_pass_loss(base, hyper, b, 1)
+    assert abs(fast.item() - slow.item()) < 1e-5 and fast.item() != TR.steered_loss(base, hyper, b, 1, 0.0).item()
 
 
 def test_loss_falls_when_overfitting_one_concept(tmp_path):
@@ -1812,10 +1812,10 @@ def test_hyper_deltas_match_training_path(setup):
     """Δ for an instruction equals what train.steered_loss computes from the collated batch."""
     base, tok, hyper = setup
     rows = [dict(input=x, output="w1 w2 w3", output_concept="w5 w6", concept_id=0) for x in instructions(3)]
-    ex = data.encode(tok, rows, variant="cross_attention")
-    b = data.collate(ex)
+    ex = TR.encode(tok, rows, variant="cross_attention")
+    b = TR.collate(ex)
     x = base.residual(b.ids, b.real, LAYER)
-    want = hyper(b.hyper_ids, b.hyper_real, x, b.x_mask)
+    want = hyper(b.hyper_ids, b.hyper_real, x, b.prompt)
     got = H.deltas(base, tok, hyper, "w5 w6", [r["input"] for r in rows])
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
@@ -1824,8 +1824,9 @@ def test_resumed_run_writes_no_duplicates(setup, tmp_path):
     base, tok, hyper = setup
     ins, concepts = instructions(), [(3, "w3 w4"), (11, "w7")]
     edits = lambda cid, concept, xs, ids: [{LAYER: d} for d in H.deltas(base, tok, hyper, concept, xs, ids)]
-    run = lambda out, **kw: protocol.generate_rows(base, tok, out, "HyperSteer", "held-out", concepts, ins,
-                                                      [0.0, 2.0], edits, batch_size=7, max_new_tokens=6, **kw)
+    run = lambda out, **kw: protocol.generate_rows(base, tok, out, protocol.Method("HyperSteer", [0.0, 2.0], edits),
+                                                      split="held-out", concepts=concepts, instructions=ins,
+                                                      sampling=protocol.Sampling(max_new_tokens=6), batch_size=7, **kw)
     full, part = tmp_path / "full.jsonl", tmp_path / "part.jsonl"
     assert run(full) == (0, 40)
     lines = full.read_text().splitlines(keepends=True)
@@ -1841,11 +1842,12 @@ def test_resumed_run_writes_no_duplicates(setup, tmp_path):
     r = got[0]
     assert list(r) == ["method", "split", "concept", "concept_id", "instruction_index", "instruction", "strength",
                        "text", "seed", "producer"]
-    assert r["instruction"] == data.pick_instructions(ins, r["concept_id"])[r["instruction_index"]]
+    assert r["instruction"] == protocol.pick_instructions(ins, r["concept_id"])[r["instruction_index"]]
     # another method in the same file: prompting rows keep the original instruction
     prompt_for = lambda concept, x: baselines.prompted(baselines.steering_prompt(concept), x)
-    protocol.generate_rows(base, tok, part, "Prompting", "held-out", concepts, ins, [1.0],
-                              prompt_for=prompt_for, max_new_tokens=4)
+    protocol.generate_rows(base, tok, part, protocol.Method("Prompting", [1.0], prompt_for=prompt_for),
+                           split="held-out", concepts=concepts, instructions=ins,
+                           sampling=protocol.Sampling(max_new_tokens=4))
     rows = [json.loads(l) for l in part.read_text().splitlines()]
     assert sum(r["method"] == "Prompting" for r in rows) == 20
     assert all(r["instruction"] in ins for r in rows)
@@ -1870,10 +1872,10 @@ def test_instruction_selection_is_the_axbench_rule():
              13: [652, 564, 440, 185, 559, 681, 442, 94, 157, 404],
              500: [396, 311, 58, 208, 257, 583, 518, 202, 750, 179]}
     for cid, idx in known.items():
-        assert data.pick_instructions(fake, cid) == [fake[i] for i in idx]
+        assert protocol.pick_instructions(fake, cid) == [fake[i] for i in idx]
         assert idx == np.random.RandomState(cid).choice(805, 10, replace=False).tolist()
     demo = data.load_instructions("demo")
-    assert len(demo) == 60 and len(set(data.pick_instructions(demo, 5))) == 10
+    assert len(demo) == 60 and len(set(protocol.pick_instructions(demo, 5))) == 10
 
 
 # ----------------------------------------------------------------------------- baselines (SPEC §8)
@@ -2020,8 +2022,9 @@ def test_generation_stops_at_gemma2_end_of_turn(tmp_path):
         base.model.embed_tokens.weight[107] = 50 * h / h.norm()
     assert M.generate(base, [ids], 5, stop_ids=(1, 106))[0][0] == 107     # the old hard-coded ids run on past it
     assert M.generate(base, [ids], 5, stop_ids=tok.stop_ids) == [[]]
-    rows = protocol.generate_rows(base, tok, tmp_path / "g.jsonl", "m", "list", [(0, "w9")], ["w1 w2"] * 10,
-                                     [0.0], max_new_tokens=5, temperature=0.0)
+    rows = protocol.generate_rows(base, tok, tmp_path / "g.jsonl", protocol.Method("m", [0.0]), split="list",
+                                  concepts=[(0, "w9")], instructions=["w1 w2"] * 10,
+                                  sampling=protocol.Sampling(max_new_tokens=5, temperature=0.0))
     assert rows == (0, 10) and all(json.loads(l)["text"] == "" for l in open(tmp_path / "g.jsonl"))
 
 
@@ -2031,8 +2034,8 @@ def test_evaluation_samples_with_top_k_50(setup, tmp_path, monkeypatch):
     seen = []
     real = M.generate
     monkeypatch.setattr(M, "generate", lambda *a, **k: seen.append(k) or real(*a, **k))
-    protocol.generate_rows(base, tok, tmp_path / "g.jsonl", "m", "list", [(0, "w9")], instructions(10), [1.0],
-                              max_new_tokens=2)
+    protocol.generate_rows(base, tok, tmp_path / "g.jsonl", protocol.Method("m", [1.0]), split="list",
+                           concepts=[(0, "w9")], instructions=instructions(10), sampling=protocol.Sampling(max_new_tokens=2))
     assert seen and all(k["top_k"] == 50 and k["temperature"] == 1.0 for k in seen)
     # sampling with top_k keeps only the k likeliest tokens
     logits = torch.arange(100.0)[None]
@@ -2185,8 +2188,8 @@ def test_disk_full_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     ("--batch-size", "0", "--batch-size must be positive"), ("--batch-size", "-3", "--batch-size must be positive"),
     ("--grad-accum", "0", "--grad-accum must be positive"), ("--lr", "nan", "--lr must be positive"),
     ("--held-out-concepts", "3", "held-out: 3 concepts asked of 3"), ("--max-len", "4", "--max-len must be at least"),
-    ("--max-len", "100000", "exceeds the model's context"), ("--bf16", "maybe", "--bf16 must be yes, no or auto"),
-    ("--variant", "big", "unknown hypernetwork variant 'big'")])
+    ("--max-len", "100000", "exceeds the model's context"), ("--bf16", "maybe", "argument --bf16: invalid choice: 'maybe'"),
+    ("--variant", "big", "argument --variant: invalid choice: 'big'")])
 def test_bad_training_flags_fail_before_any_work(tmp_path, flag, value, match):
     one_line_exit(train.main, train_flags(tmp_path, flag, value), match=match)
     assert not (tmp_path / "run").exists()
@@ -2239,13 +2242,16 @@ def test_eval_refuses_rows_of_another_producer(setup, tmp_path):
     ins, concepts = instructions(), [(3, "w3 w4")]
     edits = lambda cid, concept, xs, ids: [{LAYER: d} for d in H.deltas(base, tok, hyper, concept, xs, ids)]
     out = tmp_path / "g.jsonl"
-    protocol.generate_rows(base, tok, out, "HyperSteer", "held-out", concepts, ins, [1.0], edits,
-                              producer="ckpt-A", max_new_tokens=2)
+    protocol.generate_rows(base, tok, out, protocol.Method("HyperSteer", [1.0], edits), split="held-out",
+                              concepts=concepts, instructions=ins, sampling=protocol.Sampling(max_new_tokens=2),
+                              producer="ckpt-A")
     with pytest.raises(ValueError, match="holds 10 HyperSteer rows made by another checkpoint"):
-        protocol.generate_rows(base, tok, out, "HyperSteer", "held-out", concepts, ins, [1.0], edits,
-                                  producer="ckpt-B", max_new_tokens=2)
-    assert protocol.generate_rows(base, tok, out, "HyperSteer", "held-out", concepts, ins, [1.0], edits,
-                                     producer="ckpt-B", max_new_tokens=2, overwrite=True) == (0, 10)
+        protocol.generate_rows(base, tok, out, protocol.Method("HyperSteer", [1.0], edits), split="held-out",
+                                  concepts=concepts, instructions=ins, sampling=protocol.Sampling(max_new_tokens=2),
+                                  producer="ckpt-B")
+    assert protocol.generate_rows(base, tok, out, protocol.Method("HyperSteer", [1.0], edits), split="held-out",
+                                     concepts=concepts, instructions=ins, sampling=protocol.Sampling(max_new_tokens=2),
+                                     producer="ckpt-B", overwrite=True) == (0, 10)
     assert {json.loads(l)["producer"] for l in open(out)} == {"ckpt-B"}
 
 
@@ -2299,7 +2305,7 @@ def test_bad_config_and_data_files_name_the_file_and_field(tmp_path):
     with pytest.raises(ValueError, match=r"config.json: malformed config.json \(UnicodeDecodeError\)"):
         M.load(f)
     (tmp_path / "d.jsonl").write_bytes(b'{"input": "\xff"}\n')
-    with pytest.raises(ValueError, match=r"d.jsonl: not UTF-8 text"):
+    with pytest.raises(ValueError, match=r"d.jsonl:1: not UTF-8 text"):
         data.read_rows(tmp_path / "d.jsonl")
 
 

@@ -4,10 +4,11 @@ Eq. 4; SPEC §5). The base model is frozen; only the hypernetwork learns.
     python train.py --preset demo       # offline: gemma-3-270m + bundled demo concepts, CPU, < 10 min
     python train.py                     # the paper's Gemma-2-2b cross-attention run (one 80 GB GPU)
     python train.py --preset demo --max-steps 20 --eval-batches 1 --samples 0 --out runs/smoke   # 1 minute
-    torchrun --nproc-per-node 8 train.py                # 8 GPUs (DDP); --fsdp shards the hypernetwork (dist.py)
+    torchrun --nproc-per-node 8 train.py                # 8 GPUs (DDP); --fsdp shards the hypernetwork (lib/dist.py)
 
-Read top to bottom: the config, the loss (one step's maths), setup, one optimizer step, the loop, the
-command line; the evaluation and the final report are report.py's, checkpoints checkpoint.py's. One step
+Read top to bottom: the config and its presets (paper Table 3), examples and batches, the loss (Eq. 4),
+setup, one optimizer step, the loop, checkpoints (the file format is lib/checkpoint.py's), the command line,
+then what a run reports (evaluation with the right-vs-wrong-concept gap, answers, loss.png). One step
 (SPEC §5 compute structure): the base residual h_L at the steering layer over prompt + output, once,
 without gradients; Δ = H(s, X = h_L over the prompt); the steered pass runs only blocks L+1.. from
 h_L + Δ; the loss reaches H through Δ alone. Under torchrun every process takes its slice of each
@@ -24,6 +25,7 @@ import time
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
@@ -34,8 +36,9 @@ import model as M
 from lib import checkpoint, dist, fileio, loader
 
 
-def flag(default, help):
-    return field(default=default, metadata={"help": help})
+def flag(default, help, choices=None):
+    """A TrainConfig field and its command-line flag: the help text, and the allowed values when they are few."""
+    return field(default=default, metadata={"help": help, "choices": choices})
 
 
 @dataclass
@@ -45,7 +48,7 @@ class TrainConfig:
     data_revision: str = flag("main", "hub revision (branch, tag or commit) the data is pinned to")
     held_in_concepts: str = flag("", "metadata.jsonl (local or dataset:path) of the concepts evaluated held-in and "
                                      "never held out (paper: Concept500's list, SPEC §5); empty = every trained concept")
-    variant: str = flag("cross_attention", "hypernetwork: no_context | in_context | cross_attention")
+    variant: str = flag("cross_attention", "hypernetwork variant (SPEC §3)", H.VARIANTS)
     n_blocks: int = flag(22, "hypernetwork depth N (paper Table 3: 22 for 2b cross attention)")
     layer: int = flag(20, "steering layer L: Δ is added to the output of block L (SPEC §4)")
     random_init: bool = flag(False, "fresh hypernetwork weights instead of the base's (paper Table 2 ablation)")
@@ -70,8 +73,8 @@ class TrainConfig:
     keywords: str = flag("", "JSON of keywords per concept for the final report's concept-mention rate "
                              "(never used in training); empty = no mention rate")
     out: str = flag("runs/paper-2b", "folder for checkpoints, metrics.jsonl, loss.png")
-    bf16: str = flag("auto", "frozen base in bf16 + bf16 autocast: yes | no | auto (= on cuda and on CPUs with "
-                             "native bf16 units)")
+    bf16: str = flag("auto", "frozen base in bf16 + bf16 autocast (auto = on cuda and on CPUs with native bf16 "
+                             "units)", ("yes", "no", "auto"))
     seed: int = flag(0, "data order, held-out split and init seed")
     device: str = flag("cuda" if torch.cuda.is_available() else "cpu", "cpu or cuda")
     fsdp: bool = flag(False, "under torchrun: shard the hypernetwork, its gradients and AdamW state (FSDP2) "
@@ -109,36 +112,113 @@ def check_config(cfg):
         raise ValueError(f"--held-out-fraction must be in [0, 1), got {cfg.held_out_fraction}")
     if cfg.max_len < 8:
         raise ValueError(f"--max-len must be at least 8 tokens, got {cfg.max_len}")
-    if cfg.bf16 not in ("yes", "no", "auto"):
-        raise ValueError(f"--bf16 must be yes, no or auto, got {cfg.bf16!r}")
-    H.HyperConfig(cfg.variant, cfg.n_blocks, cfg.layer)        # names a bad --variant
+    for f in fields(cfg):                                      # what argparse's choices refuse on the command line
+        if f.metadata["choices"] and getattr(cfg, f.name) not in f.metadata["choices"]:
+            raise ValueError(f"--{f.name.replace('_', '-')} must be one of {', '.join(f.metadata['choices'])}, "
+                             f"got {getattr(cfg, f.name)!r}")
+
+
+# ----------------------------------------------------------------------------- examples and batches (SPEC §4, §5)
+
+@dataclass
+class Example:
+    ids: np.ndarray      # chat-templated prompt + raw output
+    n_prompt: int        # prompt tokens (labels start after them)
+    n_prefix: int        # chat-prefix tokens, never steered (SPEC §4)
+    hyper_ids: np.ndarray  # what the hypernetwork reads (hypernet.hyper_input)
+    concept: str
+    concept_id: int
+
+
+def encode(tok, rows, max_len=128, variant=None, quiet=False):
+    """Rows -> Examples, truncating the output so prompt + output <= max_len tokens. Rows whose
+    prompt alone leaves no room for an output token are dropped. Prints how many were cut.
+    variant: the hypernetwork variant whose input each example carries (None: no hypernetwork)."""
+    out, cut, dropped = [], 0, 0
+    prompts = tok.chat_batch(r["input"] for r in rows)
+    answers = tok.encode_batch((r["output"] for r in rows), bos=False)  # the raw output, no <end_of_turn> (SPEC §5)
+    for r, prompt, answer in zip(rows, prompts, answers):
+        room = max_len - len(prompt)
+        if room < 1:
+            dropped += 1
+            continue
+        cut += len(answer) > room
+        # int32 arrays, not lists: Concept16k has ~1M rows, and a list of Python ints costs ~9x more
+        out.append(Example(np.asarray(prompt + answer[:room], dtype=np.int32), len(prompt), tok.chat_prefix_len,
+                           np.asarray(H.hyper_input(tok, r["output_concept"], r["input"], variant) if variant else [],
+                                      dtype=np.int32),
+                           r["output_concept"], r["concept_id"]))
+    if (cut or dropped) and not quiet:
+        print(f"tokenised {len(rows)} rows: {cut} outputs truncated to max_len {max_len}, {dropped} dropped")
+    return out
+
+
+@dataclass
+class Batch:
+    """Tensors of a batch, all (B, T) unless noted, left padded:
+
+        ids      = <pad> <bos><start_of_turn>user\\n {input} <end_of_turn>\\n<start_of_turn>model\\n {output}
+        real     =   0     1 .................................................................. 1
+        labels   = -100 ............................................................. output ids (shifted)
+        steer    =   0     0 0 0 0 (chat prefix) 1 ............................................ 1
+        prompt   =   0     1 ........................................ 1   0 ............... 0
+    """
+    ids: torch.Tensor         # token ids
+    real: torch.Tensor        # bool: True on real tokens, False on padding
+    labels: torch.Tensor      # next-token targets: -100 except where the next token is an output token
+    steer: torch.Tensor       # bool: where Δ is added, real tokens after the chat prefix (SPEC §4)
+    prompt: torch.Tensor      # bool: the base prompt's real tokens, X for the cross-attention hypernetwork (never the output)
+    hyper_ids: torch.Tensor   # (B, Ts) what the hypernetwork reads (hypernet.hyper_input)
+    hyper_real: torch.Tensor  # (B, Ts) bool: True on its real tokens
+
+    def to(self, device):
+        return Batch(**{k: v.to(device) for k, v in vars(self).items()})
+
+
+def collate(examples, pad_id=0):
+    """A list of Examples -> a Batch."""
+    ids, real = M.left_pad([e.ids for e in examples], pad_id)
+    T = ids.shape[1]
+    idx = torch.arange(T)[None]
+    start = torch.tensor([T - len(e.ids) for e in examples])[:, None]           # first real token
+    n_prompt = torch.tensor([e.n_prompt for e in examples])[:, None]
+    n_prefix = torch.tensor([e.n_prefix for e in examples])[:, None]
+    labels = torch.full_like(ids, -100)
+    predicts = (idx >= start + n_prompt - 1) & (idx < T - 1)                    # positions predicting output
+    labels[:, :-1] = torch.where(predicts[:, :-1], ids[:, 1:], -100)
+    hyper_ids, hyper_real = M.left_pad([e.hyper_ids for e in examples], pad_id)
+    return Batch(ids=ids, real=real, labels=labels, steer=idx >= start + n_prefix,
+                 prompt=real & (idx < start + n_prompt), hyper_ids=hyper_ids, hyper_real=hyper_real)
+
+
+def epoch_order(n, seed, epoch):
+    """The epoch's example order: a permutation seeded by (seed, epoch), so a resumed run sees
+    exactly the batches an uninterrupted one would."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist()
+
+
+def batches(examples, batch_size, seed, epoch, pad_id=0):
+    """The epoch's batches, collated one at a time."""
+    order = epoch_order(len(examples), seed, epoch)
+    for i in range(0, len(order), batch_size):
+        yield collate([examples[j] for j in order[i:i + batch_size]], pad_id)
 
 
 # ----------------------------------------------------------------------------- the loss (Eq. 4)
 
-def steered_loss(base, hyper, batch, strength=1.0):
-    """Token-mean cross-entropy of the steered base model on the output tokens (Eq. 4)."""
-    L = base.layer_index(hyper.hcfg.layer)
+def steered_loss(base, hyper, batch, layer, strength=1.0):
+    """Token-mean cross-entropy of the steered base model on the output tokens (Eq. 4). `hyper` is the
+    hypernetwork, or under torchrun its DDP / FSDP2 form; `layer` the steering layer (SPEC §4)."""
+    L = base.layer_index(layer)
     with torch.no_grad():
         h = base.residual(batch.ids, batch.real, L)                           # (B, T, d), no gradients
-    delta = hyper(batch.hyper_ids, batch.hyper_real, h, batch.x_mask, batch.x_mask & batch.steer)  # Eq. 2-3: Δ (B, d)
+    delta = H.steering_delta(hyper, batch.hyper_ids, batch.hyper_real, h, batch.prompt,
+                             batch.prompt & batch.steer)                      # Eq. 2-3: Δ (B, d)
     h = M.intervene(h, delta, strength, batch.steer)                          # Eq. 1: h_L + strength * Δ
     out = base.run_from(h, L, batch.real)                                     # blocks L+1.. only
     sel = batch.labels != -100
     logits = base.head(out[sel])                                              # logits only where labelled
     return F.cross_entropy(logits.float(), batch.labels[sel])
-
-
-def two_pass_loss(base, hyper, batch):
-    """The public code's structure, kept for the speed comparison only: the base runs once for X and
-    again, whole and with gradients through every block, for the steered output."""
-    L = base.layer_index(hyper.hcfg.layer)
-    with torch.no_grad():
-        x = base.residual(batch.ids, batch.real, L)
-    delta = hyper(batch.hyper_ids, batch.hyper_real, x, batch.x_mask, batch.x_mask & batch.steer)
-    logits = base(batch.ids, batch.real, steering=M.Steering.vector(L, delta), steer_mask=batch.steer)
-    sel = batch.labels != -100
-    return F.cross_entropy(logits[sel].float(), batch.labels[sel])
 
 
 # ----------------------------------------------------------------------------- setup
@@ -200,7 +280,7 @@ def setup(cfg):
         raise ValueError(f"--max-len {cfg.max_len} exceeds the model's context of {base.cfg.max_position_embeddings}")
     hyper, model, trainable, opt = hypernet_and_optimizer(base, cfg)
     amp = (lambda: torch.autocast(cfg.device.split(":")[0], torch.bfloat16)) if bf16 else contextlib.nullcontext
-    make = lambda rs: data.encode(tok, rs, cfg.max_len, cfg.variant)
+    make = lambda rs: encode(tok, rs, cfg.max_len, cfg.variant)
     train_ex, in_ex, out_ex = make(train_rows), make(in_rows), make(out_rows)
     if not train_ex:
         raise ValueError(f"{cfg.data}: no training examples left after the split and --max-len {cfg.max_len}")
@@ -215,7 +295,12 @@ def setup(cfg):
 
 # ----------------------------------------------------------------------------- one optimizer step
 
-def train_step(run, step, loss_fn=steered_loss):
+def linear_decay(step, total):
+    """The learning-rate factor at `step` of `total`: linear decay to 0, no warmup (SPEC §5; PSR's too, §8a)."""
+    return 1 - step / total
+
+
+def train_step(run, step, loss_fn):
     """One clipped AdamW step at the linearly decayed lr over the next grad_accum x processes micro-batches
     of the epoch's fixed order (a resumed run continues it exactly); process r takes grad_accum of them,
     the r-th group. The loss is the token-mean over all of them: each micro-batch's mean weighs by its
@@ -224,11 +309,11 @@ def train_step(run, step, loss_fn=steered_loss):
     cfg, world = run.cfg, dist.world_size()
     epoch, step_in_epoch = step // run.steps_per_epoch, step % run.steps_per_epoch
     first = (step_in_epoch * world + dist.rank()) * cfg.grad_accum          # this process's first micro-batch
-    order = data.epoch_order(len(run.train_ex), cfg.seed, epoch)
-    lr = cfg.lr * (1 - step / run.total)                                       # linear decay, no warmup
+    order = epoch_order(len(run.train_ex), cfg.seed, epoch)
+    lr = cfg.lr * linear_decay(step, run.total)
     for g in run.opt.param_groups:
         g["lr"] = lr
-    batches = [data.collate([run.train_ex[j] for j in order[i * cfg.batch_size:(i + 1) * cfg.batch_size]])
+    batches = [collate([run.train_ex[j] for j in order[i * cfg.batch_size:(i + 1) * cfg.batch_size]])
                for i in range(first, first + cfg.grad_accum)]
     labelled = [int((b.labels != -100).sum()) for b in batches]
     step_labelled, = dist.sum_over_ranks(sum(labelled))                        # every process's micro-batches
@@ -236,7 +321,7 @@ def train_step(run, step, loss_fn=steered_loss):
     for batch, n in zip(batches, labelled):
         batch = batch.to(cfg.device)
         with run.amp():
-            loss = loss_fn(run.base, run.model, batch) * (n / step_labelled)  # its share of the token-mean
+            loss = loss_fn(run.base, run.model, batch, cfg.layer) * (n / step_labelled)  # its share of the token-mean
         (loss * world).backward()                     # DDP / FSDP average gradients over processes: undo the 1/W
         loss_sum += loss.item()
         tokens += int(batch.real.sum())
@@ -253,7 +338,7 @@ def train_step(run, step, loss_fn=steered_loss):
 
 # ----------------------------------------------------------------------------- the loop
 
-def train(cfg, resume=False, overwrite=False, two_pass=False):
+def train(cfg, resume=False, overwrite=False):
     """The run. Under torchrun (dist.start first) every process runs all of it, in step: metrics, progress
     bar, plot and files come from rank 0; a stop (Ctrl-C or a non-finite value) in one process stops all."""
     run = setup(cfg)
@@ -270,7 +355,7 @@ def train(cfg, resume=False, overwrite=False, two_pass=False):
         while step < run.total and not stopping:
             error = None
             try:
-                rec = train_step(run, step, two_pass_loss if two_pass else steered_loss)
+                rec = train_step(run, step, steered_loss)
                 checkpoint.check_weights(run.hyper)
             except FloatingPointError as e:   # nothing of this step is saved
                 error = e
@@ -316,8 +401,9 @@ def add_config_flags(ap):
     ap.add_argument("--preset", default="paper-2b", choices=list(PRESETS), help="starting settings")
     for f in fields(TrainConfig):
         kind = {bool: lambda s: s.lower() in ("1", "true", "yes")}.get(f.type, f.type)
-        ap.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=None, metavar=f.type.__name__.upper(),
-                        help=f.metadata["help"], **({"nargs": "?", "const": True} if f.type is bool else {}))
+        ap.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=None, choices=f.metadata["choices"],
+                        metavar=None if f.metadata["choices"] else f.type.__name__.upper(), help=f.metadata["help"],
+                        **({"nargs": "?", "const": True} if f.type is bool else {}))
 
 
 def config_from_args(args):
@@ -326,19 +412,20 @@ def config_from_args(args):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = fileio.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.safetensors")
     ap.add_argument("--overwrite", action="store_true", help="start over in an OUT that already holds a run")
-    ap.add_argument("--two-pass", action="store_true", help="run the base twice per step (speed comparison only)")
     ap.add_argument("--debug", action="store_true", help="show tracebacks")
     add_config_flags(ap)
-    args = ap.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    with fileio.one_line_errors("--debug" in argv):
+        args = ap.parse_args(argv)
     cfg = config_from_args(args)
     try:
         with fileio.one_line_errors(args.debug):
             cfg = replace(cfg, device=dist.start(cfg.device))      # torchrun: join the process group; else nothing
             with dist.only_main_prints():
-                print_report(train(cfg, args.resume, args.overwrite, args.two_pass))
+                print_report(train(cfg, args.resume, args.overwrite))
     finally:
         dist.stop()
 
@@ -443,13 +530,13 @@ def evaluate(run, examples, loss_fn, unsteered=None):
     other = [replace(e, hyper_ids=o.hyper_ids) for e, o in pairs]          # each with another concept's prompt
     losses = {"steered": [], "other_concept": [], "unsteered": []}
     for i in range(0, min(len(examples), cfg.eval_batches * cfg.batch_size), cfg.batch_size):  # fixed order
-        batch = data.collate(examples[i:i + cfg.batch_size]).to(cfg.device)
-        swapped = data.collate(other[i:i + cfg.batch_size]).to(cfg.device)
+        batch = collate(examples[i:i + cfg.batch_size]).to(cfg.device)
+        swapped = collate(other[i:i + cfg.batch_size]).to(cfg.device)
         with run.amp():
-            losses["steered"].append(loss_fn(run.base, hyper, batch).item())
-            losses["other_concept"].append(loss_fn(run.base, hyper, swapped).item())
+            losses["steered"].append(loss_fn(run.base, hyper, batch, run.cfg.layer).item())
+            losses["other_concept"].append(loss_fn(run.base, hyper, swapped, run.cfg.layer).item())
             if unsteered is None:
-                losses["unsteered"].append(loss_fn(run.base, hyper, batch, strength=0.0).item())
+                losses["unsteered"].append(loss_fn(run.base, hyper, batch, run.cfg.layer, strength=0.0).item())
     hyper.train()
     means = {k: sum(v) / max(len(v), 1) for k, v in losses.items()}
     return {**means, "unsteered": means["unsteered"] if unsteered is None else unsteered}

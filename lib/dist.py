@@ -148,9 +148,7 @@ def wrap(hyper, fsdp=False):
         return hyper
     from torch.nn.parallel import DistributedDataParallel
     cuda = next(hyper.parameters()).device.type == "cuda"
-    ddp = DistributedDataParallel(hyper, device_ids=[torch.cuda.current_device()] if cuda else None)
-    ddp.hcfg = hyper.hcfg                   # train.steered_loss reads the steering layer from it
-    return ddp
+    return DistributedDataParallel(hyper, device_ids=[torch.cuda.current_device()] if cuda else None)
 
 
 def is_sharded(module):
