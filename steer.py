@@ -130,7 +130,7 @@ def cmd_eval(args):
                                            batch_size=args.batch_size, overwrite=args.overwrite)
     print(f"wrote {made} rows to {out} ({skipped} already there)")
     if n_shards > 1:
-        Path(f"{out}.done").write_text(f"{skipped + made}\n")
+        protocol.mark_done(out, method.name)
         protocol.merge_shards(args.out, n_shards)
 
 

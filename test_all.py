@@ -3243,3 +3243,44 @@ def test_config_fields_that_must_hold_a_number_name_the_field(tmp_path):
         with pytest.raises(ValueError, match=f"c.json: field {field} must be a positive number"):
             M.config_from_dict({**raw, field: value}, "c.json")
     assert M.config_from_dict({**raw, "final_logit_softcapping": None}, "c.json").final_logit_softcapping is None
+
+
+def test_generations_of_two_runs_or_a_file_twice_are_refused_naming_the_files(setup, tmp_path, capsys):
+    """Every reader of generations checks keys and producers (protocol.check_rows). The judge: one method's rows
+    from two producers, one file given twice (or a copy of it) are refused, naming both files. A merge: shards run
+    with other settings into one --out are refused; a shard file missing or cut short after its .done file was
+    written is refused (it would have merged 10 or 14 rows of 20 and exited 0)."""
+    rows = [{**gen_row(idx=i, strength=s), "producer": "run-a"} for i in range(10) for s in (0.5, 1.0)]
+    a = write_gens(tmp_path, rows, "a.jsonl")
+    b = write_gens(tmp_path, [{**r, "concept_id": 8, "producer": "run-b"} for r in rows], "b.jsonl")
+    copy = write_gens(tmp_path, rows, "copy.jsonl")
+    for paths, match in [([a, a], f"{a}: given twice"), ([a, copy], f"{a}:1 and {copy}:1: the same hypersteer row"),
+                         ([a, b], f"{a}:1 and {b}:1: hypersteer rows from two producers")]:
+        with pytest.raises(ValueError, match=match):
+            protocol.read_generations(paths)
+        assert judge.main([*map(str, paths), "--dry-run"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and str(paths[1]) in err
+
+    _, ckpt, _ = cli_run_folder(setup, tmp_path)
+    common = ["eval", "--hypernet", str(ckpt), "--split", "held-in", "--instructions", str(tmp_path / "ins.json"),
+              "--max-new-tokens", "2", "--grid", "0,1"]
+    mixed = tmp_path / "mixed.jsonl"
+    steer.main([*common, "--out", str(mixed), "--shard", "0/2", "--seed", "0"])
+    one_line_exit(steer.main, [*common, "--out", str(mixed), "--shard", "1/2", "--seed", "1"],
+                  match="rows from two producers")                      # another --seed: another producer
+    assert not mixed.exists()
+
+    out = tmp_path / "gens.jsonl"
+    for i in range(2):
+        steer.main([*common, "--out", str(out), "--shard", f"{i}/2"])
+    whole = protocol.read_generations([out])
+    shard1 = protocol.shard_path(out, 1, 2)
+    lines = shard1.read_text().splitlines(keepends=True)
+    shard1.write_text("".join(lines[:len(lines) // 2]))                 # cut short after it was marked done
+    one_line_exit(steer.main, ["merge", "--out", str(out), "--shards", "2"],
+                  match=f"{shard1}: holds {len(lines) // 2} ")
+    shard1.unlink()
+    one_line_exit(steer.main, ["merge", "--out", str(out), "--shards", "2"], match=f"{shard1}: missing")
+    steer.main([*common, "--out", str(out), "--shard", "1/2"])          # what the error says to do: it completes
+    assert sorted(protocol.read_generations([out]), key=protocol.row_key) == sorted(whole, key=protocol.row_key)
