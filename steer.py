@@ -152,7 +152,7 @@ def cmd_compare(args):
         delta = H.deltas(base, tok, hyper, args.concept, [args.prompt], [ids])[0]          # Δ = H(s, x), (d,)
         edits, what = {layer: delta}, f"concept {args.concept!r}, |Δ| = {delta.norm():.1f} at layer {layer}"
     elif args.vector:
-        delta, layer, meta = vectors.load_vector(args.vector, base.cfg.hidden_size)
+        delta, layer, meta = vectors.load_vector(args.vector, base.cfg.hidden_size, base.cfg.num_hidden_layers)
         edits, what = {layer: delta}, f"{meta.get('method')} vector for {meta.get('concept')!r} at layer {layer}"
     elif args.psr:
         import psr

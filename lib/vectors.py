@@ -24,6 +24,8 @@ def save_vector(prefix, vector, layer, model_hint, method, concept, overwrite=Fa
     position (BOS and chat template included), not only those after the chat prefix."""
     import gguf
     paths = [Path(f"{prefix}.safetensors"), Path(f"{prefix}.gguf")]
+    if not paths[0].parent.is_dir():
+        raise FileNotFoundError(f"{paths[0]}: the folder {paths[0].parent} does not exist")
     if not overwrite and any(p.exists() for p in paths):
         raise FileExistsError(f"{prefix}: {' / '.join(str(p) for p in paths if p.exists())} exists; pass --overwrite")
     v = vector.detach().float().cpu().contiguous()
