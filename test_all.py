@@ -3284,3 +3284,67 @@ def test_generations_of_two_runs_or_a_file_twice_are_refused_naming_the_files(se
     one_line_exit(steer.main, ["merge", "--out", str(out), "--shards", "2"], match=f"{shard1}: missing")
     steer.main([*common, "--out", str(out), "--shard", "1/2"])          # what the error says to do: it completes
     assert sorted(protocol.read_generations([out]), key=protocol.row_key) == sorted(whole, key=protocol.row_key)
+
+
+def test_torchrun_processes_started_with_different_settings_stop_before_training(tmp_path, one_thread):
+    """A process launched with another learning rate (or --out) would train a diverging copy with exit 0 (or
+    crash after training): train.py stops every process at start, naming the setting."""
+    flags = train_flags(tmp_path, "--max-steps", "1")                         # files written before the fork
+    got = in_processes(2, lambda rank: train.main(flags + ["--lr", "1e-2" if rank == 0 else "2e-2"]))
+    assert got == ["SystemExit: error: the processes were started with different settings: lr is 0.01 in process 0 "
+                   "and 0.02 in process 1; start every process with the same flags"] * 2
+    got = in_processes(2, lambda rank: train.main(flags + ["--out", str(tmp_path / f"run{rank}")]))
+    assert all("settings: out is" in g and "in process 1" in g for g in got), got
+    assert not (tmp_path / "run").exists() and not (tmp_path / "run0").exists()   # nothing was started
+
+
+def test_train_unclear_cases_end_in_one_line_and_lose_nothing(tmp_path, monkeypatch, capsys):
+    """A run that stopped at step 0 leaves nothing to protect: a rerun starts, --resume starts at step 0. A run
+    that recorded steps but never saved says to start over (--resume cannot help). A data file without one valid
+    row is blamed (not --held-out-ids); `rms_norm_eps: null` names the field; a full disk, as safetensors reports
+    it (its own error type, not OSError), is one line and the previous checkpoint survives."""
+    flags = train_flags(tmp_path, "--max-steps", "2")
+    monkeypatch.setattr(TR, "steered_loss", loss_calls(1, "nan"))
+    one_line_exit(train.main, flags, match="loss is nan at step 0")
+    monkeypatch.undo()
+    train.main(flags)                                                          # not refused for nothing
+    assert [json.loads(l)["step"] for l in open(tmp_path / "run" / "metrics.jsonl")] == [1, 2]
+    monkeypatch.setattr(TR, "steered_loss", loss_calls(1, "nan"))
+    one_line_exit(train.main, flags + ["--overwrite"], match="loss is nan at step 0")
+    monkeypatch.undo()
+    capsys.readouterr()
+    train.main(flags + ["--resume"])                                           # nothing to resume: it starts
+    assert "nothing to resume (no step was finished); starting at step 0" in capsys.readouterr().out
+    monkeypatch.setattr(TR, "steered_loss", loss_calls(2, "nan"))             # step 1 recorded, never saved
+    one_line_exit(train.main, flags + ["--overwrite", "--save-every", "100"], match="loss is nan at step 1")
+    monkeypatch.undo()
+    msg = one_line_exit(train.main, flags, match="already holds a run: pass --overwrite")
+    assert "--resume" not in msg
+    one_line_exit(train.main, flags + ["--resume"], match="recorded 1 steps but stopped before its first save")
+
+    bad = tmp_path / "bad.jsonl"
+    write_rows(bad, [dict(axbench_row(c, i), concept_id="x") for c in range(3) for i in range(8)])
+    i = flags.index("--data")
+    one_line_exit(train.main, flags[:i + 1] + [str(bad)] + flags[i + 2:] + ["--held-out-ids", "1", "--overwrite"],
+                  match=f"{bad}: no valid positive AxBench row (24 rows, 24 malformed")
+
+    model = tmp_path / "null_eps"
+    shutil.copytree(tmp_path / "m", model)
+    cfg = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**cfg, "rms_norm_eps": None}))
+    i = flags.index("--model")
+    one_line_exit(train.main, flags[:i + 1] + [str(model)] + flags[i + 2:] + ["--overwrite"],
+                  match="field rms_norm_eps must be a positive number, got null")
+
+    train.main(flags + ["--overwrite"])
+    ckpt = tmp_path / "run" / "checkpoint.safetensors"
+    before = ckpt.read_bytes()
+    import safetensors
+    import safetensors.torch as st
+
+    def full_disk(tensors, filename, metadata=None):                        # what safetensors 0.8 raises
+        raise safetensors.SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+    monkeypatch.setattr(st, "save_file", full_disk)
+    one_line_exit(train.main, train_flags(tmp_path, "--max-steps", "3", "--resume"),
+                  match="checkpoint.safetensors: could not write (No space left on device); the previous file is unchanged")
+    assert ckpt.read_bytes() == before and not list(ckpt.parent.glob(".*tmp"))
