@@ -2,7 +2,8 @@
 
 The config, the model written out in plain torch, the intervention mechanism (paper Eq. 1: what
 is added to the residual stream, where, and how strongly), the KV cache and batched generation.
-Loading checkpoints and the tokenizer live in lib/loader.py, the FlexAttention fast path in lib/flex.py.
+model.load builds a Gemma from a checkpoint folder or hub id; reading the files and the tokenizer lives in
+lib/loader.py, the FlexAttention fast path in lib/flex.py.
 
     python steer.py compare --prompt "The capital of France is" --raw   # a greedy continuation (CPU, seconds)
     python -m pytest -q test_all.py -k transformers               # equal to Hugging Face's Gemma

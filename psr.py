@@ -10,9 +10,9 @@ per-token function of the activation itself instead of one constant vector:
 S-PSR ("single") edits the steering layer and imitates it and every later layer; A-PSR ("all") edits
 and imitates every layer, chained: layer l's probe reads the activation with the earlier edits added,
 because model.Gemma.run applies a Steering's edits in layer order. PSR goes through the project's one
-intervention mechanism (model.Steering / model.intervene), like every other method. Here: the edit, its
-losses and training, and the command; psr_data.py samples y' and computes both views' residuals,
-psr_eval.py measures the result (paper Fig. 2, 3).
+intervention mechanism (model.Steering / model.intervene), like every other method. Here, in order: the
+edit, its losses and training, and the command; then its data (y' sampled and cached, the two views, their
+residuals on the answer tokens) and its evaluation (CE and effect recovered, paper Fig. 2 and 3).
 
 Decisions where the paper is silent (SPEC §8a "unknown"; all are flags): the steering prompt is the
 prompting baseline's (§8, `Question:` framing); y' is sampled at temperature 1.0 with top-k 50 (§7's

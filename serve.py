@@ -1,4 +1,4 @@
-"""An OpenAI-compatible steering server and a workshop web page (SPEC §4; STYLE.md, serving).
+"""An OpenAI-compatible steering server and a workshop web page (SPEC §4: Δ and strength per request; §7: sampling).
 
 `POST /v1/chat/completions` speaks the OpenAI chat-completions schema (messages, max_tokens,
 temperature, top_p, seed, stream) with one extra object, so every existing client works unchanged:
@@ -20,7 +20,7 @@ lib/serve_api.py is the HTTP side: the request schema, the replies and streams, 
 
     python serve.py --vector /tmp/v.safetensors          # python steer.py export ... --out /tmp/v
     python serve.py --hypernet runs/demo/hypernet.safetensors --port 8000
-    python serve.py --vector /tmp/v.safetensors --threads 1 --bench 1,4,16   # load figures (README)
+    python serve.py --vector /tmp/v.safetensors --threads 1 --bench 1,4,16   # load figures (docs/serving.md)
     python -m pytest -q test_all.py -k serve              # its tests: tiny models, real HTTP, seconds
 """
 import argparse

@@ -2998,6 +2998,289 @@ def test_generate_honours_the_mask_it_is_given():
         assert got[b] == seq[len(p):]
 
 
+# ==== new tests: README and docs commands
+# Every command in README.md, docs/*.md and the module docstrings must run as written: the file or module
+# it names exists, and its flags parse with the script's own argparse parser (names, choices, types,
+# required arguments). The parser is caught in-process: main() runs with parse_args replaced by a function
+# that hands the parser back before anything else happens.
+
+DOC_ROOT = Path(__file__).resolve().parent
+DOC_PREFIXES = ("python ", "python3 ", "torchrun ", "pip ")
+
+
+class _ParserCaught(BaseException):   # BaseException: passes the `except Exception` of a main() such as judge's
+    pass
+
+
+def doc_commands(text):
+    """(line number, command) for each command in a markdown text or docstring: lines of fenced code blocks
+    (except ```python ones) and of 4-space indented blocks, and inline `code` spans, that start with python,
+    torchrun or pip (after an optional `$ ` prompt and VAR=value assignments); `\\` continuations joined."""
+    import re
+    out, fence, pending, para = [], None, None, []
+
+    def spans():                                          # inline spans of a paragraph, across its line breaks
+        text = " ".join(line.strip() for _, line in para)
+        out.extend((para[0][0], s) for s in re.findall(r"`([^`]+)`", text) if s.startswith(DOC_PREFIXES))
+        para.clear()
+
+    for n, line in enumerate(text.splitlines() + [""], 1):
+        if fence is None and line.strip() and not line.startswith(("    ", "\t")) \
+                and not line.lstrip().startswith("```"):
+            para.append((n, line))
+            continue
+        if para:
+            spans()
+        if line.lstrip().startswith("```"):
+            fence = None if fence is not None else line.lstrip()[3:].strip()
+            continue
+        if fence is None and not line.strip():
+            continue
+        if fence == "python":
+            continue
+        cmd = line.strip()
+        if pending is not None:
+            cmd, n = pending[1] + " " + cmd, pending[0]
+            pending = None
+        cmd = cmd[2:] if cmd.startswith("$ ") else cmd
+        if cmd.endswith("\\"):
+            pending = (n, cmd[:-1])
+            continue
+        if re.sub(r"^([A-Z_][A-Z0-9_]*=\S*\s+)*", "", cmd).startswith(DOC_PREFIXES):
+            out.append((n, cmd))
+    return out
+
+
+def catch_parser(module, script, args):
+    """(parser, argv) that module.main() parses when run as `python script args`, without running it."""
+    import argparse
+    import sys
+
+    def caught(self, args=None, namespace=None):
+        raise _ParserCaught(self, list(sys.argv[1:] if args is None else args))
+
+    saved = argparse.ArgumentParser.parse_args, argparse.ArgumentParser.parse_known_args, sys.argv
+    argparse.ArgumentParser.parse_args = argparse.ArgumentParser.parse_known_args = caught
+    sys.argv = [script, *args]
+    try:
+        module.main()
+    except _ParserCaught as c:
+        return c.args
+    finally:
+        argparse.ArgumentParser.parse_args, argparse.ArgumentParser.parse_known_args, sys.argv = saved
+    raise AssertionError(f"{script}: main() returned without parsing its flags")
+
+
+def script_problem(script, args, module_name):
+    """What is wrong with `python script args` (None if nothing): a flag its parser does not define, or
+    any other argparse error (a bad choice or type, a missing required argument)."""
+    import argparse
+    import contextlib
+    import importlib
+    import io
+    module = importlib.import_module(module_name)
+    if not hasattr(module, "main"):
+        return f"{script} has no main()"
+    parser, argv = catch_parser(module, script, args)
+    parsers, names = [parser], [script]
+    for token in argv:                                   # descend into the subcommand the line names
+        subs = [a for a in parsers[-1]._actions if isinstance(a, argparse._SubParsersAction)]
+        if subs and token in subs[0].choices:
+            parsers.append(subs[0].choices[token])
+            names.append(token)
+    known = {s for p in parsers for s in p._option_string_actions}
+    for token in argv:
+        if token.startswith("--") and token.split("=")[0] not in known:
+            return f"{' '.join(names)} has no flag {token.split('=')[0]}"
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            argparse.ArgumentParser.parse_args(parser, argv)
+    except SystemExit as e:
+        if e.code not in (0, None):
+            return f"{script}: " + (err.getvalue().strip().splitlines() or ["argparse error"])[-1]
+    except Exception as e:                               # a parser whose error() raises (judge.py's)
+        return f"{script}: {e}"
+    return None
+
+
+def command_problem(cmd):
+    """What is wrong with one shell command line of the docs (None if nothing). Checks every python and
+    torchrun command in it (`pip ... && python ...` checks the python part; `pip -r FILE` that FILE exists)."""
+    import shlex
+    lex = shlex.shlex(cmd, posix=True, punctuation_chars=True)
+    lex.whitespace_split, lex.commenters = True, "#"
+    try:
+        tokens = list(lex)
+    except ValueError as e:
+        return f"unparseable ({e})"
+    segments, seg = [], []
+    for t in tokens:
+        if t in ("&&", "||", ";", "|"):
+            segments.append(seg)
+            seg = []
+        elif t in ("&", ">", ">>", "<", "2>"):            # background / redirection: the rest is not arguments
+            segments.append(seg)
+            seg = ["--"]
+        else:
+            seg.append(t)
+    segments.append(seg)
+    for seg in segments:
+        while seg and "=" in seg[0] and seg[0].split("=")[0].isidentifier():
+            seg = seg[1:]                                 # VAR=value prefixes
+        if not seg:
+            continue
+        if seg[0] == "pip":
+            for i, t in enumerate(seg[:-1]):
+                if t == "-r" and not (DOC_ROOT / seg[i + 1]).exists():
+                    return f"pip -r {seg[i + 1]}: no such file"
+            continue
+        if seg[0] == "torchrun":
+            from torch.distributed.run import get_args_parser
+            import contextlib
+            import io
+            try:
+                with contextlib.redirect_stderr(io.StringIO()):
+                    ta = get_args_parser().parse_args(seg[1:])
+            except SystemExit:
+                return "torchrun does not accept these flags"
+            if ta.module:
+                seg = ["python", "-m", ta.training_script, *ta.training_script_args]
+            else:
+                seg = ["python", ta.training_script, *ta.training_script_args]
+        if seg[0] not in ("python", "python3"):
+            continue
+        if len(seg) < 2 or seg[1] == "-c":
+            continue
+        if seg[1] == "-m":
+            name, args = seg[2], seg[3:]
+            if name == "pytest":
+                missing = [t for t in args if t.endswith(".py") and not (DOC_ROOT / t).exists()]
+                if missing:
+                    return f"pytest: no such file {missing[0]}"
+                continue
+            if name == "pip":
+                continue
+            path = name.replace(".", "/") + ".py"
+            script = f"-m {name}"
+        else:
+            path, args = seg[1], seg[2:]
+            name, script = path[:-3].replace("/", "."), path
+        if not (DOC_ROOT / path).is_file():
+            return f"no such file {path}"
+        problem = script_problem(script, args, name)
+        if problem:
+            return problem
+    return None
+
+
+def doc_problems(text, where):
+    return [f"{where}:{n}: {cmd}\n    -> {p}" for n, cmd in doc_commands(text) if (p := command_problem(cmd))]
+
+
+def module_docstrings():
+    import ast
+    files = [p for p in sorted(DOC_ROOT.glob("*.py")) if p.name not in ("test_all.py", "conftest.py")]
+    files += sorted((DOC_ROOT / "lib").glob("*.py"))
+    return {p.relative_to(DOC_ROOT).as_posix(): ast.get_docstring(ast.parse(p.read_text(encoding="utf-8")))
+            or "" for p in files}
+
+
+def test_readme_and_docs_commands_name_real_files_and_flags():
+    docs = [DOC_ROOT / "README.md", *sorted((DOC_ROOT / "docs").glob("*.md"))]
+    assert len(docs) >= 9, "README.md and the docs/ pages"
+    problems, n = [], 0
+    for doc in docs:
+        text = doc.read_text(encoding="utf-8")
+        n += len(doc_commands(text))
+        problems += doc_problems(text, doc.relative_to(DOC_ROOT).as_posix())
+    assert n > 50, f"only {n} commands found: the extractor is broken"
+    assert not problems, "\n".join(problems)
+
+
+def test_docs_command_check_catches_a_missing_file_flag_or_value():
+    """The check above can fail: a missing script, module or requirements file, an unknown flag (also in a
+    subcommand, and under torchrun), a bad choice and a missing required argument are each reported."""
+    bad = ["    python nosuch.py --preset demo",
+           "    pip install -r requirements-nosuch.txt && python train.py",
+           "    python -m lib.nosuch",
+           "    python train.py --preset demo --no-such-flag 3",
+           "    python steer.py compare --prompt hi --grid 1,2",            # --grid belongs to eval
+           "    torchrun --nproc-per-node 2 train.py --two-passes",
+           "    torchrun --no-such-torchrun-flag 2 train.py",
+           "    python train.py --preset paper-3b",
+           "    python psr.py --variant all",                               # --concept and --out are required
+           "Inline too: `python bench.py gpu-train --no-such-flag`."]
+    for line in bad:
+        assert len(doc_problems(line, "doc")) == 1, line
+    good = ["```", "$ python train.py --preset demo --max-steps 20 \\", "    --out runs/smoke   # a comment",
+            "```", "    OPENAI_API_KEY=... python judge.py gens.jsonl --dry-run",
+            "    torchrun --nproc-per-node 2 train.py --preset demo --max-steps 4",
+            "    python -m pytest -q test_all.py -k docs", "    python bench.py gpu-speed --smoke",
+            "```python", "python nosuch.py  # Python code, not a shell command", "```"]
+    assert doc_problems("\n".join(good), "doc") == []
+    assert len(doc_commands("\n".join(good))) == 5
+
+
+def test_readme_is_an_entry_page():
+    """README.md <= 16 KB; its install + test command is CI's; its file tree names every top-level and
+    lib/ file and no missing one; its links and the docs' links point at files that exist."""
+    import re
+    readme = (DOC_ROOT / "README.md").read_text(encoding="utf-8")
+    size = len(readme.encode("utf-8"))
+    assert size <= 16 * 1024, f"README.md is {size} bytes (at most 16 KB: move detail to docs/)"
+    assert ("pip install torch==2.13.0 && pip install -r requirements-dev.txt && python -m pytest -q test_all.py"
+            in readme)
+    tree = readme.split("\n## Files", 1)[1].split("```")[1]
+    named = {line.split()[0] for line in tree.splitlines()[1:] if line.strip()}
+    on_disk = {p.name for p in DOC_ROOT.iterdir() if p.is_file() and p.suffix in (".py", ".md", ".txt")}
+    on_disk |= {"lib/" + p.name for p in (DOC_ROOT / "lib").iterdir() if p.suffix in (".py", ".html")}
+    assert on_disk <= named, f"files missing from the README's tree: {sorted(on_disk - named)}"
+    assert all((DOC_ROOT / name).exists() for name in named), \
+        f"the README's tree names missing files: {sorted(n for n in named if not (DOC_ROOT / n).exists())}"
+    for doc in [DOC_ROOT / "README.md", *(DOC_ROOT / "docs").glob("*.md")]:
+        for target in re.findall(r"\]\(([^)#\s]+)", doc.read_text(encoding="utf-8")):
+            if not target.startswith(("http://", "https://")):
+                assert (doc.parent / target).exists(), f"{doc.name}: link to missing {target}"
+
+
+def test_docs_code_names_exist():
+    """Every `module.name` the README and docs cite (`model.intervene`, `hypernet.HyperSteer.forward`,
+    `lib.flex.FLEX`, ...) is a real attribute of a real module."""
+    import importlib
+    import re
+    modules = {p.stem for p in DOC_ROOT.glob("*.py")} | {"lib"}
+    files = r"\.(py|md|json|jsonl|safetensors|gguf|png|txt|html|parquet|sh)$"
+    missing = []
+    for doc in [DOC_ROOT / "README.md", *(DOC_ROOT / "docs").glob("*.md")]:
+        for span in re.findall(r"`([A-Za-z_][\w.]*)(?:\(\))?`", doc.read_text(encoding="utf-8")):
+            parts = span.split(".")
+            if len(parts) < 2 or parts[0] not in modules or re.search(files, span):
+                continue
+            obj = importlib.import_module(parts[0])
+            for i, part in enumerate(parts[1:], 1):
+                if not hasattr(obj, part) and parts[0] == "lib" and i == 1:
+                    obj = importlib.import_module(f"lib.{part}")
+                    continue
+                obj = getattr(obj, part, None)
+                if obj is None:
+                    missing.append(f"{doc.name}: {span}")
+                    break
+    assert not missing, missing
+
+
+def test_docs_module_docstrings_name_spec_and_a_command():
+    """Each module opens with a docstring naming its SPEC § and at least one command that runs as written."""
+    problems = []
+    for path, doc in module_docstrings().items():
+        if "SPEC §" not in doc:
+            problems.append(f"{path}: no SPEC § in the docstring")
+        if not doc_commands(doc):
+            problems.append(f"{path}: no command in the docstring")
+        problems += doc_problems(doc, path)
+    assert not problems, "\n".join(problems)
+
+
 # ==== new tests: reliability (issue 24: nothing lost, nothing silent, on every surface)
 
 def test_sampling_values_that_mean_nothing_are_refused_by_one_check():

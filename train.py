@@ -505,7 +505,7 @@ def start_or_resume(run, out, resume, overwrite):
     return 0
 
 
-# ============================================================================= from report.py (merged)
+# ============================================================================= what a run reports (paper §4's questions, at demo scale)
 SWEEP = (0.0, 1.0, 2.0, 4.0)
 
 

@@ -1,4 +1,4 @@
-"""The OpenAI chat-completions API of serve.py over HTTP (SPEC §4; STYLE.md, serving): the request
+"""The OpenAI chat-completions API of serve.py over HTTP (SPEC §4: the steering object): the request
 schema with its one extra `steering` object, where every bad field is a 400 whose OpenAI error body
 names it; replies and server-sent events in the OpenAI formats; the workshop page at `GET /`.
 
