@@ -20,6 +20,7 @@ residual at layer L over it and returns Δ = H(s, x); model.generate runs with
 Steering({L: Δ}, strength), and model.intervene adds strength * Δ to the residual (Eq. 1).
 eval builds the method (method_for -> protocol.Method) and samples its rows with protocol.generate_rows.
 """
+import argparse
 import hashlib
 import itertools
 import json
@@ -201,6 +202,20 @@ def cmd_export(args):
           f"wrote {args.out}.safetensors and {args.out}.gguf")
 
 
+def sampling_flag(field, kind):
+    """argparse type for --temperature / --top-k: a value model.check_sampling accepts (the sampler guard
+    serve.py's requests pass too), so a tiny or negative temperature is one line, not NaN or a traceback."""
+    def parse(text):
+        v = kind(text)
+        try:
+            M.check_sampling(**{field: v})
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+        return v
+    parse.__name__ = kind.__name__                   # argparse: "invalid float value: 'x'"
+    return parse
+
+
 def main(argv=None):
     common = fileio.ArgumentParser(add_help=False)
     add = common.add_argument
@@ -222,7 +237,8 @@ def main(argv=None):
     p.add_argument("--sweep", nargs="?", const="0,0.5,1,2,4,8", help="comma-separated strengths to compare in one table")
     p.add_argument("--raw", action="store_true", help="no chat template (plain continuation)")
     p.add_argument("--max-new-tokens", type=fileio.positive_int, default=64, help="tokens to generate")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (reproducible)")
+    p.add_argument("--temperature", type=sampling_flag("temperature", float), default=0.0,
+                   help=f"0 = greedy (reproducible), else at least {M.MIN_TEMPERATURE}")
 
     p = sub.add_parser("eval", parents=[common], help="SPEC §7 generations of a method, for judge.py")
     p.add_argument("--method", default="hypersteer", choices=METHODS, help="what steers (SPEC §8, §8a)")
@@ -237,8 +253,10 @@ def main(argv=None):
     p.add_argument("--alpaca-revision", default="main", help="revision of tatsu-lab/alpaca_eval to pin")
     p.add_argument("--grid", help="comma-separated strengths (default: 0.2..2.0, plus 2.5-5 for vector baselines)")
     p.add_argument("--max-new-tokens", type=fileio.positive_int, default=128, help="tokens per generation (SPEC §7: 128)")
-    p.add_argument("--temperature", type=fileio.finite, default=1.0, help="sampling temperature (SPEC §7: 1.0)")
-    p.add_argument("--top-k", type=int, default=50, help="sample from the k likeliest tokens (SPEC §7: 50; 0 = all)")
+    p.add_argument("--temperature", type=sampling_flag("temperature", float), default=1.0,
+                   help=f"sampling temperature (SPEC §7: 1.0; 0 = greedy, else at least {M.MIN_TEMPERATURE})")
+    p.add_argument("--top-k", type=sampling_flag("top_k", int), default=50,
+                   help="sample from the k likeliest tokens (SPEC §7: 50; 0 = all)")
     p.add_argument("--batch-size", type=fileio.positive_int, default=8, help="generations per batch")
     p.add_argument("--judge-url", help="prompting: an OpenAI-compatible endpoint that writes the steering prompts")
     p.add_argument("--judge-model", default="gpt-4o-mini", help="prompting: the model behind --judge-url")

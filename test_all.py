@@ -3298,6 +3298,9 @@ def test_sampling_values_that_mean_nothing_are_refused_by_one_check():
     base, ids = steer_base(), [[2, 5, 6]]
     with pytest.raises(ValueError, match="temperature must be"):
         M.generate(base, ids, 2, stop_ids=(), temperature=1e-300)
+    for argv in (["compare", "--prompt", "w1", "--temperature", "1e-300"], ["compare", "--prompt", "w1", "--temperature",
+                 "-0.5"], ["eval", "--out", "g.jsonl", "--temperature", "1e-9"], ["eval", "--out", "g.jsonl", "--top-k", "-1"]):
+        one_line_exit(steer.main, argv, match=f"argument --{argv[-2][2:]}: {argv[-2][2:].replace('-', '_')} must be")
     poisoned = M.Steering({LAYER: lambda h: h * float("nan")}, 1.0)        # a steering that breaks the model
     with pytest.raises(ValueError, match=r"non-finite logits in row\(s\) \[0\]"):
         M.generate(base, ids, 2, stop_ids=(), temperature=0, steering=poisoned)
