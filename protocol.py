@@ -219,20 +219,27 @@ def read_generations(paths):
         given[real] = path
     rows, placed = [], []
     for path in paths:
+        before = len(placed)
         for n, row in fileio.read_jsonl(path, "generations file"):
             if not isinstance(row, dict):
                 raise ValueError(f"{path}:{n}: not a JSON object")
             missing = [k for k in REQUIRED if k not in row]
             if missing:
                 raise ValueError(f"{path}:{n}: missing field(s) {', '.join(missing)}")
-            try:
-                row["instruction_index"] = int(row["instruction_index"])
-                row["strength"] = float(row["strength"])
-            except (ValueError, TypeError):
-                raise ValueError(f"{path}:{n}: instruction_index and strength must be numbers") from None
+            idx, strength = row["instruction_index"], row["strength"]
+            if isinstance(idx, bool) or not isinstance(idx, int) or not 0 <= idx < 10:
+                raise ValueError(f"{path}:{n}: instruction_index must be an integer 0-9 (SPEC §7), got {idx!r}")
+            if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not math.isfinite(strength):
+                raise ValueError(f"{path}:{n}: strength must be a finite number, got {strength!r}")
+            row["strength"] = float(strength)
+            bad = [k for k in ("method", "concept", "instruction", "text") if not isinstance(row[k], str)]
+            if bad:                                   # a null text would be sent to the judge, and paid for, as "None"
+                raise ValueError(f"{path}:{n}: {', '.join(bad)} must be text")
             row.setdefault("split", "all")
             rows.append(row)
             placed.append((f"{path}:{n}", row))
+        if len(placed) == before:
+            raise ValueError(f"{path}: holds no generations rows")
     check_rows(placed)
     return rows
 

@@ -61,6 +61,8 @@ def load_run(args):
         if "train_config" not in meta:
             warnings.warn(f"{args.hypernet}: no train_config metadata; using the demo's split", stacklevel=2)
         settings.update(json.loads(meta.get("train_config", "{}")))
+    if getattr(args, "data", None) and not getattr(args, "hypernet", None):
+        settings["held_out_ids"] = ""                    # the demo's held-out ids name concepts of the demo data only
     settings.update({k: getattr(args, k) for k in ("model", "data", "layer") if getattr(args, k, None) is not None})
     args.device = dist.local_device(args.device)                      # cuda:LOCAL_RANK under torchrun
     dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
@@ -108,6 +110,9 @@ def cmd_eval(args):
     rows = data.load_rows(settings["data"], settings.get("data_revision", "main"))
     ids = [int(c) for c in args.concept_ids.split(",")] if args.concept_ids else None
     concepts = protocol.concepts_of_split(rows, settings, args.split, ids)[:args.max_concepts or None]
+    if not concepts:
+        hint = "" if hyper else " (without --hypernet nothing is held out: use --split held-in or --concept-ids)"
+        raise ValueError(f"--split {args.split}: no concepts to evaluate in {settings['data']}{hint}")
     shard, n_shards = protocol.shard_of(args.shard)          # (rank, world size) under torchrun, else (0, 1)
     out = protocol.shard_path(args.out, shard, n_shards) if n_shards > 1 else Path(args.out)
     concepts = concepts[shard::n_shards]

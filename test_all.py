@@ -3548,6 +3548,14 @@ def test_generations_of_two_runs_or_a_file_twice_are_refused_naming_the_files(se
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and str(paths[1]) in err
 
+    for name, edit, match in [("null", {"text": None}, "text must be text"), ("nan", {"strength": float("nan")},
+                               "strength must be a finite number"), ("idx", {"instruction_index": 12}, "integer 0-9")]:
+        path = write_gens(tmp_path, [{**rows[0], **edit}], f"{name}.jsonl")     # a null text would be paid for as "None"
+        with pytest.raises(ValueError, match=f"{name}.jsonl:1: .*{match}"):
+            protocol.read_generations([path])
+    with pytest.raises(ValueError, match="empty.jsonl: holds no generations rows"):
+        protocol.read_generations([a, write_gens(tmp_path, [], "empty.jsonl")])
+
     _, ckpt, _ = cli_run_folder(setup, tmp_path)
     common = ["eval", "--hypernet", str(ckpt), "--split", "held-in", "--instructions", str(tmp_path / "ins.json"),
               "--max-new-tokens", "2", "--grid", "0,1"]
@@ -3569,6 +3577,9 @@ def test_generations_of_two_runs_or_a_file_twice_are_refused_naming_the_files(se
     shard1.unlink()
     one_line_exit(steer.main, ["merge", "--out", str(out), "--shards", "2"], match=f"{shard1}: missing")
     steer.main([*common, "--out", str(out), "--shard", "1/2"])          # what the error says to do: it completes
+    one_line_exit(steer.main, ["eval", "--method", "diffmean", "--model", str(tmp_path / "model"), "--data",
+                               str(tmp_path / "data.jsonl"), "--layer", "2", "--out", str(tmp_path / "dm.jsonl")],
+                  match="--split held-out: no concepts to evaluate")        # was: '--held-out-ids' (the demo's ids)
     assert sorted(protocol.read_generations([out]), key=protocol.row_key) == sorted(whole, key=protocol.row_key)
 
 
