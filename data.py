@@ -58,6 +58,9 @@ def read_rows(path):
     if missing:
         raise ValueError(f"{path}: not AxBench-shaped data: no column {', '.join(missing)}")
     rows = [r for r in raw if valid(r)]
+    if not positives(rows):                          # blame the file, not a later flag that finds no concept
+        raise ValueError(f"{path}: no valid positive AxBench row ({len(raw)} rows, {len(raw) - len(rows)} malformed; "
+                         "a positive row has category 'positive', a concept_id >= 0 and every column filled)")
     if len(rows) < len(raw):
         warnings.warn(f"{path}: skipped {len(raw) - len(rows)} malformed rows of {len(raw)}", stacklevel=2)
     return rows

@@ -48,7 +48,7 @@ import baselines
 import data
 import model as M
 from hypernet import check_base
-from lib import chat_api, fileio, loader
+from lib import chat_api, fileio, loader, vectors
 from train import linear_decay
 
 GRID = [0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0]   # SPEC §7 strengths; 1 = what training fitted
@@ -109,6 +109,7 @@ def load(path, base):
     loader.check_state_dict(path, want, {k: info["shape"] for k, info in header.items()},
                             f"a {psr.variant} PSR at layers {layers}, d={d}")
     tensors, _ = loader.read_safetensors(path)
+    vectors.check_steering_file(path, tensors, want, layers, base.cfg.num_hidden_layers, f"a {psr.variant} PSR")
     psr.load_state_dict({k[4:]: v for k, v in tensors.items()})
     return psr.to(base.model.embed_tokens.weight.device).requires_grad_(False)
 

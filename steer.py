@@ -21,6 +21,7 @@ Steering({L: Δ}, strength), and model.intervene adds strength * Δ to the resid
 generation for several prompts and strengths in one batch (compare --sweep, the workshop notebook).
 eval builds the method (method_for -> protocol.Method) and samples its rows with protocol.generate_rows.
 """
+import argparse
 import hashlib
 import itertools
 import json
@@ -61,6 +62,8 @@ def load_run(args):
         if "train_config" not in meta:
             warnings.warn(f"{args.hypernet}: no train_config metadata; using the demo's split", stacklevel=2)
         settings.update(json.loads(meta.get("train_config", "{}")))
+    if getattr(args, "data", None) and not getattr(args, "hypernet", None):
+        settings["held_out_ids"] = ""                    # the demo's held-out ids name concepts of the demo data only
     settings.update({k: getattr(args, k) for k in ("model", "data", "layer") if getattr(args, k, None) is not None})
     args.device = dist.local_device(args.device)                      # cuda:LOCAL_RANK under torchrun
     dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
@@ -115,6 +118,9 @@ def cmd_eval(args):
     rows = data.load_rows(settings["data"], settings.get("data_revision", "main"))
     ids = [int(c) for c in args.concept_ids.split(",")] if args.concept_ids else None
     concepts = protocol.concepts_of_split(rows, settings, args.split, ids)[:args.max_concepts or None]
+    if not concepts:
+        hint = "" if hyper else " (without --hypernet nothing is held out: use --split held-in or --concept-ids)"
+        raise ValueError(f"--split {args.split}: no concepts to evaluate in {settings['data']}{hint}")
     shard, n_shards = protocol.shard_of(args.shard)          # (rank, world size) under torchrun, else (0, 1)
     out = protocol.shard_path(args.out, shard, n_shards) if n_shards > 1 else Path(args.out)
     concepts = concepts[shard::n_shards]
@@ -138,7 +144,7 @@ def cmd_eval(args):
                                            batch_size=args.batch_size, overwrite=args.overwrite)
     print(f"wrote {made} rows to {out} ({skipped} already there)")
     if n_shards > 1:
-        Path(f"{out}.done").write_text(f"{skipped + made}\n")
+        protocol.mark_done(out, method.name)
         protocol.merge_shards(args.out, n_shards)
 
 
@@ -180,7 +186,7 @@ def cmd_compare(args):
         delta = H.deltas(base, tok, hyper, args.concept, [args.prompt], [ids])[0]          # Δ = H(s, x), (d,)
         edits, what = {layer: delta}, f"concept {args.concept!r}, |Δ| = {delta.norm():.1f} at layer {layer}"
     elif args.vector:
-        delta, layer, meta = vectors.load_vector(args.vector, base.cfg.hidden_size)
+        delta, layer, meta = vectors.load_vector(args.vector, base.cfg.hidden_size, base.cfg.num_hidden_layers)
         edits, what = {layer: delta}, f"{meta.get('method')} vector for {meta.get('concept')!r} at layer {layer}"
     elif args.psr:
         import psr
@@ -227,6 +233,20 @@ def cmd_export(args):
           f"wrote {args.out}.safetensors and {args.out}.gguf")
 
 
+def sampling_flag(field, kind):
+    """argparse type for --temperature / --top-k: a value model.check_sampling accepts (the sampler guard
+    serve.py's requests pass too), so a tiny or negative temperature is one line, not NaN or a traceback."""
+    def parse(text):
+        v = kind(text)
+        try:
+            M.check_sampling(**{field: v})
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+        return v
+    parse.__name__ = kind.__name__                   # argparse: "invalid float value: 'x'"
+    return parse
+
+
 def main(argv=None):
     common = fileio.ArgumentParser(add_help=False)
     add = common.add_argument
@@ -248,7 +268,8 @@ def main(argv=None):
     p.add_argument("--sweep", nargs="?", const="0,0.5,1,2,4,8", help="comma-separated strengths to compare in one table")
     p.add_argument("--raw", action="store_true", help="no chat template (plain continuation)")
     p.add_argument("--max-new-tokens", type=fileio.positive_int, default=64, help="tokens to generate")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (reproducible)")
+    p.add_argument("--temperature", type=sampling_flag("temperature", float), default=0.0,
+                   help=f"0 = greedy (reproducible), else at least {M.MIN_TEMPERATURE}")
 
     p = sub.add_parser("eval", parents=[common], help="SPEC §7 generations of a method, for judge.py")
     p.add_argument("--method", default="hypersteer", choices=METHODS, help="what steers (SPEC §8, §8a)")
@@ -263,8 +284,10 @@ def main(argv=None):
     p.add_argument("--alpaca-revision", default="main", help="revision of tatsu-lab/alpaca_eval to pin")
     p.add_argument("--grid", help="comma-separated strengths (default: 0.2..2.0, plus 2.5-5 for vector baselines)")
     p.add_argument("--max-new-tokens", type=fileio.positive_int, default=128, help="tokens per generation (SPEC §7: 128)")
-    p.add_argument("--temperature", type=fileio.finite, default=1.0, help="sampling temperature (SPEC §7: 1.0)")
-    p.add_argument("--top-k", type=int, default=50, help="sample from the k likeliest tokens (SPEC §7: 50; 0 = all)")
+    p.add_argument("--temperature", type=sampling_flag("temperature", float), default=1.0,
+                   help=f"sampling temperature (SPEC §7: 1.0; 0 = greedy, else at least {M.MIN_TEMPERATURE})")
+    p.add_argument("--top-k", type=sampling_flag("top_k", int), default=50,
+                   help="sample from the k likeliest tokens (SPEC §7: 50; 0 = all)")
     p.add_argument("--batch-size", type=fileio.positive_int, default=8, help="generations per batch")
     p.add_argument("--judge-url", help="prompting: an OpenAI-compatible endpoint that writes the steering prompts")
     p.add_argument("--judge-model", default="gpt-4o-mini", help="prompting: the model behind --judge-url")

@@ -2214,7 +2214,7 @@ def test_steering_values_must_be_finite_and_fit(setup, tmp_path):
                   match="--sweep: strengths must be finite")
     save_file({"direction.2": torch.randn(32)}, str(tmp_path / "small.safetensors"))
     one_line_exit(steer.main, ["compare", "--vector", str(tmp_path / "small.safetensors"), *common],
-                  match="the model needs [64]")
+                  match="(expected [64])")
     save_file({"direction.2": torch.full((64,), float("nan"))}, str(tmp_path / "nan.safetensors"))
     one_line_exit(steer.main, ["compare", "--vector", str(tmp_path / "nan.safetensors"), *common],
                   match="non-finite")
@@ -2610,8 +2610,10 @@ def test_serve_api_key(serve_files, monkeypatch, capfd):
         server.shutdown()
         server.server_close()
     monkeypatch.setenv("SERVE_TEST_KEY", "")
-    with pytest.raises(SystemExit, match="SERVE_TEST_KEY is unset or empty"):
+    capfd.readouterr()
+    with pytest.raises(SystemExit) as e:
         start_server(serve_files, "--api-key-env", "SERVE_TEST_KEY")
+    assert e.value.code == 2 and "SERVE_TEST_KEY is unset or empty" in capfd.readouterr().err
 
 
 def test_serve_cli_starts_and_answers(serve_files):
@@ -3348,3 +3350,369 @@ def test_distinct_words_and_train_on_step(tmp_path):
     seen = []
     TR.train(tiny_run(tmp_path, max_steps=3), on_step=seen.append)          # the notebook's live loss plot
     assert seen == [json.loads(l) for l in open(tmp_path / "run" / "metrics.jsonl")] and len(seen) == 3
+
+
+# ==== new tests: reliability (issue 24: nothing lost, nothing silent, on every surface)
+
+def test_sampling_values_that_mean_nothing_are_refused_by_one_check():
+    """model.check_sampling is the one sampler guard: temperature 0 or >= MIN_TEMPERATURE (a tiny temperature
+    overflows logits / T to inf, NaN probabilities), top_k >= 0, top_p in (0, 1]; it names the field."""
+    for t, k, p in [(0, 0, 1.0), (M.MIN_TEMPERATURE, 50, 1e-9), (2.0, 0, 0.9), (100.0, 1, 1)]:
+        M.check_sampling(t, k, p)
+    for (t, k, p), field in [((1e-300, 0, 1.0), "temperature"), ((-1.0, 0, 1.0), "temperature"),
+                             ((float("nan"), 0, 1.0), "temperature"), ((float("inf"), 0, 1.0), "temperature"),
+                             ((1.0, -1, 1.0), "top_k"), ((1.0, 1.5, 1.0), "top_k"), ((1.0, 0, 0.0), "top_p"),
+                             ((1.0, 0, 1.01), "top_p"), ((1.0, 0, float("nan")), "top_p")]:
+        with pytest.raises(ValueError, match=f"^{field} must be") as e:
+            M.check_sampling(t, k, p)
+        assert e.value.field == field
+    base, ids = steer_base(), [[2, 5, 6]]
+    with pytest.raises(ValueError, match="temperature must be"):
+        M.generate(base, ids, 2, stop_ids=(), temperature=1e-300)
+    for argv in (["compare", "--prompt", "w1", "--temperature", "1e-300"], ["compare", "--prompt", "w1", "--temperature",
+                 "-0.5"], ["eval", "--out", "g.jsonl", "--temperature", "1e-9"], ["eval", "--out", "g.jsonl", "--top-k", "-1"]):
+        one_line_exit(steer.main, argv, match=f"argument --{argv[-2][2:]}: {argv[-2][2:].replace('-', '_')} must be")
+    poisoned = M.Steering({LAYER: lambda h: h * float("nan")}, 1.0)        # a steering that breaks the model
+    with pytest.raises(ValueError, match=r"non-finite logits in row\(s\) \[0\]"):
+        M.generate(base, ids, 2, stop_ids=(), temperature=0, steering=poisoned)
+
+
+@pytest.fixture(scope="module")
+def short_context(tmp_path_factory):
+    """A tiny model whose context is 64 tokens, and a hypernetwork for it."""
+    tmp = tmp_path_factory.mktemp("short")
+    base = steer_base()
+    base.cfg.max_position_embeddings = 64
+    folder = tiny_model_folder(base, tmp / "model")
+    ckpt = tmp / "hyper.safetensors"
+    H.save(tiny_hyper(M.load(folder)[0]), ckpt)
+    return folder, ckpt
+
+
+def test_serve_bad_sampling_values_get_400_and_a_failing_row_fails_alone(short_context, monkeypatch):
+    """A temperature that would make NaN probabilities is refused at the door (400 naming the field); a row whose
+    Δ or probabilities still go non-finite fails alone: the others in its decode batch reply as they do alone."""
+    server, url = start_server(short_context, "--gather-ms", "200", engine=False)  # all five queued before it starts
+    try:
+        for bad, param in [({"temperature": 1e-300}, "temperature"), ({"temperature": 1e-5}, "temperature"),
+                           ({"top_p": 1e-300}, "top_p"), ({"steering": {"concept": "w1", "strength": 1e5}},
+                                                          "steering.strength"),
+                           ({"steering": {"concept": "w1 " * 80, "strength": 1}}, "steering.concept")]:
+            r = requests.post(f"{url}/v1/chat/completions", timeout=10, json={
+                "messages": [{"role": "user", "content": "w1 w2"}], "max_tokens": 3, **bad})
+            assert r.status_code == 400 and r.json()["error"]["param"] == param, (bad, r.text)
+        real_deltas, real_sample = H.deltas, M.sample
+        monkeypatch.setattr(H, "deltas", lambda base, tok, hyper, concept, *a: real_deltas(base, tok, hyper, concept, *a)
+                            * (float("nan") if concept == "poison" else 1.0))
+        monkeypatch.setattr(M, "sample", lambda logits, t, *a: real_sample(logits * (float("nan") if t == 0.77 else 1.0),
+                                                                          t, *a))
+        reqs = [dict(prompt="w1 w2 w3", concept="w4", strength=2.0, temperature=0, max_tokens=6),
+                dict(prompt="w5 w6", concept="poison", strength=1.0, temperature=1.0, max_tokens=6),
+                dict(prompt="w7", concept="w8 w9", strength=-1.0, temperature=1.0, seed=3, max_tokens=6),
+                dict(prompt="w2 w2", temperature=0.77, max_tokens=6),
+                dict(prompt="w3 w1", concept="w5", strength=1.0, temperature=0.7, seed=4, max_tokens=6, stream=True)]
+        got = [None] * len(reqs)
+        threads = [threading.Thread(target=lambda i=i: got.__setitem__(i, chat(url, **reqs[i]))) for i in range(len(reqs))]
+        for t in threads:
+            t.start()
+        while server.engine.queue.qsize() < len(reqs):
+            time.sleep(0.01)
+        server.engine.start()
+        for t in threads:
+            t.join()
+        assert server.engine.batch_sizes[0] == len(reqs)                   # all five shared one decode batch
+        assert [r.status_code for r in got] == [200, 500, 200, 500, 200]
+        assert "non-finite" in got[1].json()["error"]["message"]
+        assert "generation failed" in got[3].json()["error"]["message"]
+        for i in (0, 2, 4):                                                 # the others: their replies alone
+            alone = chat(url, **reqs[i])
+            assert alone.status_code == 200 and alone.text.count("content") and \
+                [c["choices"][0]["delta"].get("content") for c in sse(alone)] == \
+                [c["choices"][0]["delta"].get("content") for c in sse(got[i])] if reqs[i].get("stream") else \
+                alone.json()["choices"] == got[i].json()["choices"]
+        assert chat(url, "w1", max_tokens=2).status_code == 200              # and the server goes on
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_serve_a_burst_of_clients_gets_200_or_503_never_a_reset(short_context):
+    """64 clients connect before the server accepts any: the OS holds every connection (a listen backlog of 5
+    dropped most), and each gets an answer: 200 for the --max-queue 4 that fit, an immediate 503 for the rest."""
+    server, url = start_server(short_context, "--max-queue", "4", engine=False)
+    port = server.server_address[1]
+    body = json.dumps({"messages": [{"role": "user", "content": "w1 w2"}], "max_tokens": 2, "temperature": 0})
+    request = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+               f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n{body}").encode()
+    try:
+        server.shutdown()                                   # the accept loop stops; the socket keeps listening
+        socks = [socket.socket() for _ in range(64)]
+        for s in socks:
+            s.setblocking(False)
+            s.connect_ex(("127.0.0.1", port))
+        import select
+        deadline, pending = time.monotonic() + 0.5, set(socks)
+        while pending and time.monotonic() < deadline:
+            pending -= set(select.select([], list(pending), [], 0.05)[1])
+        assert not pending, f"{len(pending)} of 64 connections were not taken by the OS"
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        for s in socks:
+            s.setblocking(True)
+            s.settimeout(30)
+            s.sendall(request)
+        codes = []
+
+        def status(s):
+            data = b""
+            while chunk := s.recv(65536):
+                data += chunk
+            s.close()
+            codes.append(int(data.split(b" ", 2)[1]))
+        readers = [threading.Thread(target=status, args=(s,)) for s in socks]
+        for t in readers:
+            t.start()
+        deadline = time.monotonic() + 30
+        while len(codes) < 60 and time.monotonic() < deadline:      # the engine is not running yet: 60 are refused
+            time.sleep(0.01)
+        assert sorted(codes) == [503] * 60 and server.engine.queue.qsize() == 4
+        server.engine.start()
+        for t in readers:
+            t.join()
+        assert sorted(codes) == [200] * 4 + [503] * 60
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_serve_incomplete_body_is_a_quick_400(short_context, monkeypatch):
+    """A body shorter than its Content-Length: 400 at once when the client stops sending (half-closed), and
+    after serve_api.BODY_TIMEOUT of silence when it waits (never the 60-second header timeout and a 500)."""
+    monkeypatch.setattr(serve_api, "BODY_TIMEOUT", 1, raising=False)
+    server, url = start_server(short_context)
+    port = server.server_address[1]
+    head = b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n"
+    try:
+        for half_close in (True, False):
+            s = socket.create_connection(("127.0.0.1", port), timeout=15)
+            t = time.monotonic()
+            s.sendall(head + b'{"messages": [')
+            if half_close:
+                s.shutdown(socket.SHUT_WR)
+            reply = b""
+            while chunk := s.recv(65536):
+                reply += chunk
+            s.close()
+            assert reply.startswith(b"HTTP/1.0 400") and b"incomplete_body" in reply, reply[:300]
+            assert time.monotonic() - t < 5
+        for length in ("abc", "-5"):
+            r = requests.post(f"{url}/v1/chat/completions", data=b"{}", timeout=10, headers={"Content-Length": length})
+            assert r.status_code == 400, length
+        r = requests.post(f"{url}/v1/chat/completions", data=b"[" * 100_000 + b"]" * 100_000, timeout=10)
+        assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"     # not a RecursionError 500
+        assert chat(url, "w1", max_tokens=2).status_code == 200
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_serve_bad_flags_busy_port_and_bad_host_are_one_line_exit_2(short_context, capfd):
+    folder, ckpt = short_context
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = str(busy.getsockname()[1])
+        for flags, named in [(["--port", port], f"127.0.0.1:{port}"), (["--port", "70000"], "--port"),
+                             (["--port", "-1"], "--port"), (["--host", "no.such.host.invalid"], "no.such.host.invalid"),
+                             (["--threads", "-1"], "--threads"), (["--threads", "0"], "--threads"),
+                             (["--max-queue", "0"], "--max-queue"), (["--max-batch", "0"], "--max-batch"),
+                             (["--gather-ms", "nan"], "--gather-ms"), (["--max-tokens", "0"], "--max-tokens"),
+                             (["--bench", "4,x"], "--bench")]:
+            capfd.readouterr()
+            with pytest.raises(SystemExit) as e:
+                serve.build(["--model", str(folder), "--hypernet", str(ckpt), *flags])
+            err = capfd.readouterr().err
+            assert e.value.code == 2 and err.count("\n") == 1 and "Traceback" not in err and named in err, (flags, err)
+
+
+def test_every_steering_file_is_checked_by_one_function_naming_it(setup, short_context, tmp_path, capfd):
+    """vectors.check_steering_file, called by every loader: a vector or PSR file (a file without a checksum can
+    hold anything) with NaN, absurd values, another width or a layer the model lacks is refused, naming the file."""
+    base, tok, _ = setup
+    n, d = base.cfg.num_hidden_layers, base.cfg.hidden_size
+    v = torch.randn(d)
+    for name, tensors, match in [("nan", {"direction.2": torch.full((d,), float("nan"))}, "non-finite"),
+                                 ("huge", {"direction.2": v * 1e30}, "beyond"),
+                                 ("far", {"direction.9": v}, "layer 9 is out of range for a 4-block model"),
+                                 ("wide", {"direction.2": torch.randn(32)}, r"expected \[64\]"),
+                                 ("two", {"direction.1": v, "direction.2": v.clone()}, "exactly one")]:
+        save_file(tensors, str(tmp_path / f"{name}.safetensors"))
+        with pytest.raises(ValueError, match=f"{name}.safetensors: .*{match}"):
+            vectors.load_vector(tmp_path / f"{name}.safetensors", d, n)
+    assert vectors.load_vector(tmp_path / "far.safetensors")[1] == 9          # no model given: no layer to check
+    folder, _ = short_context
+    capfd.readouterr()
+    with pytest.raises(SystemExit) as e:                                     # the server loads through it too
+        serve.build(["--model", str(folder), "--vector", str(tmp_path / "far.safetensors"), "--port", "0"])
+    assert "far.safetensors: layer 9 is out of range" in str(e.value.code) and "\n" not in str(e.value.code)
+
+    good = tmp_path / "psr.safetensors"
+    P.save(random_psr(base, [1, 2]), good, base.cfg)
+    tensors, meta = loader.read_safetensors(good)
+    del meta["crc32"]                                                        # as another tool would write it
+    for name, key, value, match in [("psr_nan", "psr.w.1", float("nan"), "'psr.w.1' holds non-finite"),
+                                    ("psr_huge", "psr.z.2", 1e30, "'psr.z.2' holds values up to 1e\\+30")]:
+        bad = dict(tensors)
+        bad[key] = torch.full_like(bad[key], value)
+        save_file(bad, str(tmp_path / f"{name}.safetensors"), metadata=meta)
+        with pytest.raises(ValueError, match=f"{name}.safetensors: tensor {match}"):
+            P.load(tmp_path / f"{name}.safetensors", base)
+    save_file(tensors, str(tmp_path / "psr_far.safetensors"), metadata={**meta, "layers": "[1, 9]"})
+    with pytest.raises(ValueError, match="psr_far.safetensors: .*layer 9"):
+        P.load(tmp_path / "psr_far.safetensors", base)
+    P.load(good, base)
+
+
+def test_dist_processes_with_different_settings_all_stop_naming_the_setting(one_thread):
+    """dist.check_same_settings: rank 0's settings reach every process (no pickle); a difference anywhere stops
+    every process with the same line, naming the first setting that differs and both values."""
+    def check(settings):
+        def work(rank):
+            try:
+                dist.check_same_settings(settings(rank))
+            except ValueError as e:
+                return str(e)
+        return in_processes(2, work)
+    same = {"lr": 8e-5, "out": "runs/a", "layers": [1, 2], "fsdp": False}
+    assert check(lambda rank: dict(same)) == [None, None]
+    got = check(lambda rank: {**same, "lr": 8e-5 if rank == 0 else 2e-4, "out": f"runs/{rank}"})
+    assert got[0] == got[1] == ("the processes were started with different settings: lr is 8e-05 in process 0 and "
+                                "0.0002 in process 1; start every process with the same flags")
+    got = check(lambda rank: {**same, **({"extra": 1} if rank else {})})
+    assert got[0] == got[1] and "extra is \"(absent)\" in process 0 and 1 in process 1" in got[0]
+
+
+def test_config_fields_that_must_hold_a_number_name_the_field(tmp_path):
+    """`rms_norm_eps: null` (or 0, or text) is a one-line error naming the field, not a TypeError later;
+    a null soft-capping is the documented 'none'."""
+    raw = json.loads(json.dumps(asdict(M.GemmaConfig(model_type="gemma3_text", **LAYOUT))))
+    for field, value in [("rms_norm_eps", None), ("rms_norm_eps", 0), ("rms_norm_eps", "1e-6"),
+                         ("query_pre_attn_scalar", None), ("final_logit_softcapping", -1)]:
+        with pytest.raises(ValueError, match=f"c.json: field {field} must be a positive number"):
+            M.config_from_dict({**raw, field: value}, "c.json")
+    assert M.config_from_dict({**raw, "final_logit_softcapping": None}, "c.json").final_logit_softcapping is None
+
+
+def test_generations_of_two_runs_or_a_file_twice_are_refused_naming_the_files(setup, tmp_path, capsys):
+    """Every reader of generations checks keys and producers (protocol.check_rows). The judge: one method's rows
+    from two producers, one file given twice (or a copy of it) are refused, naming both files. A merge: shards run
+    with other settings into one --out are refused; a shard file missing or cut short after its .done file was
+    written is refused (it would have merged 10 or 14 rows of 20 and exited 0)."""
+    rows = [{**gen_row(idx=i, strength=s), "producer": "run-a"} for i in range(10) for s in (0.5, 1.0)]
+    a = write_gens(tmp_path, rows, "a.jsonl")
+    b = write_gens(tmp_path, [{**r, "concept_id": 8, "producer": "run-b"} for r in rows], "b.jsonl")
+    copy = write_gens(tmp_path, rows, "copy.jsonl")
+    for paths, match in [([a, a], f"{a}: given twice"), ([a, copy], f"{a}:1 and {copy}:1: the same hypersteer row"),
+                         ([a, b], f"{a}:1 and {b}:1: hypersteer rows from two producers")]:
+        with pytest.raises(ValueError, match=match):
+            protocol.read_generations(paths)
+        assert judge.main([*map(str, paths), "--dry-run"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and str(paths[1]) in err
+
+    for name, edit, match in [("null", {"text": None}, "text must be text"), ("nan", {"strength": float("nan")},
+                               "strength must be a finite number"), ("idx", {"instruction_index": 12}, "integer 0-9")]:
+        path = write_gens(tmp_path, [{**rows[0], **edit}], f"{name}.jsonl")     # a null text would be paid for as "None"
+        with pytest.raises(ValueError, match=f"{name}.jsonl:1: .*{match}"):
+            protocol.read_generations([path])
+    with pytest.raises(ValueError, match="empty.jsonl: holds no generations rows"):
+        protocol.read_generations([a, write_gens(tmp_path, [], "empty.jsonl")])
+
+    _, ckpt, _ = cli_run_folder(setup, tmp_path)
+    common = ["eval", "--hypernet", str(ckpt), "--split", "held-in", "--instructions", str(tmp_path / "ins.json"),
+              "--max-new-tokens", "2", "--grid", "0,1"]
+    mixed = tmp_path / "mixed.jsonl"
+    steer.main([*common, "--out", str(mixed), "--shard", "0/2", "--seed", "0"])
+    one_line_exit(steer.main, [*common, "--out", str(mixed), "--shard", "1/2", "--seed", "1"],
+                  match="rows from two producers")                      # another --seed: another producer
+    assert not mixed.exists()
+
+    out = tmp_path / "gens.jsonl"
+    for i in range(2):
+        steer.main([*common, "--out", str(out), "--shard", f"{i}/2"])
+    whole = protocol.read_generations([out])
+    shard1 = protocol.shard_path(out, 1, 2)
+    lines = shard1.read_text().splitlines(keepends=True)
+    shard1.write_text("".join(lines[:len(lines) // 2]))                 # cut short after it was marked done
+    one_line_exit(steer.main, ["merge", "--out", str(out), "--shards", "2"],
+                  match=f"{shard1}: holds {len(lines) // 2} ")
+    shard1.unlink()
+    one_line_exit(steer.main, ["merge", "--out", str(out), "--shards", "2"], match=f"{shard1}: missing")
+    steer.main([*common, "--out", str(out), "--shard", "1/2"])          # what the error says to do: it completes
+    one_line_exit(steer.main, ["eval", "--method", "diffmean", "--model", str(tmp_path / "model"), "--data",
+                               str(tmp_path / "data.jsonl"), "--layer", "2", "--out", str(tmp_path / "dm.jsonl")],
+                  match="--split held-out: no concepts to evaluate")        # was: '--held-out-ids' (the demo's ids)
+    assert sorted(protocol.read_generations([out]), key=protocol.row_key) == sorted(whole, key=protocol.row_key)
+
+
+def test_torchrun_processes_started_with_different_settings_stop_before_training(tmp_path, one_thread):
+    """A process launched with another learning rate (or --out) would train a diverging copy with exit 0 (or
+    crash after training): train.py stops every process at start, naming the setting."""
+    flags = train_flags(tmp_path, "--max-steps", "1")                         # files written before the fork
+    got = in_processes(2, lambda rank: train.main(flags + ["--lr", "1e-2" if rank == 0 else "2e-2"]))
+    assert got == ["SystemExit: error: the processes were started with different settings: lr is 0.01 in process 0 "
+                   "and 0.02 in process 1; start every process with the same flags"] * 2
+    got = in_processes(2, lambda rank: train.main(flags + ["--out", str(tmp_path / f"run{rank}")]))
+    assert all("settings: out is" in g and "in process 1" in g for g in got), got
+    assert not (tmp_path / "run").exists() and not (tmp_path / "run0").exists()   # nothing was started
+
+
+def test_train_unclear_cases_end_in_one_line_and_lose_nothing(tmp_path, monkeypatch, capsys):
+    """A run that stopped at step 0 leaves nothing to protect: a rerun starts, --resume starts at step 0. A run
+    that recorded steps but never saved says to start over (--resume cannot help). A data file without one valid
+    row is blamed (not --held-out-ids); `rms_norm_eps: null` names the field; a full disk, as safetensors reports
+    it (its own error type, not OSError), is one line and the previous checkpoint survives."""
+    flags = train_flags(tmp_path, "--max-steps", "2")
+    monkeypatch.setattr(TR, "steered_loss", loss_calls(1, "nan"))
+    one_line_exit(train.main, flags, match="loss is nan at step 0")
+    monkeypatch.undo()
+    train.main(flags)                                                          # not refused for nothing
+    assert [json.loads(l)["step"] for l in open(tmp_path / "run" / "metrics.jsonl")] == [1, 2]
+    monkeypatch.setattr(TR, "steered_loss", loss_calls(1, "nan"))
+    one_line_exit(train.main, flags + ["--overwrite"], match="loss is nan at step 0")
+    monkeypatch.undo()
+    capsys.readouterr()
+    train.main(flags + ["--resume"])                                           # nothing to resume: it starts
+    assert "nothing to resume (no step was finished); starting at step 0" in capsys.readouterr().out
+    monkeypatch.setattr(TR, "steered_loss", loss_calls(2, "nan"))             # step 1 recorded, never saved
+    one_line_exit(train.main, flags + ["--overwrite", "--save-every", "100"], match="loss is nan at step 1")
+    monkeypatch.undo()
+    msg = one_line_exit(train.main, flags, match="already holds a run: pass --overwrite")
+    assert "--resume" not in msg
+    one_line_exit(train.main, flags + ["--resume"], match="recorded 1 steps but stopped before its first save")
+
+    bad = tmp_path / "bad.jsonl"
+    write_rows(bad, [dict(axbench_row(c, i), concept_id="x") for c in range(3) for i in range(8)])
+    i = flags.index("--data")
+    one_line_exit(train.main, flags[:i + 1] + [str(bad)] + flags[i + 2:] + ["--held-out-ids", "1", "--overwrite"],
+                  match=f"{bad}: no valid positive AxBench row (24 rows, 24 malformed")
+
+    model = tmp_path / "null_eps"
+    shutil.copytree(tmp_path / "m", model)
+    cfg = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**cfg, "rms_norm_eps": None}))
+    i = flags.index("--model")
+    one_line_exit(train.main, flags[:i + 1] + [str(model)] + flags[i + 2:] + ["--overwrite"],
+                  match="field rms_norm_eps must be a positive number, got null")
+
+    train.main(flags + ["--overwrite"])
+    ckpt = tmp_path / "run" / "checkpoint.safetensors"
+    before = ckpt.read_bytes()
+    import safetensors
+    import safetensors.torch as st
+
+    def full_disk(tensors, filename, metadata=None):                        # what safetensors 0.8 raises
+        raise safetensors.SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+    monkeypatch.setattr(st, "save_file", full_disk)
+    one_line_exit(train.main, train_flags(tmp_path, "--max-steps", "3", "--resume"),
+                  match="checkpoint.safetensors: could not write (No space left on device); the previous file is unchanged")
+    assert ckpt.read_bytes() == before and not list(ckpt.parent.glob(".*tmp"))

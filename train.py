@@ -341,7 +341,10 @@ def train_step(run, step, loss_fn):
 def train(cfg, resume=False, overwrite=False, on_step=None):
     """The run. Under torchrun (dist.start first) every process runs all of it, in step: metrics, progress
     bar, plot and files come from rank 0; a stop (Ctrl-C or a non-finite value) in one process stops all.
-    on_step(record): called on rank 0 with each step's metrics record (workshop.ipynb's live loss plot)."""
+    on_step(record): called on rank 0 with each step's metrics record (workshop.ipynb's live loss plot).
+    First, every process must have been started with the same settings (the device's index aside)."""
+    dist.check_same_settings({**asdict(cfg), "device": cfg.device.split(":")[0], "resume": resume,
+                              "overwrite": overwrite})
     run = setup(cfg)
     out = Path(cfg.out)
     step = start_or_resume(run, out, resume, overwrite)
@@ -478,9 +481,15 @@ def start_or_resume(run, out, resume, overwrite):
     """Creates OUT; returns the step to start from. A finished or started run is never overwritten silently."""
     out.mkdir(parents=True, exist_ok=True)
     ckpt, metrics = out / "checkpoint.safetensors", out / "metrics.jsonl"
+    recorded = len(checkpoint.read_metrics(metrics)) if metrics.exists() else 0
+    if not ckpt.exists() and not recorded:            # a run that stopped before its first step left nothing to keep
+        if resume:
+            print(f"{out}: nothing to resume (no step was finished); starting at step 0")
+        resume, overwrite = False, True
     if resume:
         if not ckpt.exists():
-            raise FileNotFoundError(f"{ckpt}: nothing to resume")
+            raise FileNotFoundError(f"{ckpt}: no checkpoint to resume from: the run recorded {recorded} steps but "
+                                    f"stopped before its first save (--save-every); start over with --overwrite")
         step = load_checkpoint(ckpt, run.hyper, run.opt, run.cfg)
         kept = checkpoint.read_metrics(metrics, up_to=step)   # records of steps after the checkpoint are redone
         dist.barrier()                             # every process has read the files before rank 0 rewrites one
@@ -488,12 +497,14 @@ def start_or_resume(run, out, resume, overwrite):
             fileio.write_jsonl(metrics, kept)
         print(f"resumed from {ckpt} at step {step}")
         return step
-    if (ckpt.exists() or metrics.exists()) and not overwrite:
-        raise FileExistsError(f"{out} already holds a run: pass --resume to continue it or --overwrite to "
-                              "start over, or choose another --out")
+    if not overwrite:
+        resumable = "pass --resume to continue it or " if ckpt.exists() else ""
+        raise FileExistsError(f"{out} already holds a run: {resumable}pass --overwrite to start over, or choose "
+                              "another --out")
     dist.barrier()
-    if dist.is_main():
-        metrics.unlink(missing_ok=True)
+    if dist.is_main():                                # starting over: no resumable state of the old run stays beside
+        metrics.unlink(missing_ok=True)               # the new one (hypernet.safetensors is replaced at the first save)
+        ckpt.unlink(missing_ok=True)
     return 0
 
 
@@ -633,9 +644,10 @@ def print_report(run):
     """The final report, read from metrics.jsonl: evaluation losses with the right-vs-wrong-concept gap,
     the strength sweep, and the concept-mention rates."""
     recs = checkpoint.read_metrics(Path(run.cfg.out) / "metrics.jsonl")
-    last = [r for r in recs if "held_in_steered" in r or "held_out_steered" in r][-1]
-    print(f"\nevaluation loss after {last['step']} steps (token-mean cross-entropy on the reference outputs):")
-    print(f"{'':10}{'steered':>9}{'other concept':>15}{'unsteered':>11}{'gap':>8}")
+    last = ([r for r in recs if "held_in_steered" in r or "held_out_steered" in r] or [{}])[-1]
+    if last:
+        print(f"\nevaluation loss after {last['step']} steps (token-mean cross-entropy on the reference outputs):")
+        print(f"{'':10}{'steered':>9}{'other concept':>15}{'unsteered':>11}{'gap':>8}")
     for name in ("held_in", "held_out"):
         if f"{name}_steered" in last:
             s, o, u = (last[f"{name}_{k}"] for k in ("steered", "other_concept", "unsteered"))

@@ -96,6 +96,7 @@ def save_safetensors(path, tensors, metadata=None, checksum=True):
     """Atomically write tensors + string metadata (JSON values for configs), with a CRC32 per tensor
     unless checksum=False (files meant for other tools). Refuses non-finite floating-point values:
     a NaN or inf weight is never saved."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     bad = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
@@ -104,7 +105,14 @@ def save_safetensors(path, tensors, metadata=None, checksum=True):
     meta = {k: str(v) for k, v in (metadata or {}).items()}
     if checksum:
         meta["crc32"] = json.dumps({k: zlib.crc32(v.reshape(-1).view(torch.uint8).numpy()) for k, v in tensors.items()})
-    return write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+
+    def write(tmp):
+        try:
+            save_file(tensors, str(tmp), metadata=meta)
+        except SafetensorError as e:     # how safetensors reports a full disk: "I/O error: ... (os error 28)"
+            code = re.search(r"os error (\d+)", str(e))
+            raise OSError(int(code[1]), os.strerror(int(code[1]))) if code else OSError(str(e)) from None
+    return write_atomic(path, write)
 
 
 def check_state_dict(where, want, got, what="the model"):
