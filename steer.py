@@ -58,7 +58,7 @@ def parse_grid(text, flag="--grid"):
 
 def file_fingerprint(path):
     """What identifies a checkpoint: its per-tensor checksums when it has them, else size and time."""
-    meta = loader.read_header(path)[2]
+    meta = loader.read_header(path)[1]
     st = Path(path).stat()
     return meta.get("crc32") or f"{st.st_size}:{st.st_mtime_ns}"
 
@@ -69,7 +69,7 @@ def load_run(args):
     --model, --data and --layer override."""
     settings = dict(data.DEMO_RUN)
     if getattr(args, "hypernet", None):
-        meta = loader.read_header(args.hypernet)[2]
+        meta = loader.read_header(args.hypernet)[1]
         if "train_config" not in meta:
             warnings.warn(f"{args.hypernet}: no train_config metadata; using the demo's split", stacklevel=2)
         settings.update(json.loads(meta.get("train_config", "{}")))

@@ -9,8 +9,8 @@ Hub files land in $HYPERSTEER_CACHE (default ~/.cache/hypersteer)/<kind>s--<owne
 written to `<name>.part` first (resumed with an HTTP Range request) and renamed when complete.
 HF_TOKEN, when set, is sent as a bearer token and never printed or stored. Nothing is unpickled.
 """
+import contextlib
 import json
-import math
 import os
 import re
 import zlib
@@ -27,68 +27,62 @@ DEMO_MODEL = Path(__file__).resolve().parent.parent / "models" / "gemma-3-270m" 
 
 # ----------------------------------------------------------------------------- safetensors
 
-DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
-          "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-          "BOOL": torch.bool}
+READABLE = {"F64", "F32", "BF16", "F16", "I64", "I32", "I16", "I8", "U8", "BOOL"}   # the dtypes a checkpoint may hold
 
 
-def read_header(path):
-    """A .safetensors file is an 8-byte little-endian header length, a JSON header mapping each tensor
-    name to its dtype, shape and byte range, then the raw bytes. Returns (header, data start, metadata),
-    with every range checked before anything is read: in bounds, disjoint, and size = dtype x shape."""
+def safetensors_error(path, e):
+    """safe_open's error as one line naming the file: a bad header, a truncated file, a wrong dtype."""
+    msg = str(e).removeprefix("Error while deserializing header: ")
+    if "invalid offset" in msg:                    # safetensors wants the byte ranges back to back, in order
+        return ValueError(f"{path}: {msg.replace('invalid offset for', 'the byte range of')} overlaps another "
+                          "or leaves a gap")
+    if "not fully covered" in msg:
+        return ValueError(f"{path}: truncated file (its size does not match the tensors its header lists)")
+    if "invalid shape, data type, or offset" in msg or re.search(r"unknown variant|expected usize", msg):
+        detail = re.sub(r" at line \d+ column \d+$", "", msg.split("invalid JSON in header: ")[-1])[:120]
+        return ValueError(f"{path}: a tensor has a bad dtype, shape or byte range in the header ({detail})")
+    return ValueError(f"{path}: not a readable safetensors file ({msg[:120]})")
+
+
+@contextlib.contextmanager
+def open_safetensors(path):
+    """safetensors.safe_open, which checks the whole header before any data is read (every byte range in
+    bounds, back to back, and size = dtype x shape), with its errors as one line naming the file and a
+    dtype outside READABLE refused."""
+    from safetensors import SafetensorError, safe_open
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
-    size = path.stat().st_size
     try:
-        with open(path, "rb") as f:
-            n = int.from_bytes(f.read(8), "little")
-            if not 2 <= n <= min(size - 8, 100 << 20):
-                raise ValueError
-            header = json.loads(f.read(n).decode("utf-8"))
-        if not isinstance(header, dict):
-            raise ValueError
-    except (ValueError, UnicodeDecodeError):
-        raise ValueError(f"{path}: not a readable safetensors file") from None
-    meta = header.pop("__metadata__", None) or {}
-    data_size, ranges = size - 8 - n, []
-    for name, info in header.items():
-        try:
-            dtype, shape, (lo, hi) = DTYPES[info["dtype"]], info["shape"], info["data_offsets"]
-            ok = all(isinstance(i, int) and i >= 0 for i in [*shape, lo, hi]) and lo <= hi
-        except (KeyError, TypeError, ValueError):
-            ok = False
-        if ok and hi > data_size:
-            raise ValueError(f"{path}: truncated file (tensor {name!r} ends past the end of the file)")
-        if not ok or hi - lo != math.prod(shape) * dtype.itemsize:
-            raise ValueError(f"{path}: tensor {name!r} has a bad dtype, shape or byte range in the header")
-        ranges.append((lo, hi, name))
-    for (_, end, a), (start, _, b) in zip(sorted(ranges), sorted(ranges)[1:]):
-        if start < end:
-            raise ValueError(f"{path}: tensors {a!r} and {b!r} overlap in the file")
-    return header, 8 + n, meta
+        f = safe_open(str(path), framework="pt")
+    except SafetensorError as e:
+        raise safetensors_error(path, e) from None
+    with f:
+        for name in f.keys():
+            if (dt := f.get_slice(name).get_dtype()) not in READABLE:
+                raise ValueError(f"{path}: tensor {name!r} has dtype {dt}; expected one of {', '.join(sorted(READABLE))}")
+        yield f
+
+
+def read_header(path):
+    """({tensor name: shape}, string metadata) of a .safetensors file, from its header alone."""
+    with open_safetensors(path) as f:
+        return {k: list(f.get_slice(k).get_shape()) for k in f.keys()}, f.metadata() or {}
 
 
 def read_safetensors(path, device="cpu", dtype=None):
-    """(tensors, metadata) of a whole file, one tensor at a time straight from the file (no memory map,
-    so nothing else stays resident), each moved to `device` (and `dtype`, if given) as it is read.
-    Files written by save_safetensors carry a CRC32 per tensor in their metadata; the bytes read are
-    checked against it (a corrupted checkpoint fails)."""
-    header, start, meta = read_header(path)
-    crcs = json.loads(meta.get("crc32", "{}"))
+    """(tensors, metadata) of a whole file, one tensor at a time, each moved to `device` (and `dtype`, if
+    given) as it is read. Files written by save_safetensors carry a CRC32 per tensor in their metadata;
+    the bytes read are checked against it (a corrupted checkpoint fails)."""
     tensors = {}
-    with open(path, "rb") as f:
-        for name, info in header.items():
-            lo, hi = info["data_offsets"]
-            f.seek(start + lo)
-            buf = bytearray(hi - lo)
-            if f.readinto(buf) != hi - lo:
-                raise ValueError(f"{path}: truncated file (tensor {name!r} ends early)")
-            if name in crcs and zlib.crc32(buf) != crcs[name]:
+    with open_safetensors(path) as f:
+        meta = f.metadata() or {}
+        crcs = json.loads(meta.get("crc32", "{}"))
+        for name in f.keys():
+            t = f.get_tensor(name)
+            if name in crcs and zlib.crc32(t.reshape(-1).view(torch.uint8).numpy()) != crcs[name]:
                 raise ValueError(f"{path}: tensor {name!r} is corrupted (checksum mismatch)")
-            kind = DTYPES[info["dtype"]]
-            t = torch.frombuffer(buf, dtype=kind) if buf else torch.empty(0, dtype=kind)   # frombuffer refuses b""
-            tensors[name] = t.reshape(info["shape"]).to(device=device, dtype=dtype)
+            tensors[name] = t.to(device=device, dtype=dtype)
     return tensors, meta
 
 
@@ -289,7 +283,7 @@ def read_checkpoint(folder, shapes, what, device="cpu", dtype=None):
     """The state dict of a checkpoint folder (single file or sharded), after check_state_dict has compared
     every tensor's name and shape in the headers with `shapes` (the model's parameters)."""
     files = checkpoint_files(folder)
-    check_state_dict(folder, shapes, {k: info["shape"] for f in files for k, info in read_header(f)[0].items()}, what)
+    check_state_dict(folder, shapes, {k: shape for f in files for k, shape in read_header(f)[0].items()}, what)
     state = {}
     for f in files:
         state.update(read_safetensors(f, device, dtype)[0])
