@@ -73,10 +73,13 @@ def load_run(args):
         if "train_config" not in meta:
             warnings.warn(f"{args.hypernet}: no train_config metadata; using the demo's split", stacklevel=2)
         settings.update(json.loads(meta.get("train_config", "{}")))
+        if getattr(args, "model", None) is None:          # the base model's hub commit it trained on (train.py)
+            settings["model_revision"] = json.loads(meta.get("commits", "{}")).get("model") or \
+                settings.get("model_revision", "main")
     settings.update({k: getattr(args, k) for k in ("model", "data", "layer") if getattr(args, k, None) is not None})
     args.device = dist.local_device(args.device)                      # cuda:LOCAL_RANK under torchrun
     dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
-    base, tok = M.load(settings["model"], args.device, getattr(torch, dtype))
+    base, tok = M.load(settings["model"], args.device, getattr(torch, dtype), settings.get("model_revision", "main"))
     hyper = H.load_hypernet(args.hypernet, base).eval() if getattr(args, "hypernet", None) else None
     if hyper is not None:
         settings["layer"] = hyper.hcfg.layer
