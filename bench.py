@@ -145,7 +145,7 @@ def table1_plan(preset, cfg, concepts=500, rows=1_150_000, judge_out=120, gpu_tf
                "instruction": "Give me tips for a picnic " * 3, "text": "word " * 100}  # ~128 tokens of answer
     judge_in = sum(len(m["content"]) for c in judge.CRITERIA for m in judge.judge_messages(example, c)) / 3 / 4
     cost = judge.cost(requests * judge_in, requests * judge_out, chat_api.JudgeConfig())
-    base_cfg = base_config(cfg.model)
+    base_cfg = base_config(cfg.model, cfg.model_revision)
     flops = train_memory(cfg, base_cfg, cfg.max_len // 4, steps=1)["flops"]
     steps = cfg.epochs * rows / (cfg.batch_size * cfg.grad_accum)
     train_h = steps * flops / (gpu_tflops * 1e12 * mfu) / 3600
@@ -247,14 +247,15 @@ class LiveBytes(TorchDispatchMode):
         return out
 
 
-def base_config(name):
-    """The base model's GemmaConfig: the paper models by name, else config.json (local or hub)."""
+def base_config(name, revision="main"):
+    """The base model's GemmaConfig: the paper models by name (their config.json's values, no login needed),
+    else config.json (a local folder's, or a hub repo's through the Hugging Face cache)."""
     known = {"google/gemma-2-2b-it": M.gemma2_2b, "google/gemma-2-9b-it": M.gemma2_9b}
     if name in known:
         return known[name]()
     path = Path(name) / "config.json"
     if not path.is_file():
-        path = loader.hf_file(name, "config.json")
+        path = loader.hub_file(name, "config.json", revision)
     return M.config_from_json(path)
 
 
@@ -336,7 +337,7 @@ def fsdp_memory(traced, k, offload=False):
 
 def print_train_memory(cfg, prompt_tokens):
     """Memory and FLOPs of a step with the SPEC §5 structure and with the base run twice (two_pass_loss)."""
-    t0, base_cfg = time.perf_counter(), base_config(cfg.model)
+    t0, base_cfg = time.perf_counter(), base_config(cfg.model, cfg.model_revision)
     fast, slow = (train_memory(cfg, base_cfg, prompt_tokens, loss_fn=f)
                   for f in (train.steered_loss, two_pass_loss))
     print(f"{cfg.model}, {cfg.variant} N={cfg.n_blocks}, layer {cfg.layer}, batch {cfg.batch_size} x {cfg.max_len} "

@@ -248,7 +248,7 @@ def load_hypernet(path, base: Gemma, expected: HyperConfig = None):
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such hypernetwork checkpoint")
-    header, _, meta = read_header(path)                        # everything is checked before reading the data
+    shapes, meta = read_header(path)                           # everything is checked before reading the data
     if "hyper_config" not in meta or "base_config" not in meta:
         raise ValueError(f"{path}: not a HyperSteer checkpoint (no hyper_config/base_config metadata)")
     check_base(path, meta, base.cfg)
@@ -264,7 +264,7 @@ def load_hypernet(path, base: Gemma, expected: HyperConfig = None):
     with torch.device("meta"):
         hyper = HyperSteer(hcfg, base.cfg)
     check_state_dict(path, {k: p.shape for k, p in hyper.state_dict().items()},
-                     {k: v["shape"] for k, v in header.items() if not k.startswith("optim.")},   # train.py's too
+                     {k: s for k, s in shapes.items() if not k.startswith("optim.")},   # train.py's too
                      f"a {hcfg.variant} hypernetwork")
     state, _ = read_safetensors(path, base.model.embed_tokens.weight.device)
     state = {k: v for k, v in state.items() if not k.startswith("optim.")}

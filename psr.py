@@ -93,7 +93,7 @@ def save(psr, path, base_cfg, extra=None):
 def load(path, base):
     """A PSR file for this base model, strict: base config, width and every layer's z, w, b must fit."""
     path = Path(path)
-    header, _, meta = loader.read_header(path)
+    shapes, meta = loader.read_header(path)
     if meta.get("method") != "PSR" or meta.get("variant") not in ("single", "all"):
         raise ValueError(f"{path}: not a PSR file (metadata method {meta.get('method')!r}, variant {meta.get('variant')!r})")
     check_base(path, meta, base.cfg)
@@ -106,7 +106,7 @@ def load(path, base):
         raise ValueError(f"{path}: malformed layers metadata ({e})") from None
     psr = PSR(d, layers, meta["variant"], meta.get("concept", ""))
     want = {f"psr.{k}": v.shape for k, v in psr.state_dict().items()}
-    loader.check_state_dict(path, want, {k: info["shape"] for k, info in header.items()},
+    loader.check_state_dict(path, want, shapes,
                             f"a {psr.variant} PSR at layers {layers}, d={d}")
     tensors, _ = loader.read_safetensors(path)
     vectors.check_steering_file(path, tensors, want, layers, base.cfg.num_hidden_layers, f"a {psr.variant} PSR")

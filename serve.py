@@ -223,7 +223,7 @@ def load_engine(args):
     training model, else the offline gemma-3-270m). Returns (engine, the fixed concept of a file or None)."""
     model = args.model
     if model is None and args.hypernet:
-        model = json.loads(loader.read_header(args.hypernet)[2].get("train_config", "{}")).get("model")
+        model = json.loads(loader.read_header(args.hypernet)[1].get("train_config", "{}")).get("model")
     model = model or loader.DEMO_MODEL
     dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
     base, tok = M.load(model, args.device, getattr(torch, dtype))

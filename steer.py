@@ -47,7 +47,7 @@ NAMES = {"prompting": "Prompting", "diffmean": "DiffMean", "reft-r1": "ReFT-r1"}
 
 def file_fingerprint(path):
     """What identifies a checkpoint: its per-tensor checksums when it has them, else size and time."""
-    meta = loader.read_header(path)[2]
+    meta = loader.read_header(path)[1]
     st = Path(path).stat()
     return meta.get("crc32") or f"{st.st_size}:{st.st_mtime_ns}"
 
@@ -58,16 +58,19 @@ def load_run(args):
     --model, --data and --layer override."""
     settings = dict(data.DEMO_RUN)
     if getattr(args, "hypernet", None):
-        meta = loader.read_header(args.hypernet)[2]
+        meta = loader.read_header(args.hypernet)[1]
         if "train_config" not in meta:
             warnings.warn(f"{args.hypernet}: no train_config metadata; using the demo's split", stacklevel=2)
         settings.update(json.loads(meta.get("train_config", "{}")))
+        if getattr(args, "model", None) is None:          # the base model's hub commit it trained on (train.py)
+            settings["model_revision"] = json.loads(meta.get("commits", "{}")).get("model") or \
+                settings.get("model_revision", "main")
     if getattr(args, "data", None) and not getattr(args, "hypernet", None):
         settings["held_out_ids"] = ""                    # the demo's held-out ids name concepts of the demo data only
     settings.update({k: getattr(args, k) for k in ("model", "data", "layer") if getattr(args, k, None) is not None})
     args.device = dist.local_device(args.device)                      # cuda:LOCAL_RANK under torchrun
     dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
-    base, tok = M.load(settings["model"], args.device, getattr(torch, dtype))
+    base, tok = M.load(settings["model"], args.device, getattr(torch, dtype), settings.get("model_revision", "main"))
     hyper = H.load_hypernet(args.hypernet, base).eval() if getattr(args, "hypernet", None) else None
     if hyper is not None:
         settings["layer"] = hyper.hcfg.layer

@@ -341,90 +341,6 @@ def test_bad_checkpoints_give_one_line_errors(tmp_path):
     assert "not a readable safetensors file" in err(f)
 
 
-# ---------------------------------------------------------------- hub downloads on 127.0.0.1
-
-class FakeHub(http.server.BaseHTTPRequestHandler):
-    files, log = {}, []
-
-    def do_GET(self):
-        FakeHub.log.append((self.path, self.headers.get("Authorization"), self.headers.get("Range")))
-        if "gated" in self.path:
-            return self._reply(403, b"")
-        body = FakeHub.files.get(self.path)
-        if body is None:
-            return self._reply(404, b"")
-        rng = self.headers.get("Range")
-        if rng:
-            start = int(rng.split("=")[1].rstrip("-"))
-            return self._reply(206, body[start:])
-        self._reply(200, body)
-
-    def _reply(self, code, body):
-        self.send_response(code)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *a):
-        pass
-
-
-@pytest.fixture
-def fake_hub(tmp_path, monkeypatch):
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FakeHub)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{server.server_port}")
-    monkeypatch.setenv("HYPERSTEER_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setenv("HF_TOKEN", "hf_secret_token")
-    FakeHub.files, FakeHub.log = {}, []
-    yield FakeHub
-    server.shutdown()
-
-
-def test_hub_download_resume_token_and_errors(fake_hub, tmp_path, capsys):
-    src = tmp_path / "src"
-    write_checkpoint(src, shards=2)
-    for f in src.iterdir():
-        fake_hub.files[f"/org/tiny/resolve/main/{f.name}"] = f.read_bytes()
-    # An interrupted earlier download left half of shard 1 behind: it is resumed, not restarted.
-    shard = "model-00001-of-00002.safetensors"
-    dest = tmp_path / "cache" / "models--org--tiny" / "main"
-    dest.mkdir(parents=True)
-    (dest / f"{shard}.part").write_bytes(fake_hub.files[f"/org/tiny/resolve/main/{shard}"][:100])
-    model, _ = M.load("org/tiny")
-    assert torch.equal(model.model.norm.weight, M.load(src)[0].model.norm.weight)
-    assert ("/org/tiny/resolve/main/" + shard, "Bearer hf_secret_token", "bytes=100-") in fake_hub.log
-    assert "hf_secret_token" not in capsys.readouterr().err + "".join(p.name for p in dest.iterdir())
-    with pytest.raises(PermissionError, match="HTTP 403: gated"):
-        loader.hf_file("org/gated", "config.json")
-    with pytest.raises(FileNotFoundError, match="HTTP 404"):
-        loader.hf_file("org/absent", "config.json")
-    idx = json.loads((src / "model.safetensors.index.json").read_text())
-    idx["weight_map"]["x"] = "../../escaped.safetensors"
-    fake_hub.files = {f"/org/evil/resolve/main/{n}": b for n, b in [
-        ("config.json", b"{}"), ("tokenizer.json", b"{}"),
-        ("model.safetensors.index.json", json.dumps(idx).encode())]}
-    with pytest.raises(ValueError, match="points outside"):
-        loader.hf_download("org/evil")
-    assert not (tmp_path / "cache" / "escaped.safetensors").exists()
-
-
-def test_dataset_downloads_axbench_and_alpaca(fake_hub, tmp_path):
-    import pyarrow as pa, pyarrow.parquet as pq
-    rows = [axbench_row(3, i) for i in range(4)]
-    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "d.parquet")
-    fake_hub.files = {
-        "/datasets/pyvene/axbench-concept500/resolve/v1/2b/l20/train/data.parquet": (tmp_path / "d.parquet").read_bytes(),
-        "/datasets/tatsu-lab/alpaca_eval/resolve/main/alpaca_eval.json":
-            json.dumps([{"instruction": f"task {i}", "output": "x"} for i in range(805)]).encode()}
-    assert data.read_rows(data.download_axbench("concept500", "2b/l20/train/data.parquet", "v1")) == rows
-    instructions = data.load_instructions("alpaca")
-    order = np.random.RandomState(17).permutation(805)[:10]
-    assert protocol.pick_instructions(instructions, 17) == [f"task {i}" for i in order]
-    with pytest.raises(ValueError, match="unknown dataset"):
-        data.download_axbench("concept9")
-
-
 # ============================================================================ hypernet.py (SPEC §3)
 
 KINDS = ["gemma2", "gemma3_text"]
@@ -2279,16 +2195,15 @@ def test_safetensors_headers_are_validated_before_reading(tmp_path):
         loader.read_header(f)
 
 
-def test_downloads_stay_inside_the_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("HYPERSTEER_CACHE", str(tmp_path / "cache"))
+def test_downloads_stay_inside_the_cache(tmp_path):
     for rev in ("../../etc", "main/../../x", "/abs", "a b", "", ".."):
         with pytest.raises(ValueError, match="refusing revision"):
-            loader.hf_file("org/repo", "config.json", rev)
+            loader.hub_file("org/repo", "config.json", rev)
     for repo in ("../x", "org/../../x", "org", "a/b/c"):
         with pytest.raises(ValueError, match="refusing repository id"):
-            loader.hf_file(repo, "config.json")
+            loader.hub_file(repo, "config.json")
     with pytest.raises(ValueError, match="points outside"):
-        loader.hf_file("org/repo", "../../escape.json")
+        loader.hub_file("org/repo", "../../escape.json")
     assert not (tmp_path / "escape.json").exists()
 
 
@@ -3716,3 +3631,377 @@ def test_train_unclear_cases_end_in_one_line_and_lose_nothing(tmp_path, monkeypa
     one_line_exit(train.main, train_flags(tmp_path, "--max-steps", "3", "--resume"),
                   match="checkpoint.safetensors: could not write (No space left on device); the previous file is unchanged")
     assert ckpt.read_bytes() == before and not list(ckpt.parent.glob(".*tmp"))
+
+
+# ==== new tests: huggingface_hub and dry run
+
+import hashlib
+import os
+from urllib.parse import unquote
+
+REPO_ROOT = Path(__file__).resolve().parent
+
+
+class FakeHFHub(http.server.BaseHTTPRequestHandler):
+    """Answers the way huggingface.co answers huggingface_hub (file_download.get_hf_file_metadata's HEAD, then
+    http_get's GET): /{repo}/resolve/{revision}/{file} and /datasets/{repo}/resolve/...; X-Repo-Commit on every
+    answer about an existing revision; a small file 200 with ETag and Content-Length; an LFS file (safetensors,
+    parquet) a 302 to another origin, the CDN, with X-Linked-Etag (its sha256) and X-Linked-Size; a renamed repo
+    a relative 307; a gated repo 401 GatedRepo without its bearer token; 404 RepoNotFound / RevisionNotFound /
+    EntryNotFound. Both servers log (server, method, path, Authorization) of every request."""
+    repos, blobs, log, cdn = {}, {}, [], ""
+
+    def do_HEAD(self):
+        self.answer(body=False)
+
+    def do_GET(self):
+        self.answer(body=True)
+
+    def answer(self, body):
+        FakeHFHub.log.append((self.server.role, self.command, self.path, self.headers.get("Authorization")))
+        if self.server.role == "cdn":
+            blob = FakeHFHub.blobs.get(self.path.removeprefix("/cdn/"))
+            return self.reply(200 if blob is not None else 404, {}, blob or b"", body)
+        path, kind = self.path, "model"
+        if path.startswith("/datasets/"):
+            path, kind = path[len("/datasets"):], "dataset"
+        try:
+            owner, name, resolve, rev, *rest = path.lstrip("/").split("/")
+            assert resolve == "resolve" and rest
+        except (ValueError, AssertionError):
+            return self.reply(400, {}, b"", body)
+        repo, rev, file = self.repos.get((kind, f"{owner}/{name}")), unquote(rev), unquote("/".join(rest))
+        if repo is None:
+            return self.reply(404, {"X-Error-Code": "RepoNotFound"}, b"", body)
+        if repo.get("moved_to"):
+            prefix = "/datasets" if kind == "dataset" else ""
+            return self.reply(307, {"Location": f"{prefix}/{repo['moved_to']}/resolve/{rev}/{file}"}, b"", body)
+        if repo.get("token") and self.headers.get("Authorization") != f"Bearer {repo['token']}":
+            return self.reply(401, {"X-Error-Code": "GatedRepo", "X-Error-Message": f"Access to model {owner}/{name} "
+                                    "is restricted. You must have access to it and be authenticated to access it."},
+                              b"", body)
+        commit = repo["refs"].get(rev, rev if rev in repo["trees"] else None)
+        if commit is None:
+            return self.reply(404, {"X-Error-Code": "RevisionNotFound"}, b"", body)
+        data_ = repo["trees"][commit].get(file)
+        if data_ is None:
+            return self.reply(404, {"X-Error-Code": "EntryNotFound", "X-Repo-Commit": commit}, b"", body)
+        if file.endswith((".safetensors", ".parquet")):                       # LFS: the bytes live on the CDN
+            sha = hashlib.sha256(data_).hexdigest()
+            FakeHFHub.blobs[sha] = data_
+            return self.reply(302, {"Location": f"{FakeHFHub.cdn}/cdn/{sha}", "X-Repo-Commit": commit,
+                                    "X-Linked-Etag": f'"{sha}"', "X-Linked-Size": str(len(data_))}, b"", body)
+        etag = hashlib.sha1(b"blob %d\0" % len(data_) + data_).hexdigest()
+        self.reply(200, {"X-Repo-Commit": commit, "ETag": f'"{etag}"'}, data_, body)
+
+    def reply(self, code, headers, payload, body):
+        self.send_response(code)
+        for k, v in headers.items():
+            self.send_header(k, v)
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        if body:
+            self.wfile.write(payload)
+
+    def log_message(self, *a):
+        pass
+
+
+class HFHub:
+    """The two fake servers (hub and CDN) on 127.0.0.1 and what a subprocess needs to use them: HF_ENDPOINT and
+    an HF_HOME of its own, every other HF_* variable of this process removed."""
+
+    def __init__(self, tmp_path):
+        self.servers = []
+        for role in ("hub", "cdn"):
+            s = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FakeHFHub)
+            s.role = role
+            threading.Thread(target=s.serve_forever, daemon=True).start()
+            self.servers.append(s)
+        self.endpoint = f"http://127.0.0.1:{self.servers[0].server_port}"
+        FakeHFHub.cdn = f"http://127.0.0.1:{self.servers[1].server_port}"
+        FakeHFHub.repos, FakeHFHub.blobs, FakeHFHub.log = {}, {}, []
+        self.home = tmp_path / "hf_home"
+        self.log = FakeHFHub.log
+
+    def add(self, repo, files, kind="model", token=None):
+        """A repository whose main is one commit holding `files` ({name: bytes}); returns the commit."""
+        commit = self.commit(files)
+        FakeHFHub.repos[(kind, repo)] = {"refs": {"main": commit}, "trees": {commit: dict(files)}, "token": token}
+        return commit
+
+    def move_main(self, repo, kind="model"):
+        """A new commit on main with the same files (as a README edit would make)."""
+        r = FakeHFHub.repos[(kind, repo)]
+        files = r["trees"][r["refs"]["main"]]
+        commit = hashlib.sha1(r["refs"]["main"].encode()).hexdigest()
+        r["trees"][commit], r["refs"]["main"] = files, commit
+        return commit
+
+    @staticmethod
+    def commit(files):
+        return hashlib.sha1(b"".join(hashlib.sha1(n.encode() + b).digest() for n, b in sorted(files.items()))).hexdigest()
+
+    def run(self, *args, timeout=600, **env):
+        """python *args in the repository root against this hub (env: extra variables, e.g. HF_HUB_OFFLINE="1")."""
+        base = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING_FACE", "TRANSFORMERS_"))}
+        base.update(HF_ENDPOINT=self.endpoint, HF_HOME=str(self.home), HF_HUB_DISABLE_PROGRESS_BARS="1", **env)
+        return subprocess.run([sys.executable, *args], cwd=REPO_ROOT, env=base, capture_output=True, text=True,
+                              timeout=timeout)
+
+    def file_requests(self, method):
+        """The requests about files (a /resolve/ address or the CDN), leaving out huggingface_hub's others (its
+        once-a-day GET /api/agent-harnesses)."""
+        return [r for r in self.log if r[1] == method and ("/resolve/" in r[2] or r[0] == "cdn")]
+
+    def close(self):
+        for s in self.servers:
+            s.shutdown()
+
+
+@pytest.fixture
+def hf_hub(tmp_path):
+    hub = HFHub(tmp_path)
+    yield hub
+    hub.close()
+
+
+def folder_files(folder):
+    return {f.name: f.read_bytes() for f in Path(folder).iterdir()}
+
+
+def parquet_bytes(tmp_path, rows, name="d.parquet"):
+    import pyarrow as pa, pyarrow.parquet as pq
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / name)
+    return (tmp_path / name).read_bytes()
+
+
+DOWNLOAD = """
+import json, sys
+import data, model as M
+from lib import loader
+m, tok = M.load("org/tiny")
+single, _ = M.load("org/single")
+parquet = data.download_axbench("concept500", "2b/l20/train/data.parquet")
+print(json.dumps({"folder": str(loader.model_folder("org/tiny")), "norm": m.model.norm.weight.tolist(),
+                  "single": single.model.norm.weight.tolist(),
+                  "parquet": str(parquet), "rows": len(data.read_rows(parquet)),
+                  "instructions": len(data.load_instructions("alpaca"))}))
+"""
+
+
+def test_hub_downloads_into_the_standard_cache_with_the_login_token(hf_hub, tmp_path):
+    """A model (gated, sharded) and two datasets land in the Hugging Face cache layout; the token of `hf auth
+    login` (HF_HOME/token) is found without HF_TOKEN and never leaves the hub for the CDN; a second run sends
+    no GET; HF_HUB_OFFLINE=1 works from the warm cache and sends nothing, and gives one line from a cold one."""
+    src = tmp_path / "src"
+    ref = write_checkpoint(src, shards=2)
+    commit = hf_hub.add("org/tiny", folder_files(src), token="hf_from_the_login_file")
+    single_ref = write_checkpoint(tmp_path / "single")                       # model.safetensors, no index
+    hf_hub.add("org/single", folder_files(tmp_path / "single"))
+    rows = [axbench_row(c, i) for c in range(3) for i in range(4)]
+    dcommit = hf_hub.add("pyvene/axbench-concept500", {"2b/l20/train/data.parquet": parquet_bytes(tmp_path, rows)},
+                         kind="dataset")
+    hf_hub.add("tatsu-lab/alpaca_eval", {"alpaca_eval.json": json.dumps(
+        [{"instruction": f"task {i}"} for i in range(805)]).encode()}, kind="dataset")
+    hf_hub.home.mkdir()
+    (hf_hub.home / "token").write_text("hf_from_the_login_file\n")           # what `hf auth login` writes
+
+    first = hf_hub.run("-c", DOWNLOAD)
+    assert first.returncode == 0, first.stderr
+    out = json.loads(first.stdout.splitlines()[-1])
+    cache = hf_hub.home / "hub"
+    repo_dir = cache / "models--org--tiny"
+    assert out["folder"] == str(repo_dir / "snapshots" / commit)
+    assert (repo_dir / "refs" / "main").read_text() == commit
+    snap = repo_dir / "snapshots" / commit
+    assert sorted(p.name for p in snap.iterdir()) == sorted(p.name for p in src.iterdir())
+    assert all(p.is_symlink() and p.resolve().parent == repo_dir / "blobs" for p in snap.iterdir())
+    assert torch.equal(torch.tensor(out["norm"]), ref.model.norm.weight)
+    assert torch.equal(torch.tensor(out["single"]), single_ref.model.norm.weight)
+    assert out["parquet"] == str(cache / "datasets--pyvene--axbench-concept500" / "snapshots" / dcommit /
+                                 "2b/l20/train/data.parquet")
+    assert loader.hub_commit(out["parquet"]) == dcommit and loader.hub_commit(out["folder"]) == commit
+    assert (out["rows"], out["instructions"]) == (12, 805)
+    model_reqs = [r for r in hf_hub.log if r[0] == "hub" and r[2].startswith("/org/tiny/")]
+    assert model_reqs and all(r[3] == "Bearer hf_from_the_login_file" for r in model_reqs)
+    cdn = [r for r in hf_hub.log if r[0] == "cdn"]
+    assert len(cdn) == 4 and all(r[3] is None for r in cdn)          # 2 shards, 1 single file, the parquet; no token
+    assert "hf_from_the_login_file" not in first.stdout + first.stderr
+
+    hf_hub.log.clear()
+    again = hf_hub.run("-c", DOWNLOAD)
+    assert again.returncode == 0 and json.loads(again.stdout.splitlines()[-1]) == out
+    assert hf_hub.file_requests("GET") == []                                  # main re-resolved (HEAD), nothing fetched
+    assert len(hf_hub.file_requests("HEAD")) == 5   # config.json x 3 (three loads), parquet, alpaca_eval: no index 404
+
+    hf_hub.log.clear()
+    offline = hf_hub.run("-c", DOWNLOAD, HF_HUB_OFFLINE="1")
+    assert offline.returncode == 0 and json.loads(offline.stdout.splitlines()[-1]) == out
+    assert hf_hub.log == []
+
+    hf_hub.home = tmp_path / "cold"
+    cold = hf_hub.run("data.py", "--dataset", "concept500", HF_HUB_OFFLINE="1")
+    err = cold.stderr.strip()
+    assert cold.returncode == 1 and "\n" not in err and "Traceback" not in err, err
+    assert err.startswith("error: pyvene/axbench-concept500/2b/l20/train/data.parquet@main: not in the Hugging "
+                          "Face cache") and "HF_HUB_OFFLINE is set" in err
+    assert hf_hub.log == []
+
+
+HUB_ERRORS = """
+import json
+from lib import loader
+errors = []
+for args in [("org/gated", "config.json", "main"), ("org/absent", "config.json", "main"),
+             ("org/tiny", "absent.json", "main"), ("org/tiny", "config.json", "v9")]:
+    try:
+        loader.hub_file(*args)
+        errors.append(None)
+    except (OSError, ValueError) as e:
+        errors.append(str(e))
+for repo in ("org/evil", "org/pickle"):
+    try:
+        loader.model_folder(repo)
+        errors.append(None)
+    except (OSError, ValueError) as e:
+        errors.append(str(e))
+renamed = loader.model_folder("org/old-name")
+print(json.dumps({"errors": errors, "renamed": sorted(p.name for p in renamed.iterdir()),
+                  "commit": loader.hub_commit(renamed)}))
+"""
+
+
+def test_hub_errors_name_repo_file_and_revision(hf_hub, tmp_path):
+    """Gated (401 without the token), missing repository, file and revision: one line each naming all three;
+    an index whose shard names leave the folder or name a pickle is refused before any shard is requested;
+    a renamed repository's relative redirect is followed."""
+    src = tmp_path / "src"
+    write_checkpoint(src, shards=2)
+    files = folder_files(src)
+    commit = hf_hub.add("org/tiny", files)
+    hf_hub.add("org/gated", files, token="hf_someone_elses")
+    FakeHFHub.repos[("model", "org/old-name")] = {"moved_to": "org/tiny"}
+    idx = json.loads(files["model.safetensors.index.json"])
+    for repo, bad in (("org/evil", "../../escaped.safetensors"), ("org/pickle", "pytorch_model-00001-of-00002.bin")):
+        hf_hub.add(repo, {**files, "model.safetensors.index.json": json.dumps(
+            {"weight_map": {**idx["weight_map"], "model.norm.weight": bad}}).encode()})
+    r = hf_hub.run("-c", HUB_ERRORS)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout.splitlines()[-1])
+    gated, absent, no_file, no_rev, evil, pickle = out["errors"]
+    assert all(e and "\n" not in e for e in out["errors"])
+    assert gated.startswith("org/gated/config.json@main: HTTP 401: gated repository: accept the licence on "
+                            f"{hf_hub.endpoint}/org/gated and log in (`hf auth login`")
+    assert absent.startswith("org/absent/config.json@main: HTTP 404: no such repository")
+    assert no_file.startswith("org/tiny/absent.json@main: HTTP 404: no such file")
+    assert no_rev.startswith("org/tiny/config.json@v9: HTTP 404: no such revision")
+    assert "refusing file name '../../escaped.safetensors': it points outside" in evil
+    assert "refusing shard 'pytorch_model-00001-of-00002.bin'" in pickle and "never pickles" in pickle
+    asked = [p for _, _, p, _ in hf_hub.log]
+    assert not any("escaped" in p or ".bin" in p for p in asked)
+    assert not any(p.startswith(("/org/evil/", "/org/pickle/")) and p.endswith(".safetensors") for p in asked)
+    assert out["renamed"] == sorted(files) and out["commit"] == commit
+    assert "hf_someone_elses" not in r.stdout + r.stderr
+
+
+def test_resume_refuses_another_commit_of_the_model(hf_hub, tmp_path):
+    """The hypernetwork and checkpoint record the commit main resolved to; after main moves, --resume refuses
+    and names the flag that pins the checkpoint's commit, which then resumes."""
+    flags = train_flags(tmp_path)
+    commit = hf_hub.add("org/tiny", folder_files(Path(flags[flags.index("--model") + 1])))
+    flags[flags.index("--model") + 1] = "org/tiny"
+    first = hf_hub.run("train.py", *flags, "--max-steps", "1")
+    assert first.returncode == 0, first.stderr
+    assert f"model: org/tiny at main = commit {commit}" in first.stdout
+    for name in ("hypernet.safetensors", "checkpoint.safetensors"):
+        assert json.loads(safe_open_meta(tmp_path / "run" / name)["commits"]) == {"model": commit, "data": None}
+    moved = hf_hub.move_main("org/tiny")
+    refused = hf_hub.run("train.py", *flags, "--max-steps", "2", "--resume")
+    err = refused.stderr.strip().splitlines()[-1]
+    assert refused.returncode == 1 and f"model commit {commit} -> {moved} (--model-revision {commit} resumes" in err
+    pinned = hf_hub.run("train.py", *flags, "--max-steps", "2", "--resume", "--model-revision", commit)
+    assert pinned.returncode == 0, pinned.stderr
+    assert [json.loads(l)["step"] for l in open(tmp_path / "run" / "metrics.jsonl")] == [1, 2]
+
+
+def test_too_small_gpu_stops_before_loading_weights_with_flags_that_fit(tmp_path, monkeypatch):
+    """A CUDA run whose traced peak exceeds the GPU stops before model.load, naming the numbers and a micro-batch
+    that fits (the same examples per step); with nothing that fits, it says so."""
+    from types import SimpleNamespace
+    cfg = replace(tiny_run(tmp_path), device="cuda", batch_size=4, grad_accum=1)
+    base_cfg = M.config_from_json(Path(cfg.model) / "config.json")
+    need_2 = train.traced_memory(replace(cfg, batch_size=2, grad_accum=2), base_cfg)["peak"]
+    need_4 = train.traced_memory(cfg, base_cfg)["peak"]
+    assert need_2 < need_4
+    monkeypatch.setattr(M, "load", lambda *a, **k: pytest.fail("weights loaded"))
+    for total, expect in ((train.CUDA_EXTRA + need_2, "would fit: --batch-size 2 --grad-accum 2"),
+                          (train.CUDA_EXTRA, "no smaller micro-batch, and no --fsdp up to 8 GPUs, fits")):
+        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: SimpleNamespace(name="Tiny GPU",
+                                                                                            total_memory=total))
+        with pytest.raises(ValueError) as e:
+            train.setup(cfg)
+        msg = str(e.value)
+        assert msg.startswith(f"Tiny GPU: this run needs {train.gib(need_4):.1f} GiB per GPU") and expect in msg, msg
+
+
+def paper_hub(hf_hub, tmp_path, size):
+    """The paper's repositories on the fake hub: google/gemma-2-{size}-it (gated, the login token) with its
+    config.json in the real shapes and a small tokenizer, Concept16k with 520 concepts x 3 rows, Concept500's
+    list with 10 of them. The weights are absent: a dry run must not ask for them."""
+    cfg = {**asdict(M.gemma2_2b() if size == "2b" else M.gemma2_9b())}
+    tiny_tokenizer_json(tmp_path / "tokenizer.json")
+    hf_hub.add(f"google/gemma-2-{size}-it", {"config.json": json.dumps(cfg).encode(),
+                                              "tokenizer.json": (tmp_path / "tokenizer.json").read_bytes()},
+               token="hf_login")
+    rows = [axbench_row(c, i, concept=f"concept {c}") for c in range(520) for i in range(3)]
+    hf_hub.add("pyvene/axbench-concept16k", {f"{size}/l20/train/data.parquet": parquet_bytes(tmp_path, rows)},
+               kind="dataset")
+    hf_hub.add("pyvene/axbench-concept500", {f"{size}/l20/train/data.parquet": parquet_bytes(
+        tmp_path, [r for r in rows if r["concept_id"] < 10], "c500.parquet")}, kind="dataset")
+    hf_hub.home.mkdir(exist_ok=True)
+    (hf_hub.home / "token").write_text("hf_login")
+
+
+def plan_figure(text, pattern):
+    import re
+    found = re.search(pattern, text)
+    assert found, text
+    return found.group(1)
+
+
+@pytest.mark.slow
+def test_dry_run_prints_the_plan_and_bench_memory_figures(hf_hub, tmp_path):
+    """python train.py --dry-run, the default paper preset and paper-9b --fsdp under torchrun's WORLD_SIZE 1 and 4:
+    the split, steps and traced peak per GPU, equal to python bench.py memory's; no weight is requested."""
+    paper_hub(hf_hub, tmp_path, "2b")
+    plan = hf_hub.run("train.py", "--dry-run")
+    assert plan.returncode == 0, plan.stderr
+    out = plan.stdout
+    assert "model: google/gemma-2-2b-it at main = commit" in out and "data: concept16k:2b/l20/train/data.parquet" in out
+    # 520 concepts; held-out 500 drawn from the 510 outside Concept500's 10; trained: the other 20, each keeping
+    # its last 2 rows for evaluation (held-in: only Concept500's 10) -> 20 train rows, ceil(20 / 12) = 2 steps an
+    # epoch, 3 epochs
+    assert "rows: 1,560 read, 1,560 positives of 520 concepts" in out
+    assert "split: train 20 rows (20 concepts); held-in eval 20 rows (10 concepts); held-out 1,500 rows (500 " in out
+    assert "steps: 6 optimizer steps (3 epochs of 2) of 12 examples (batch 12 x grad-accum 1 x 1 process)" in out
+    assert "no GPU" in out or "GPU:" in out
+    bench_out = hf_hub.run("bench.py", "memory").stdout
+    assert plan_figure(out, r"memory per GPU: (\d+\.\d) GiB") == plan_figure(bench_out, r"peak during a step (\d+\.\d) GiB")
+    assert not any(p.endswith(".safetensors") for _, _, p, _ in hf_hub.log)
+
+    paper_hub(hf_hub, tmp_path, "9b")
+    torchrun = lambda k: dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE=str(k), LOCAL_WORLD_SIZE=str(k))
+    one, four = (hf_hub.run("train.py", "--dry-run", "--preset", "paper-9b", "--fsdp", **torchrun(k)) for k in (1, 4))
+    assert one.returncode == 0 and four.returncode == 0, one.stderr + four.stderr
+    assert "of 4 examples (batch 4 x grad-accum 1 x 1 process)" in one.stdout
+    assert "of 16 examples (batch 4 x grad-accum 1 x 4 processes)" in four.stdout
+    assert "--fsdp on 4 GPUs, bench.fsdp_memory" in four.stdout
+    bench_9b = hf_hub.run("bench.py", "memory", "--preset", "paper-9b", "--fsdp").stdout
+    assert plan_figure(one.stdout, r"memory per GPU: (\d+\.\d) GiB") == \
+        plan_figure(bench_9b, r"peak during a step (\d+\.\d) GiB")
+    assert plan_figure(four.stdout, r"memory per GPU: (\d+\.\d) GiB") == \
+        plan_figure(bench_9b, r"\| 4 \| 16 \| (\d+\.\d) GiB \|")
+    if "no GPU" in one.stdout:                       # 160 GiB on one 80 GB GPU: the plan names what would fit
+        assert "does NOT fit" in one.stdout and "torchrun --nproc-per-node 4 train.py ... --fsdp" in one.stdout
+    assert not any(p.endswith(".safetensors") for _, _, p, _ in hf_hub.log)

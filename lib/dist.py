@@ -29,6 +29,11 @@ def launched():
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
+def launched_world_size():
+    """How many processes torchrun started (its WORLD_SIZE), read without joining their group; 1 without it."""
+    return int(os.environ["WORLD_SIZE"]) if launched() else 1
+
+
 def local_device(device):
     """cuda:LOCAL_RANK for "cuda" under torchrun (one GPU per process); else `device` as it is."""
     return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if launched() and device == "cuda" else device
