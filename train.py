@@ -248,7 +248,7 @@ class Run:
     trainable: list
     opt: torch.optim.Optimizer
     amp: object                 # a context manager factory: bf16 autocast or nothing
-    train_ex: list              # data.Examples
+    train_ex: list              # Examples
     held_in: list
     held_out: list
     rows: dict                  # {"held_in": rows, "held_out": rows}, for the report
@@ -375,8 +375,8 @@ def dry_run(cfg):
     tok = loader.Tokenizer(folder / "tokenizer.json")
     rows = data.read_rows(files["data"])
     train_rows, in_rows, out_rows = data.split_run(rows, cfg)
-    sample = [train_rows[i] for i in data.epoch_order(len(train_rows), cfg.seed, 0)[:2000]]
-    examples = data.encode(tok, sample, cfg.max_len, cfg.variant, quiet=True)
+    sample = [train_rows[i] for i in epoch_order(len(train_rows), cfg.seed, 0)[:2000]]
+    examples = encode(tok, sample, cfg.max_len, cfg.variant, quiet=True)
     n_train = round(len(train_rows) * len(examples) / max(len(sample), 1))   # rows whose prompt leaves room
     per_epoch, total = run_steps(n_train, cfg, world)
     per_step = cfg.batch_size * cfg.grad_accum * world
