@@ -1,6 +1,6 @@
-"""Speed of our Gemma against Hugging Face `transformers` on the same weights, side by side in one run; the
-demo's training step on the CPU (ours vs the public code's two passes, and where its time goes); a training
-step's traced memory and FLOPs; the GPU measurements; the Table 1 plan.
+"""Speed and memory (SPEC §2, §5, §7): our Gemma against Hugging Face `transformers` on the same weights,
+side by side in one run; the demo's training step on the CPU (ours vs the public code's two passes, and where
+its time goes); a training step's traced memory and FLOPs; the Table 1 plan; the GPU measurements.
 
 Prefill tokens/s (one 128- and one 512-token prompt, last-position logits, as generation needs) and
 decode tokens/s (greedy, batch 1 and 8), printed with the ratio ours / transformers, plus the peak
@@ -9,7 +9,6 @@ alternating the two implementations so that both see the same machine state.
 
     python bench.py                       # gemma-3-270m, fp32, CPU (the offline model)
     python bench.py --repeats 1 --decode-tokens 16      # quicker
-    python bench.py gpu-speed             # the same on a GPU: random weights in the Gemma-2-2b shapes, bf16
 
     python bench.py train-step --bf16 no        # the demo's training step in fp32, parted (also ends `python bench.py`)
     python bench.py train-step --threads 1 --cpu-time --steps 2     # on a machine others share: CPU seconds
@@ -18,6 +17,14 @@ alternating the two implementations so that both see the same machine state.
     python bench.py memory --preset paper-9b --batch-size 8     # any train.py preset and flags
     python bench.py memory --preset paper-9b --fsdp   # + the per-GPU peak under torchrun --fsdp on 1, 2, 4, 8 GPUs
     python bench.py table1                      # the Table 1 sequence, with generations, judge cost and GPU hours
+
+On a GPU (random weights in the Gemma-2-2b shapes, bf16; --json FILE keeps the figures; --smoke runs each on
+a tiny Gemma-2 on the CPU, to check the code path):
+
+    python bench.py gpu-speed             # prefill 512/2048, decode batch 1/64 vs transformers, + the bandwidth roofline
+    python bench.py gpu-train             # a paper-2b step: time, tokens/s, peak memory, MFU; SPEC §5 vs the base run twice
+    python bench.py gpu-eval              # steered top-k sampling, generations/s, ours vs transformers.generate
+    python bench.py gpu-train --smoke     # tiny CPU variant
 """
 import contextlib
 import dataclasses
@@ -231,7 +238,7 @@ def table1_plan(preset, cfg, concepts=500, rows=1_150_000, judge_out=120, gpu_tf
                "instruction": "Give me tips for a picnic " * 3, "text": "word " * 100}  # ~128 tokens of answer
     judge_in = sum(len(m["content"]) for c in judge.CRITERIA for m in judge.judge_messages(example, c)) / 3 / 4
     cost = judge.cost(requests * judge_in, requests * judge_out, chat_api.JudgeConfig())
-    base_cfg = base_config(cfg.model)
+    base_cfg = base_config(cfg.model, cfg.model_revision)
     flops = train_memory(cfg, base_cfg, cfg.max_len // 4, steps=1)["flops"]
     steps = cfg.epochs * rows / (cfg.batch_size * cfg.grad_accum)
     train_h = steps * flops / (gpu_tflops * 1e12 * mfu) / 3600
@@ -248,7 +255,7 @@ def table1_plan(preset, cfg, concepts=500, rows=1_150_000, judge_out=120, gpu_tf
           f"(Concept16k: 16k concepts x 72) = {steps:,.0f} steps x {flops / 1e12:.1f} TFLOP (traced) at {mfu:.0%} of "
           f"{gpu_tflops:.0f} TFLOP/s bf16 = {train_h:,.1f} h; generations at the decode roofline "
           f"(batch 64, {2 * n_params / 1e9:.1f} GB of bf16 weights per step, {gpu_bandwidth / 1e12:.2f} TB/s) >= "
-          f"{decode_h:,.1f} h. Not measured: no GPU was lent to this project yet.")
+          f"{decode_h:,.1f} h. Estimates: python bench.py gpu-train and gpu-eval measure them on a GPU.")
     return {"generations": n_gen, "requests": requests, "cost_usd": cost, "train_hours": train_h,
             "decode_hours": decode_h, "commands": commands}
 
@@ -304,7 +311,7 @@ def main(argv=None):
     cpu_bench(args)
 
 
-# ============================================================================= from memory.py (merged)
+# ============================================================================= a training step's memory and FLOPs, traced on fake tensors (SPEC §5)
 class LiveBytes(TorchDispatchMode):
     """Bytes of live tensor storage, counted as ops create tensors and as Python frees them, with the
     peak: what torch.cuda.max_memory_allocated reports, less the caching allocator's rounding.
@@ -347,14 +354,15 @@ class LiveBytes(TorchDispatchMode):
         return out
 
 
-def base_config(name):
-    """The base model's GemmaConfig: the paper models by name, else config.json (local or hub)."""
+def base_config(name, revision="main"):
+    """The base model's GemmaConfig: the paper models by name (their config.json's values, no login needed),
+    else config.json (a local folder's, or a hub repo's through the Hugging Face cache)."""
     known = {"google/gemma-2-2b-it": M.gemma2_2b, "google/gemma-2-9b-it": M.gemma2_9b}
     if name in known:
         return known[name]()
     path = Path(name) / "config.json"
     if not path.is_file():
-        path = loader.hf_file(name, "config.json")
+        path = loader.hub_file(name, "config.json", revision)
     return M.config_from_json(path)
 
 
@@ -437,7 +445,7 @@ def fsdp_memory(traced, k, offload=False):
 
 def print_train_memory(cfg, prompt_tokens):
     """Memory and FLOPs of a step with the SPEC §5 structure and with the base run twice (two_pass_loss)."""
-    t0, base_cfg = time.perf_counter(), base_config(cfg.model)
+    t0, base_cfg = time.perf_counter(), base_config(cfg.model, cfg.model_revision)
     fast, slow = (train_memory(cfg, base_cfg, prompt_tokens, loss_fn=f)
                   for f in (train.steered_loss, two_pass_loss))
     print(f"{cfg.model}, {cfg.variant} N={cfg.n_blocks}, layer {cfg.layer}, batch {cfg.batch_size} x {cfg.max_len} "
@@ -479,7 +487,7 @@ def print_fsdp_memory(cfg, traced, world_sizes=(1, 2, 4, 8), gpu_gib=80):
           " blocks it would gather (< 1 GiB)")
 
 
-# ============================================================================= from bench_gpu.py (merged)
+# ============================================================================= on a GPU: random weights in the Gemma-2-2b shapes, bf16 (gpu-speed, gpu-train, gpu-eval)
 # ----------------------------------------------------------------------------- ceilings and speed
 
 # memory bandwidth (bytes/s) and dense bf16 peak (FLOP/s) from the vendors' datasheets, by a part of the
@@ -600,7 +608,7 @@ def gpu_train(args):
         hyper, model, trainable, opt = train.hypernet_and_optimizer(base, cfg)
         amp = lambda: torch.autocast(device, torch.bfloat16)
         run = train.Run(cfg, base, None, hyper, model, trainable, opt, amp, examples, [], [], {},
-                        len(examples) // cfg.batch_size, 10**9)
+                        len(examples) // cfg.batch_size, 10**9, {})
         if device == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from lib import fileio
 from lib.fileio import one_line_errors, read_json
-from lib.loader import DEMO_MODEL, hf_file
+from lib.loader import DEMO_MODEL, hub_file
 
 DEMO_DATA = Path(__file__).resolve().parent / "demo" / "concepts.jsonl"
 DEMO_INSTRUCTIONS = DEMO_DATA.parent / "instructions.json"   # 60 offline evaluation instructions (AlpacaEval stand-in)
@@ -31,10 +31,10 @@ AXBENCH_PATHS = {  # SPEC §6: dataset name -> (hub repo, default path for a mod
 
 
 def download_axbench(dataset="concept16k", path="2b/l20/train/data.parquet", revision="main"):
-    """Fetch one AxBench parquet file over requests into the cache (progress bar, resumable)."""
+    """One AxBench parquet file, through the Hugging Face cache (loader.hub_file: login, HF_HUB_OFFLINE)."""
     if dataset not in AXBENCH_PATHS:
         raise ValueError(f"unknown dataset {dataset!r}; expected one of {', '.join(AXBENCH_PATHS)}")
-    return hf_file(AXBENCH_PATHS[dataset], path, revision, kind="dataset")
+    return hub_file(AXBENCH_PATHS[dataset], path, revision, kind="dataset")
 
 
 def read_rows(path):
@@ -58,6 +58,9 @@ def read_rows(path):
     if missing:
         raise ValueError(f"{path}: not AxBench-shaped data: no column {', '.join(missing)}")
     rows = [r for r in raw if valid(r)]
+    if not positives(rows):                          # blame the file, not a later flag that finds no concept
+        raise ValueError(f"{path}: no valid positive AxBench row ({len(raw)} rows, {len(raw) - len(rows)} malformed; "
+                         "a positive row has category 'positive', a concept_id >= 0 and every column filled)")
     if len(rows) < len(raw):
         warnings.warn(f"{path}: skipped {len(raw) - len(rows)} malformed rows of {len(raw)}", stacklevel=2)
     return rows
@@ -186,10 +189,10 @@ def read_instructions(path):
 
 
 def load_instructions(source="alpaca", revision="main"):
-    """'alpaca': AlpacaEval's 805 instructions (fetched once into the hub cache); 'demo': the bundled 60,
+    """'alpaca': AlpacaEval's 805 instructions (fetched once into the Hugging Face cache); 'demo': the bundled 60,
     an offline stand-in under the same selection rule; else a JSON list of {"instruction": ...} or strings."""
     if source == "alpaca":
-        path = hf_file("tatsu-lab/alpaca_eval", "alpaca_eval.json", revision, kind="dataset")
+        path = hub_file("tatsu-lab/alpaca_eval", "alpaca_eval.json", revision, kind="dataset")
     else:
         path = DEMO_INSTRUCTIONS if source == "demo" else Path(source)
     return read_instructions(path)
@@ -208,6 +211,13 @@ def mentions(text, keywords):
     """A judge-free check that a concept shows up: any keyword is a substring of the lowercased text."""
     text = text.lower()
     return any(k in text for k in keywords)
+
+
+def distinct_words(text):
+    """A judge-free fluency proxy: the share of distinct words among the text's words (1 = no word twice).
+    Steered too hard, a model loops on a few words, and this falls toward 0; an empty text counts as 0."""
+    words = text.lower().split()
+    return len(set(words)) / len(words) if words else 0.0
 
 
 def main():

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from lib import fileio
+from lib import fileio, vectors
 from lib.flex import use_flex
 from lib.loader import check_state_dict, read_header, read_safetensors, save_safetensors
 from model import (Attention, Block, Gemma, GemmaConfig, RMSNorm, attend, attention_inputs, embed, gemma2_2b,
@@ -243,11 +243,12 @@ def check_base(path, meta, base_cfg: GemmaConfig):
 def load_hypernet(path, base: Gemma, expected: HyperConfig = None):
     """A HyperSteer from `save`, on the base's device. Strict: the checkpoint must have been trained
     for this base model (and for `expected`'s variant, N and layer when given) and hold exactly the
-    parameters, by name and shape. freeze_embeddings comes from `expected` when given."""
+    parameters, by name and shape, finite and sane at a layer the base has (vectors.check_steering_file, the
+    check of every steering file). freeze_embeddings comes from `expected` when given."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such hypernetwork checkpoint")
-    header, _, meta = read_header(path)                        # everything is checked before reading the data
+    shapes, meta = read_header(path)                           # everything is checked before reading the data
     if "hyper_config" not in meta or "base_config" not in meta:
         raise ValueError(f"{path}: not a HyperSteer checkpoint (no hyper_config/base_config metadata)")
     check_base(path, meta, base.cfg)
@@ -263,10 +264,13 @@ def load_hypernet(path, base: Gemma, expected: HyperConfig = None):
     with torch.device("meta"):
         hyper = HyperSteer(hcfg, base.cfg)
     check_state_dict(path, {k: p.shape for k, p in hyper.state_dict().items()},
-                     {k: v["shape"] for k, v in header.items() if not k.startswith("optim.")},   # train.py's too
+                     {k: s for k, s in shapes.items() if not k.startswith("optim.")},   # train.py's too
                      f"a {hcfg.variant} hypernetwork")
     state, _ = read_safetensors(path, base.model.embed_tokens.weight.device)
-    hyper.load_state_dict({k: v for k, v in state.items() if not k.startswith("optim.")}, strict=True, assign=True)
+    state = {k: v for k, v in state.items() if not k.startswith("optim.")}
+    vectors.check_steering_file(path, state, {k: p.shape for k, p in hyper.state_dict().items()}, [hcfg.layer],
+                                base.cfg.num_hidden_layers, f"a {hcfg.variant} hypernetwork")
+    hyper.load_state_dict(state, strict=True, assign=True)
     hyper.embed_tokens.requires_grad_(not hcfg.freeze_embeddings)
     return hyper
 

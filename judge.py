@@ -14,7 +14,7 @@ averaged over concepts, laid out like paper Table 1.
     python judge.py gens.jsonl --model gpt-4o-mini   # -> gens.ratings.jsonl, gens.report.md/.json
     python judge.py gens.jsonl --base-url http://localhost:11434/v1 --model qwen2.5:7b  # local
 
-Every answer is cached (chat_api.py) in .judge_cache/ (next to the first input), one file per request named by
+Every answer is cached (lib/chat_api.py) in .judge_cache/ (next to the first input), one file per request named by
 the sha256 of the full request (model, messages, temperature), so a re-run or an interrupted run
 pays for nothing twice. A request that still fails after its retries, or whose reply is not text,
 is recorded as failed (never as a 0), is not cached, and is sent again on the next run. The

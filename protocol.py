@@ -15,7 +15,9 @@ every method samples with the same random numbers and a resumed run reproduces t
 the same method is refused. A row's key is (method, concept_id, instruction_index, strength): a resumed
 run, or shards merged into one file (merge_shards), holds each key once. The file being written is read
 append-only (read_resumable: a torn last line is generated again); finished files are read strictly
-(read_generations: any malformed line is an error naming file and line).
+(read_generations: any malformed line is an error naming file and line). Rows used together pass check_rows:
+one method's rows from one producer, and (for the judge) each key once; a merge also checks each shard file
+against the row counts its .done file recorded.
 """
 import json
 import math
@@ -188,23 +190,57 @@ def generate_rows(base, tok, out, method: Method, *, split, concepts, instructio
 
 # ----------------------------------------------------------------------------- reading finished files (judge.py)
 
+def check_rows(placed, repeats_ok=False):
+    """The rule every reader of generations applies to the rows it is about to use together, placed as
+    [("file:line", row)]: one method's rows come from one producer (a second checkpoint or other settings under
+    the same method name would be averaged into its score), and, unless repeats_ok (a merge, which keeps one
+    copy of a row it finds twice), each key once (a file given twice, or two runs' files). Errors name both places."""
+    producer, first = {}, {}
+    for where, r in placed:
+        m, p = r["method"], r.get("producer")
+        if producer.setdefault(m, (p, where))[0] != p:
+            raise ValueError(f"{producer[m][1]} and {where}: {m} rows from two producers (another checkpoint or "
+                             "other settings under one method name); keep each run's rows in their own file")
+        key = (m, r.get("concept_id", r["concept"]), r["instruction_index"], r["strength"])
+        if key in first and not repeats_ok:
+            raise ValueError(f"{first[key]} and {where}: the same {m} row (concept {key[1]}, instruction {key[2]}, "
+                             f"strength {key[3]}) twice: a file given twice, or two runs' rows in one file")
+        first.setdefault(key, where)
+
+
 def read_generations(paths):
-    """Rows of steer.py's generations JSONL files; ValueError naming file:line on a bad line."""
-    rows = []
+    """Rows of steer.py's finished generations JSONL files, checked together (check_rows); ValueError naming
+    file:line on a bad line, and naming both files on a file given twice or rows of two producers."""
+    given = {}
     for path in paths:
+        if (real := Path(path).resolve()) in given:
+            raise ValueError(f"{path}: given twice" + (f" (also as {given[real]})" if str(given[real]) != str(path)
+                                                       else ""))
+        given[real] = path
+    rows, placed = [], []
+    for path in paths:
+        before = len(placed)
         for n, row in fileio.read_jsonl(path, "generations file"):
             if not isinstance(row, dict):
                 raise ValueError(f"{path}:{n}: not a JSON object")
             missing = [k for k in REQUIRED if k not in row]
             if missing:
                 raise ValueError(f"{path}:{n}: missing field(s) {', '.join(missing)}")
-            try:
-                row["instruction_index"] = int(row["instruction_index"])
-                row["strength"] = float(row["strength"])
-            except (ValueError, TypeError):
-                raise ValueError(f"{path}:{n}: instruction_index and strength must be numbers") from None
+            idx, strength = row["instruction_index"], row["strength"]
+            if isinstance(idx, bool) or not isinstance(idx, int) or not 0 <= idx < 10:
+                raise ValueError(f"{path}:{n}: instruction_index must be an integer 0-9 (SPEC §7), got {idx!r}")
+            if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not math.isfinite(strength):
+                raise ValueError(f"{path}:{n}: strength must be a finite number, got {strength!r}")
+            row["strength"] = float(strength)
+            bad = [k for k in ("method", "concept", "instruction", "text") if not isinstance(row[k], str)]
+            if bad:                                   # a null text would be sent to the judge, and paid for, as "None"
+                raise ValueError(f"{path}:{n}: {', '.join(bad)} must be text")
             row.setdefault("split", "all")
             rows.append(row)
+            placed.append((f"{path}:{n}", row))
+        if len(placed) == before:
+            raise ValueError(f"{path}: holds no generations rows")
+    check_rows(placed)
     return rows
 
 
@@ -225,31 +261,61 @@ def shard_of(text=None):
 
 def shard_path(out, i, n):
     """Shard i of n writes OUT.shard-i-of-n.jsonl (resumable like OUT), taking every n-th concept from the i-th,
-    and, when done, OUT.shard-i-of-n.jsonl.done. The shard that finds all n done merges them into OUT; on
-    machines without a shared disk, copy the shard files and their .done files together and run
-    `python steer.py merge --out OUT --shards n`."""
+    and, when done, OUT.shard-i-of-n.jsonl.done (mark_done: the rows it holds, per method). The shard that finds
+    all n done merges them into OUT; on machines without a shared disk, copy the shard files and their .done
+    files together and run `python steer.py merge --out OUT --shards n`."""
     out = Path(out)
     return out.with_name(f"{out.stem}.shard-{i}-of-{n}{out.suffix}")
 
 
+def mark_done(shard, method):
+    """Record in SHARD.done how many rows of `method` the finished `shard` holds (other methods' counts are kept),
+    so that a merge can tell a whole shard file from a missing or cut-short one."""
+    done, rows = Path(f"{shard}.done"), sum(r["method"] == method for r in read_resumable(shard))
+    try:
+        counts = read_done(done) if done.exists() else {}
+    except ValueError:                                                # an older or damaged marker: this run's count
+        counts = {}
+    fileio.write_text(done, json.dumps({**counts, method: rows}) + "\n")
+
+
+def read_done(done):
+    counts = fileio.read_json(done, "shard .done file")
+    if not isinstance(counts, dict) or not all(isinstance(v, int) and v >= 0 for v in counts.values()):
+        raise ValueError(f"{done}: malformed .done file (expected {{method: rows}}); run that shard again")
+    return counts
+
+
 def merge_shards(out, n):
     """OUT's rows, then each shard's, each row key once, written atomically into OUT. Returns the number of
-    rows, or None while a shard is not done. Rows of one key from different producers are refused."""
+    rows, or None while a shard is not done. Refused, naming the files: a shard whose file holds fewer or more
+    rows than its .done file promised (missing, cut short, or written to since), and one method's rows from
+    two producers (shards run with other checkpoints or settings into one --out)."""
     shards = [shard_path(out, i, n) for i in range(n)]
     waiting = [str(i) for i, p in enumerate(shards) if not Path(f"{p}.done").exists()]
     if waiting:
         print(f"{out}: shard(s) {', '.join(waiting)} of {n} not done yet; the last one to finish merges")
         return None
-    rows = {}
-    for path in [Path(out), *shards]:
-        for r in read_resumable(path):
-            key = row_key(r)
-            if rows.setdefault(key, r).get("producer") != r.get("producer"):
-                raise ValueError(f"{path}: row {key} was made by another checkpoint or other settings "
-                                 f"than {out}'s; merge into another --out")
-    fileio.write_jsonl(out, rows.values())
-    print(f"merged {n} shards into {out}: {len(rows)} rows")
-    return len(rows)
+    placed = [(f"{out}:{i}", r) for i, r in enumerate(read_resumable(out), 1)]
+    for i, path in enumerate(shards):
+        promised, rows = read_done(Path(f"{path}.done")), read_resumable(path)
+        if not path.exists():
+            raise ValueError(f"{path}: missing, though {path}.done says it is finished; run the eval with "
+                             f"--shard {i}/{n} again")
+        held = {m: sum(r["method"] == m for r in rows) for m in {*promised, *(r["method"] for r in rows)}}
+        wrong = {m: k for m, k in held.items() if k != promised.get(m, 0)}
+        if wrong:
+            m = next(iter(wrong))
+            raise ValueError(f"{path}: holds {wrong[m]} {m} rows, its .done file promised {promised.get(m, 0)} "
+                             f"(cut short, or written to since); run that eval with --shard {i}/{n} again")
+        placed += [(f"{path}:{j}", r) for j, r in enumerate(rows, 1)]
+    check_rows(placed, repeats_ok=True)
+    merged = {}
+    for _, r in placed:
+        merged.setdefault(row_key(r), r)                              # a row found twice (a re-merge): one copy
+    fileio.write_jsonl(out, merged.values())
+    print(f"merged {n} shards into {out}: {len(merged)} rows")
+    return len(merged)
 
 
 # ----------------------------------------------------------------------------- selection on instructions 0-4, score on 5-9

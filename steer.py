@@ -17,9 +17,11 @@
 
 One steering prompt, end to end: compare() tokenises the prompt once; hypernet.deltas reads the base
 residual at layer L over it and returns Δ = H(s, x); model.generate runs with
-Steering({L: Δ}, strength), and model.intervene adds strength * Δ to the residual (Eq. 1).
+Steering({L: Δ}, strength), and model.intervene adds strength * Δ to the residual (Eq. 1). sweep() is that
+generation for several prompts and strengths in one batch (compare --sweep, the workshop notebook).
 eval builds the method (method_for -> protocol.Method) and samples its rows with protocol.generate_rows.
 """
+import argparse
 import hashlib
 import itertools
 import json
@@ -45,7 +47,7 @@ NAMES = {"prompting": "Prompting", "diffmean": "DiffMean", "reft-r1": "ReFT-r1"}
 
 def file_fingerprint(path):
     """What identifies a checkpoint: its per-tensor checksums when it has them, else size and time."""
-    meta = loader.read_header(path)[2]
+    meta = loader.read_header(path)[1]
     st = Path(path).stat()
     return meta.get("crc32") or f"{st.st_size}:{st.st_mtime_ns}"
 
@@ -56,14 +58,19 @@ def load_run(args):
     --model, --data and --layer override."""
     settings = dict(data.DEMO_RUN)
     if getattr(args, "hypernet", None):
-        meta = loader.read_header(args.hypernet)[2]
+        meta = loader.read_header(args.hypernet)[1]
         if "train_config" not in meta:
             warnings.warn(f"{args.hypernet}: no train_config metadata; using the demo's split", stacklevel=2)
         settings.update(json.loads(meta.get("train_config", "{}")))
+        if getattr(args, "model", None) is None:          # the base model's hub commit it trained on (train.py)
+            settings["model_revision"] = json.loads(meta.get("commits", "{}")).get("model") or \
+                settings.get("model_revision", "main")
+    if getattr(args, "data", None) and not getattr(args, "hypernet", None):
+        settings["held_out_ids"] = ""                    # the demo's held-out ids name concepts of the demo data only
     settings.update({k: getattr(args, k) for k in ("model", "data", "layer") if getattr(args, k, None) is not None})
     args.device = dist.local_device(args.device)                      # cuda:LOCAL_RANK under torchrun
     dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
-    base, tok = M.load(settings["model"], args.device, getattr(torch, dtype))
+    base, tok = M.load(settings["model"], args.device, getattr(torch, dtype), settings.get("model_revision", "main"))
     hyper = H.load_hypernet(args.hypernet, base).eval() if getattr(args, "hypernet", None) else None
     if hyper is not None:
         settings["layer"] = hyper.hcfg.layer
@@ -72,15 +79,22 @@ def load_run(args):
 
 # ----------------------------------------------------------------------------- evaluation generations (SPEC §7)
 
+def hypersteer_method(base, tok, hyper, source=None):
+    """A trained hypernetwork as a protocol.Method: Δ = H(s, x) for every (concept, instruction), added at the
+    layer it was trained for, on the SPEC §7 grid."""
+    layer = base.layer_index(hyper.hcfg.layer)
+    edits = lambda cid, concept, ins, ids: [{layer: d} for d in H.deltas(base, tok, hyper, concept, ins, ids)]
+    return protocol.Method(f"HyperSteer {hyper.hcfg.variant.replace('_', ' ')}", list(protocol.HYPER_GRID), edits,
+                           source=source)
+
+
 def method_for(args, base, tok, hyper, settings, rows):
     """The protocol.Method of --method: its name, strength grid, and what it adds (or how it prompts)."""
     layer, method = base.layer_index(settings["layer"]), args.method
     if method == "hypersteer":
         if hyper is None:
             raise ValueError("--method hypersteer needs --hypernet")
-        edits = lambda cid, concept, ins, ids: [{layer: d} for d in H.deltas(base, tok, hyper, concept, ins, ids)]
-        return protocol.Method(f"HyperSteer {hyper.hcfg.variant.replace('_', ' ')}", protocol.HYPER_GRID, edits,
-                               source=args.hypernet)
+        return hypersteer_method(base, tok, hyper, args.hypernet)
     if method == "psr":
         import psr
         if not args.psr:
@@ -107,6 +121,9 @@ def cmd_eval(args):
     rows = data.load_rows(settings["data"], settings.get("data_revision", "main"))
     ids = [int(c) for c in args.concept_ids.split(",")] if args.concept_ids else None
     concepts = protocol.concepts_of_split(rows, settings, args.split, ids)[:args.max_concepts or None]
+    if not concepts:
+        hint = "" if hyper else " (without --hypernet nothing is held out: use --split held-in or --concept-ids)"
+        raise ValueError(f"--split {args.split}: no concepts to evaluate in {settings['data']}{hint}")
     shard, n_shards = protocol.shard_of(args.shard)          # (rank, world size) under torchrun, else (0, 1)
     out = protocol.shard_path(args.out, shard, n_shards) if n_shards > 1 else Path(args.out)
     concepts = concepts[shard::n_shards]
@@ -130,7 +147,7 @@ def cmd_eval(args):
                                            batch_size=args.batch_size, overwrite=args.overwrite)
     print(f"wrote {made} rows to {out} ({skipped} already there)")
     if n_shards > 1:
-        Path(f"{out}.done").write_text(f"{skipped + made}\n")
+        protocol.mark_done(out, method.name)
         protocol.merge_shards(args.out, n_shards)
 
 
@@ -140,6 +157,26 @@ def cmd_merge(args):
 
 
 # ----------------------------------------------------------------------------- compare and export
+
+def sweep(base, tok, prompts, edits, strengths, max_new_tokens=48, *, raw=False, temperature=0.0, seed=0,
+          batch_size=16):
+    """Answers to every prompt at every strength, {strength: [answer per prompt]}, greedy by default: Eq. 1
+    with one strength per row of a batched generate, every row sampled with the same seed, so two rows
+    differ only by their strength. edits {layer: Δ (d,) or a per-token function} is shared by all prompts
+    (None: unsteered); raw: no chat template, a plain continuation (only <bos> is never steered)."""
+    ids, n_prefix = ([tok.encode(p) for p in prompts], 1) if raw else (tok.chat_batch(prompts), tok.chat_prefix_len)
+    jobs = [(s, i) for s in strengths for i in range(len(prompts))]
+    out = {s: [None] * len(prompts) for s in strengths}
+    for j in range(0, len(jobs), batch_size):
+        batch = jobs[j:j + batch_size]
+        rows = [ids[i] for _, i in batch]
+        steering = None if edits is None else M.Steering(edits, torch.tensor([float(s) for s, _ in batch]))
+        gens = M.generate(base, rows, max_new_tokens, stop_ids=tok.stop_ids, temperature=temperature,
+                          seeds=[seed] * len(rows), steering=steering, steer_masks=M.steer_after(rows, n_prefix))
+        for (s, i), g in zip(batch, gens):
+            out[s][i] = tok.decode(g)
+    return out
+
 
 def cmd_compare(args):
     base, tok, hyper, settings = load_run(args)
@@ -152,7 +189,7 @@ def cmd_compare(args):
         delta = H.deltas(base, tok, hyper, args.concept, [args.prompt], [ids])[0]          # Δ = H(s, x), (d,)
         edits, what = {layer: delta}, f"concept {args.concept!r}, |Δ| = {delta.norm():.1f} at layer {layer}"
     elif args.vector:
-        delta, layer, meta = vectors.load_vector(args.vector, base.cfg.hidden_size)
+        delta, layer, meta = vectors.load_vector(args.vector, base.cfg.hidden_size, base.cfg.num_hidden_layers)
         edits, what = {layer: delta}, f"{meta.get('method')} vector for {meta.get('concept')!r} at layer {layer}"
     elif args.psr:
         import psr
@@ -163,11 +200,9 @@ def cmd_compare(args):
     grid = protocol.parse_grid(args.sweep, "--sweep") if args.sweep else [0.0, args.strength]
     if edits is None:
         grid = [0.0]
-    steering = None if edits is None else M.Steering(edits, torch.tensor(grid))     # one strength per row
-    outs = M.generate(base, [ids] * len(grid), args.max_new_tokens, stop_ids=tok.stop_ids,
-                      temperature=args.temperature, seeds=[args.seed] * len(grid), steering=steering,
-                      steer_masks=M.steer_after([ids] * len(grid), n_prefix))
-    texts = [tok.decode(o) for o in outs]
+    answers = sweep(base, tok, [args.prompt], edits, grid, args.max_new_tokens, raw=args.raw,
+                    temperature=args.temperature, seed=args.seed)
+    texts = [answers[s][0] for s in grid]
     if edits is None:
         print(args.prompt + texts[0] if args.raw else texts[0])
         return
@@ -201,6 +236,20 @@ def cmd_export(args):
           f"wrote {args.out}.safetensors and {args.out}.gguf")
 
 
+def sampling_flag(field, kind):
+    """argparse type for --temperature / --top-k: a value model.check_sampling accepts (the sampler guard
+    serve.py's requests pass too), so a tiny or negative temperature is one line, not NaN or a traceback."""
+    def parse(text):
+        v = kind(text)
+        try:
+            M.check_sampling(**{field: v})
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+        return v
+    parse.__name__ = kind.__name__                   # argparse: "invalid float value: 'x'"
+    return parse
+
+
 def main(argv=None):
     common = fileio.ArgumentParser(add_help=False)
     add = common.add_argument
@@ -222,7 +271,8 @@ def main(argv=None):
     p.add_argument("--sweep", nargs="?", const="0,0.5,1,2,4,8", help="comma-separated strengths to compare in one table")
     p.add_argument("--raw", action="store_true", help="no chat template (plain continuation)")
     p.add_argument("--max-new-tokens", type=fileio.positive_int, default=64, help="tokens to generate")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (reproducible)")
+    p.add_argument("--temperature", type=sampling_flag("temperature", float), default=0.0,
+                   help=f"0 = greedy (reproducible), else at least {M.MIN_TEMPERATURE}")
 
     p = sub.add_parser("eval", parents=[common], help="SPEC §7 generations of a method, for judge.py")
     p.add_argument("--method", default="hypersteer", choices=METHODS, help="what steers (SPEC §8, §8a)")
@@ -237,8 +287,10 @@ def main(argv=None):
     p.add_argument("--alpaca-revision", default="main", help="revision of tatsu-lab/alpaca_eval to pin")
     p.add_argument("--grid", help="comma-separated strengths (default: 0.2..2.0, plus 2.5-5 for vector baselines)")
     p.add_argument("--max-new-tokens", type=fileio.positive_int, default=128, help="tokens per generation (SPEC §7: 128)")
-    p.add_argument("--temperature", type=fileio.finite, default=1.0, help="sampling temperature (SPEC §7: 1.0)")
-    p.add_argument("--top-k", type=int, default=50, help="sample from the k likeliest tokens (SPEC §7: 50; 0 = all)")
+    p.add_argument("--temperature", type=sampling_flag("temperature", float), default=1.0,
+                   help=f"sampling temperature (SPEC §7: 1.0; 0 = greedy, else at least {M.MIN_TEMPERATURE})")
+    p.add_argument("--top-k", type=sampling_flag("top_k", int), default=50,
+                   help="sample from the k likeliest tokens (SPEC §7: 50; 0 = all)")
     p.add_argument("--batch-size", type=fileio.positive_int, default=8, help="generations per batch")
     p.add_argument("--judge-url", help="prompting: an OpenAI-compatible endpoint that writes the steering prompts")
     p.add_argument("--judge-model", default="gpt-4o-mini", help="prompting: the model behind --judge-url")

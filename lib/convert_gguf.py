@@ -12,10 +12,10 @@ assembled into a temporary file next to the output folder and deleted afterwards
 keeps the pieces, so nothing is lost. The result is cached: a folder with the `.complete`
 marker is returned as is. The folder is built under a temporary name and renamed into place,
 so an interrupted run leaves nothing that looks finished. loader.load() runs this itself the
-first time the offline model is asked for.
+first time the offline model is asked for (model.load).
 
-    python convert_gguf.py                   # -> models/gemma-3-270m (about 1 GB, < 1 min on CPU)
-    python convert_gguf.py --out /tmp/gemma  # anywhere else
+    python -m lib.convert_gguf                   # -> models/gemma-3-270m (about 1 GB, < 1 min on CPU)
+    python -m lib.convert_gguf --out /tmp/gemma  # anywhere else
 """
 
 import json
@@ -223,7 +223,7 @@ def build(out_dir: str | Path = DEFAULT_DIR, verbose: bool = True) -> Path:
 def main() -> None:
     parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=DEFAULT_DIR,
-                        help="output folder (default: models/gemma-3-270m next to this file)")
+                        help="output folder (default: models/gemma-3-270m in the repository)")
     parser.add_argument("--quiet", action="store_true", help="print nothing")
     with one_line_errors():
         args = parser.parse_args()
