@@ -4007,7 +4007,7 @@ def test_dry_run_prints_the_plan_and_bench_memory_figures(hf_hub, tmp_path):
     assert not any(p.endswith(".safetensors") for _, _, p, _ in hf_hub.log)
 
 
-# ==== new tests: demo speed
+# ==== new tests: demo
 
 def test_cached_base_residual_gives_the_same_loss_and_gradients(tmp_path):
     """SPEC §5: the base residual at L, kept per example (computed alone, no padding) and left padded into a
