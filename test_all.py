@@ -10,6 +10,7 @@ import base64
 import copy
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -46,7 +47,7 @@ import psr as P
 import serve
 import steer
 import train
-from conftest import (LAYER, LAYOUT, MIXED, N, SECRET, start_server, tiny_hyper, tiny_model_folder,
+from conftest import (LAYER, LAYOUT, MIXED, N, SECRET, find_chromium, start_server, tiny_hyper, tiny_model_folder,
                       tiny_tokenizer_json)
 from hypernet import HyperConfig, HyperSteer, count_params, hyper_input, load_hypernet, save
 from lib import chat_api, checkpoint, convert_gguf, dist, flex, loader, serve_api, vectors
@@ -2707,3 +2708,30 @@ def test_chat_client_is_cached(server, tmp_path):
 # ======================================================================= lib/dist.py, lib/checkpoint.py, lib/fileio.py
 
 # Tested through their users: train.py's checkpoints, resume and several processes; protocol.py's files.
+
+
+# ==== new tests: browser requirement
+
+def test_missing_chromium_skips_with_the_install_hint_but_fails_under_ci(monkeypatch):
+    """The page test's requirement (find_chromium in conftest.py): where Chromium or chromedriver is missing, a
+    machine with only Python skips the test and names the install command; under CI=true it fails, so CI keeps
+    testing the page."""
+    def installed(*names):
+        monkeypatch.setattr(shutil, "which", lambda name: f"/usr/bin/{name}" if name in names else None)
+    for ci in (None, "true"):
+        if ci is None:
+            monkeypatch.delenv("CI", raising=False)
+        else:
+            monkeypatch.setenv("CI", ci)
+        installed("chromedriver", "chromium")
+        assert find_chromium() == ("/usr/bin/chromedriver", "/usr/bin/chromium")
+        installed("chromedriver", "chromium-browser")
+        assert find_chromium() == ("/usr/bin/chromedriver", "/usr/bin/chromium-browser")
+        for present in (["chromium"], ["chromedriver"], []):
+            installed(*present)
+            outcome = pytest.fail.Exception if ci else pytest.skip.Exception
+            with pytest.raises(outcome, match="`apt-get install -y chromium chromium-driver`"):
+                find_chromium()
+    monkeypatch.setenv("CI", "false")
+    with pytest.raises(pytest.skip.Exception, match="Chromium is not installed"):
+        find_chromium()
