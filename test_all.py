@@ -472,6 +472,7 @@ TOKENIZER_CASES = [
 ]
 
 
+@pytest.mark.slow
 def test_real_model_logits_and_greedy_equal_transformers(real_pair):
     ours, tok, hf, _ = real_pair
     text = ("Steering vectors are added to the residual stream of a language model. " * 50)[:3200]
@@ -996,6 +997,7 @@ def test_steered_loss_equals_running_the_base_twice(tmp_path):
     assert abs(fast.item() - slow.item()) < 1e-5 and fast.item() != TR.steered_loss(base, hyper, b, 0.0).item()
 
 
+@pytest.mark.slow
 def test_loss_falls_when_overfitting_one_concept(tmp_path):
     cfg = tiny_run(tmp_path, max_steps=40, held_out_concepts=0, eval_rows=0)
     write_rows(tmp_path / "d.jsonl", [dict(axbench_row(0, i), output="w40 w41 w40 w41") for i in range(8)])
@@ -1024,6 +1026,7 @@ def test_presets_follow_paper_table_3():
     assert all(c.layer == 20 and c.epochs == 3 and c.weight_decay == 0 for k, c in P.items() if k.startswith("paper"))
 
 
+@pytest.mark.slow
 def test_keywords_never_reach_training_and_the_report_reads_the_log(tmp_path, capsys):
     """issue 11: the keyword lists only score the report's answers (weights are identical with other
     keywords), and the report prints what metrics.jsonl holds."""
@@ -1056,6 +1059,7 @@ def test_keywords_never_reach_training_and_the_report_reads_the_log(tmp_path, ca
 
 # ---------------------------------------------------------------------------------------------- checkpoints and resume
 
+@pytest.mark.slow
 def test_interrupt_and_resume_equal_an_uninterrupted_run(tmp_path, monkeypatch):
     TR.train(tiny_run(tmp_path, max_steps=6, out=str(tmp_path / "straight"), save_every=2))
     real, calls = TR.steered_loss, []
@@ -1326,6 +1330,7 @@ def test_dist_nan_in_one_process_stops_every_process(tmp_path, one_thread):
     assert [json.loads(l)["step"] for l in open(tmp_path / "run" / "metrics.jsonl")] == [1, 2]
 
 
+@pytest.mark.slow
 def test_torchrun_trains_with_one_writer(tmp_path):
     """The real launcher: `torchrun --nproc-per-node 2 train.py ...` with no other change (FSDP2, gloo)."""
     cfg = tiny_run(tmp_path, max_steps=2, samples=2)
@@ -1582,6 +1587,7 @@ def test_eval_refuses_rows_of_another_producer(setup, tmp_path):
     assert {json.loads(l)["producer"] for l in open(out)} == {"ckpt-B"}
 
 
+@pytest.mark.slow
 def test_shard_eval_writes_every_row_once(setup, tmp_path, monkeypatch, capsys):
     """Concepts split over 2 shards (--shard i/n, or torchrun's RANK/WORLD_SIZE): the merged file holds exactly
     the unsharded run's rows, each once; re-running a shard adds nothing; merge waits for every shard."""
@@ -2200,6 +2206,7 @@ def test_psr_save_load_round_trip_and_refusals(setup, tmp_path):
         P.load(tmp_path / "vec.safetensors", base)
 
 
+@pytest.mark.slow
 def test_psr_cli_and_steer_eval_and_compare(setup, tmp_path, capsys):
     base, tok, _ = setup
     folder = tiny_model_folder(base, tmp_path / "model")
@@ -2627,6 +2634,7 @@ def test_convert_config_resolves_in_transformers(built):
     assert cfg.rope_parameters["sliding_attention"]["rope_theta"] == 1e4
 
 
+@pytest.mark.slow
 def test_convert_weights_and_logits_equal_transformers_gguf(built, gguf_path):
     """Ours vs transformers' GGUF dequantizer (from_pretrained(gguf_file=...) needs accelerate,
     so its loader is called directly): equal tensors, equal logits."""
@@ -2650,6 +2658,7 @@ def test_convert_weights_and_logits_equal_transformers_gguf(built, gguf_path):
         assert (hf(ids).logits - ref(ids).logits).abs().max().item() < 1e-4
 
 
+@pytest.mark.slow
 def test_convert_tokenizer_equals_transformers_gguf(built, gguf_path):
     from transformers import AutoTokenizer
     ours = Tokenizer.from_file(str(built / "tokenizer.json"))
