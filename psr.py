@@ -10,9 +10,9 @@ per-token function of the activation itself instead of one constant vector:
 S-PSR ("single") edits the steering layer and imitates it and every later layer; A-PSR ("all") edits
 and imitates every layer, chained: layer l's probe reads the activation with the earlier edits added,
 because model.Gemma.run applies a Steering's edits in layer order. PSR goes through the project's one
-intervention mechanism (model.Steering / model.intervene), like every other method. Here: the edit, its
-losses and training, and the command; psr_data.py samples y' and computes both views' residuals,
-psr_eval.py measures the result (paper Fig. 2, 3).
+intervention mechanism (model.Steering / model.intervene), like every other method. Here, in order: the
+edit, its losses and training, and the command; then its data (y' sampled and cached, the two views, their
+residuals on the answer tokens) and its evaluation (CE and effect recovered, paper Fig. 2 and 3).
 
 Decisions where the paper is silent (SPEC §8a "unknown"; all are flags): the steering prompt is the
 prompting baseline's (§8, `Question:` framing); y' is sampled at temperature 1.0 with top-k 50 (§7's
@@ -48,7 +48,8 @@ import baselines
 import data
 import model as M
 from hypernet import check_base
-from lib import chat_api, fileio, loader
+from lib import chat_api, fileio, loader, vectors
+from train import linear_decay
 
 GRID = [0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0]   # SPEC §7 strengths; 1 = what training fitted
 
@@ -92,7 +93,7 @@ def save(psr, path, base_cfg, extra=None):
 def load(path, base):
     """A PSR file for this base model, strict: base config, width and every layer's z, w, b must fit."""
     path = Path(path)
-    header, _, meta = loader.read_header(path)
+    shapes, meta = loader.read_header(path)
     if meta.get("method") != "PSR" or meta.get("variant") not in ("single", "all"):
         raise ValueError(f"{path}: not a PSR file (metadata method {meta.get('method')!r}, variant {meta.get('variant')!r})")
     check_base(path, meta, base.cfg)
@@ -105,9 +106,10 @@ def load(path, base):
         raise ValueError(f"{path}: malformed layers metadata ({e})") from None
     psr = PSR(d, layers, meta["variant"], meta.get("concept", ""))
     want = {f"psr.{k}": v.shape for k, v in psr.state_dict().items()}
-    loader.check_state_dict(path, want, {k: info["shape"] for k, info in header.items()},
+    loader.check_state_dict(path, want, shapes,
                             f"a {psr.variant} PSR at layers {layers}, d={d}")
     tensors, _ = loader.read_safetensors(path)
+    vectors.check_steering_file(path, tensors, want, layers, base.cfg.num_hidden_layers, f"a {psr.variant} PSR")
     psr.load_state_dict({k[4:]: v for k, v in tensors.items()})
     return psr.to(base.model.embed_tokens.weight.device).requires_grad_(False)
 
@@ -176,7 +178,7 @@ def train(base, psr, examples, start, loss, epochs, lr=1e-3, weight_decay=1e-6, 
             norms = torch.cat(per, 1).mean(1).clamp(min=1e-12)         # (L,)
     opt = torch.optim.AdamW(psr.parameters(), lr=lr, weight_decay=weight_decay)
     steps = epochs * math.ceil(len(examples) / batch_size)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 - s / steps)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: linear_decay(s, steps))
     rng, history = random.Random(seed), []
     for epoch in range(epochs):
         order = rng.sample(examples, len(examples))
@@ -311,10 +313,8 @@ def views(tok, x, xp, y, n_prefix=None):
 
 def read_samples(path):
     """Rows of a samples.jsonl; a partly written last line (a killed run) is cut off and sampled again."""
-    try:
-        return [json.loads(line) for line in fileio.complete_lines(path)]
-    except json.JSONDecodeError:
-        raise ValueError(f"{path}: not a samples file; remove it or pass another --samples") from None
+    return [row for _, row in fileio.read_jsonl(path, "samples file (remove it or pass another --samples)",
+                                                append_only=True)]
 
 
 def sample_answers(base, tok, steer_text, instructions, path, args):
@@ -464,12 +464,11 @@ def rel_rmse(base, examples, steering, batch_size=8):
 def plot(out, tok, example, lambdas, layers, rel, steer_layer):
     """OUT/psr_norms.png (Fig. 2: per-token ‖Δ_PS‖ over one answer at a few layers, log scale, and the
     learned λ beside it) and OUT/psr_rmse.png (Fig. 3: relative RMSE per layer of each method)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure                               # not pyplot: the caller's backend stays
     p = example["pair"]
     labels = [repr(tok.decode([t]))[1:-1][:10] for t in p.plain[-p.n_answer:]]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 3.8))
+    fig = Figure(figsize=(13, 3.8))
+    ax1, ax2 = fig.subplots(1, 2)
     for l in layers:
         ax1.plot((example["target"][l] - example["plain"][l]).norm(dim=-1).cpu(), marker=".", label=f"layer {l}")
     for l, lam in lambdas.items():
@@ -482,7 +481,8 @@ def plot(out, tok, example, lambdas, layers, rel, steer_layer):
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out / "psr_norms.png", dpi=80)
-    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    fig = Figure(figsize=(6.5, 3.8))
+    ax = fig.subplots()
     for name, values in rel.items():
         ax.plot(range(len(values)), values, marker=".", label=name)
     ax.axhline(1.0, color="gray", lw=0.8, ls="--")
@@ -493,7 +493,6 @@ def plot(out, tok, example, lambdas, layers, rel, steer_layer):
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "psr_rmse.png", dpi=80)
-    plt.close("all")
     return [str(out / "psr_norms.png"), str(out / "psr_rmse.png")]
 
 
@@ -524,6 +523,18 @@ def evaluate(base, tok, psr, train_ex, eval_pairs, layer, start, args, out):
     except ImportError:
         print("matplotlib is not installed: no figures")
     return ce, recovered, rel, figures
+
+
+@torch.no_grad()
+def token_lambdas(base, psr, ids, n_prefix, strength=1.0):
+    """λ_l(h_t) at every edited layer and every token of one sequence `ids` (a list), steered by the PSR at
+    `strength` after the first n_prefix tokens (SPEC §4): (layers in psr.layers order, T), each layer's λ
+    read from the activation that arrives there (earlier edits applied). The notebook's heatmap."""
+    dev = base.model.embed_tokens.weight.device
+    steer_mask = torch.tensor(M.steer_after([ids], n_prefix), device=dev)
+    base.run(base.embed(torch.tensor([ids], device=dev)), steering=M.Steering(psr.edits(), strength),
+             steer_mask=steer_mask)                                    # the residual stream only: no logits needed
+    return torch.stack([psr.last_lambda[l][0] for l in psr.layers]).float().cpu()
 
 
 def greedy_example(base, tok, psr, steer_text, x, args):

@@ -5,15 +5,11 @@ is refused. Also metrics.jsonl, trimmed back to the checkpoint's step on resume.
     python train.py --preset demo --resume      # continue an interrupted run (Ctrl-C saves)
     python -m pytest -q test_all.py -k "checkpoint or resume"
 """
-import json
 
 
 import torch
 
 from lib import dist, fileio, loader
-
-RESUMABLE_CHANGES = {"max_steps", "eval_every", "eval_batches", "save_every", "samples", "device", "out", "fsdp"}
-# grad_accum may change too, with the number of processes: a step's micro-batches (grad_accum x processes) may not
 
 
 def check_weights(hyper, limit=1e6):
@@ -75,12 +71,7 @@ def restore(path, module, opt, tensors):
 
 
 def read_metrics(path, up_to=None):
-    """Records of metrics.jsonl (fileio.complete_lines: a half-written last line, a crash, is cut off with a
-    warning); a malformed line before it is an error."""
-    recs = []
-    for n, line in enumerate(fileio.complete_lines(path), 1):
-        try:
-            recs.append(json.loads(line))
-        except json.JSONDecodeError:
-            raise ValueError(f"{path}:{n}: malformed metrics line") from None
+    """Records of metrics.jsonl (append-only: a half-written last line, a crash, is cut off with a warning);
+    a malformed line before it is an error."""
+    recs = [r for _, r in fileio.read_jsonl(path, "metrics file", append_only=True)]
     return [r for r in recs if up_to is None or r["step"] <= up_to]
