@@ -8,6 +8,7 @@ Chromium for the serve.py page; also the `slow` marker.
 import hashlib
 import http.server
 import json
+import os
 import shutil
 import socket
 import subprocess
@@ -369,14 +370,28 @@ def one_thread():
 
 # ---------------------------------------------------------------------------- headless Chromium, for the serve.py page
 
+CHROMIUM_INSTALL = "apt-get install -y chromium chromium-driver"
+
+
+def find_chromium():
+    """(chromedriver, chromium) paths. Where either is missing the page test is skipped with the install hint, so
+    the README's test command passes on a machine with only Python; under CI (CI=true) it fails instead, so every
+    landing still tests the page (.ci/run installs both)."""
+    driver, browser = shutil.which("chromedriver"), shutil.which("chromium") or shutil.which("chromium-browser")
+    if not driver or not browser:
+        why = f"Chromium is not installed: `{CHROMIUM_INSTALL}` (.ci/run does it)"
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(why)
+        pytest.skip(why)
+    return driver, browser
+
+
 class Chrome:
     """Headless Chromium through chromedriver, spoken to in the W3C WebDriver protocol (JSON over HTTP)."""
     ELEMENT = "element-6066-11e4-a52e-4f735466cecf"
 
     def __init__(self):
-        driver, browser = shutil.which("chromedriver"), shutil.which("chromium") or shutil.which("chromium-browser")
-        if not driver or not browser:
-            pytest.fail("Chromium is not installed: `apt-get install chromium chromium-driver` (.ci/run does it)")
+        driver, browser = find_chromium()
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]

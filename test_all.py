@@ -18,6 +18,7 @@ import os
 import re
 import select
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -57,8 +58,8 @@ import psr as P
 import serve
 import steer
 import train
-from conftest import (LAYER, LAYOUT, MIXED, N, SECRET, FakeHFHub, start_server, steer_base, tiny_hyper,
-                      tiny_model_folder, tiny_tokenizer_json)
+from conftest import (LAYER, LAYOUT, MIXED, N, SECRET, FakeHFHub, find_chromium, start_server, steer_base,
+                      tiny_hyper, tiny_model_folder, tiny_tokenizer_json)
 from hypernet import HyperConfig, HyperSteer, count_params, hyper_input, load_hypernet, save
 from lib import chat_api, checkpoint, convert_gguf, dist, flex, loader, serve_api, vectors
 
@@ -2929,6 +2930,31 @@ def test_serve_page_in_headless_chromium(served, chrome, tmp_path):
     png = base64.b64decode(chrome.cmd("GET", "/screenshot"))
     (tmp_path / "serve_page.png").write_bytes(png)
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
+def test_missing_chromium_skips_with_the_install_hint_but_fails_under_ci(monkeypatch):
+    """The page test's requirement (find_chromium in conftest.py): where Chromium or chromedriver is missing, a
+    machine with only Python skips the test and names the install command; under CI=true it fails, so CI keeps
+    testing the page."""
+    def installed(*names):
+        monkeypatch.setattr(shutil, "which", lambda name: f"/usr/bin/{name}" if name in names else None)
+    for ci in (None, "true"):
+        if ci is None:
+            monkeypatch.delenv("CI", raising=False)
+        else:
+            monkeypatch.setenv("CI", ci)
+        installed("chromedriver", "chromium")
+        assert find_chromium() == ("/usr/bin/chromedriver", "/usr/bin/chromium")
+        installed("chromedriver", "chromium-browser")
+        assert find_chromium() == ("/usr/bin/chromedriver", "/usr/bin/chromium-browser")
+        for present in (["chromium"], ["chromedriver"], []):
+            installed(*present)
+            outcome = pytest.fail.Exception if ci else pytest.skip.Exception
+            with pytest.raises(outcome, match="`apt-get install -y chromium chromium-driver`"):
+                find_chromium()
+    monkeypatch.setenv("CI", "false")
+    with pytest.raises(pytest.skip.Exception, match="Chromium is not installed"):
+        find_chromium()
 
 
 # ========================================================================================= bench.py (speed and memory)
