@@ -519,6 +519,7 @@ TOKENIZER_CASES = [
 ]
 
 
+@pytest.mark.slow
 def test_real_model_logits_and_greedy_equal_transformers(real_pair):
     ours, tok, hf, _ = real_pair
     text = ("Steering vectors are added to the residual stream of a language model. " * 50)[:3200]
@@ -1028,6 +1029,7 @@ def test_steered_loss_equals_running_the_base_twice(tmp_path):
     assert abs(fast.item() - slow.item()) < 1e-5 and fast.item() != TR.steered_loss(base, hyper, b, 1, 0.0).item()
 
 
+@pytest.mark.slow
 def test_loss_falls_when_overfitting_one_concept(tmp_path):
     cfg = tiny_run(tmp_path, max_steps=40, held_out_concepts=0, eval_rows=0)
     write_rows(tmp_path / "d.jsonl", [dict(axbench_row(0, i), output="w40 w41 w40 w41") for i in range(8)])
@@ -1056,6 +1058,7 @@ def test_presets_follow_paper_table_3():
     assert all(c.layer == 20 and c.epochs == 3 and c.weight_decay == 0 for k, c in P.items() if k.startswith("paper"))
 
 
+@pytest.mark.slow
 def test_keywords_never_reach_training_and_the_report_reads_the_log(tmp_path, capsys):
     """issue 11: the keyword lists only score the report's answers (weights are identical with other
     keywords), and the report prints what metrics.jsonl holds."""
@@ -1096,6 +1099,7 @@ def test_distinct_words_and_train_on_step(tmp_path):
 
 # --------------------------------------------------------- the plan before any weight: --dry-run, the GPU memory check
 
+@pytest.mark.slow
 def test_too_small_gpu_stops_before_loading_weights_with_flags_that_fit(tmp_path, monkeypatch):
     """A CUDA run whose traced peak exceeds the GPU stops before model.load, naming the numbers and a micro-batch
     that fits (the same examples per step); with nothing that fits, it says so."""
@@ -1139,6 +1143,7 @@ def plan_figure(text, pattern):
     return found.group(1)
 
 
+@pytest.mark.slow
 @pytest.mark.slow
 def test_dry_run_prints_the_plan_and_bench_memory_figures(hf_hub, tmp_path):
     """python train.py --dry-run, the default paper preset and paper-9b --fsdp under torchrun's WORLD_SIZE 1 and 4:
@@ -1235,6 +1240,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
     assert meta["step"] == "2"
 
 
+@pytest.mark.slow
 def test_resume_refuses_another_commit_of_the_model(hf_hub, tmp_path):
     """The hypernetwork and checkpoint record the commit main resolved to; after main moves, --resume refuses
     and names the flag that pins the checkpoint's commit, which then resumes."""
@@ -1518,6 +1524,7 @@ def test_dist_nan_in_one_process_stops_every_process(tmp_path, one_thread):
     assert [json.loads(l)["step"] for l in open(tmp_path / "run" / "metrics.jsonl")] == [1, 2]
 
 
+@pytest.mark.slow
 def test_torchrun_trains_with_one_writer(tmp_path):
     """The real launcher: `torchrun --nproc-per-node 2 train.py ...` with no other change (FSDP2, gloo)."""
     cfg = tiny_run(tmp_path, max_steps=2, samples=2)
@@ -3012,6 +3019,7 @@ def test_gpu_bench_compares_the_same_weights_and_steering():
     assert (ref - out)[mask].abs().max() < 1e-4
 
 
+@pytest.mark.slow
 def test_gpu_speed_train_and_eval_run_on_cpu_at_tiny_sizes(tmp_path):
     """bench.py gpu-speed, gpu-train and gpu-eval --smoke: the code paths of the GPU measurements on a tiny CPU model."""
     r = bench.main(["gpu-speed", "--smoke", "--repeats", "1", "--decode-tokens", "2", "--json", str(tmp_path / "s.json")])
@@ -3049,6 +3057,7 @@ print(json.dumps({"folder": str(loader.model_folder("org/tiny")), "norm": m.mode
 """
 
 
+@pytest.mark.slow
 def test_hub_downloads_into_the_standard_cache_with_the_login_token(hf_hub, tmp_path):
     """A model (gated, sharded) and two datasets land in the Hugging Face cache layout; the token of `hf auth
     login` (HF_HOME/token) is found without HF_TOKEN and never leaves the hub for the CDN; a second run sends
@@ -3222,6 +3231,7 @@ def test_convert_config_resolves_in_transformers(built):
     assert cfg.rope_parameters["sliding_attention"]["rope_theta"] == 1e4
 
 
+@pytest.mark.slow
 def test_convert_weights_and_logits_equal_transformers_gguf(built, gguf_path):
     """Ours vs transformers' GGUF dequantizer (from_pretrained(gguf_file=...) needs accelerate,
     so its loader is called directly): equal tensors, equal logits."""
@@ -3245,6 +3255,7 @@ def test_convert_weights_and_logits_equal_transformers_gguf(built, gguf_path):
         assert (hf(ids).logits - ref(ids).logits).abs().max().item() < 1e-4
 
 
+@pytest.mark.slow
 def test_convert_tokenizer_equals_transformers_gguf(built, gguf_path):
     from transformers import AutoTokenizer
     ours = Tokenizer.from_file(str(built / "tokenizer.json"))
@@ -3257,6 +3268,7 @@ def test_convert_tokenizer_equals_transformers_gguf(built, gguf_path):
         assert ours.decode(ids, skip_special_tokens=True) == theirs.decode(ids, skip_special_tokens=True)
 
 
+@pytest.mark.slow
 def test_convert_greedy_capital_of_france(built):
     from transformers import AutoModelForCausalLM
     hf = AutoModelForCausalLM.from_pretrained(built, dtype=torch.float32).eval()
@@ -3623,6 +3635,7 @@ def test_workshop_notebook_is_stored_without_outputs():
     assert cells and all(c["outputs"] == [] and c["execution_count"] is None for c in cells)
 
 
+@pytest.mark.slow
 def test_workshop_notebook_runs_in_smoke_mode(tmp_path, monkeypatch):
     """The tour executed headlessly as CI runs it (WORKSHOP_SMOKE=1 shrinks every step; about a minute on
     2 cores): no cell fails, it draws at least three figures, and its training cells wrote their files."""
