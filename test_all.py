@@ -61,7 +61,7 @@ import train
 from conftest import (LAYER, LAYOUT, MIXED, N, SECRET, FakeHFHub, find_chromium, start_server, steer_base,
                       tiny_hyper, tiny_model_folder, tiny_tokenizer_json)
 from hypernet import HyperConfig, HyperSteer, count_params, hyper_input, load_hypernet, save
-from lib import chat_api, checkpoint, convert_gguf, dist, flex, loader, serve_api, vectors
+from lib import chat_api, checkpoint, convert_gguf, dist, flex, loader, memory, serve_api, vectors
 
 # transformers (the oracle) and nbclient (the notebook's runner) are imported inside the tests that use them:
 # importing them takes seconds.
@@ -1170,7 +1170,7 @@ def test_dry_run_prints_the_plan_and_bench_memory_figures(hf_hub, tmp_path):
     assert one.returncode == 0 and four.returncode == 0, one.stderr + four.stderr
     assert "of 4 examples (batch 4 x grad-accum 1 x 1 process)" in one.stdout
     assert "of 16 examples (batch 4 x grad-accum 1 x 4 processes)" in four.stdout
-    assert "--fsdp on 4 GPUs, bench.fsdp_memory" in four.stdout
+    assert "--fsdp on 4 GPUs, train.fsdp_memory" in four.stdout
     bench_9b = hf_hub.run("bench.py", "memory", "--preset", "paper-9b", "--fsdp").stdout
     assert plan_figure(one.stdout, r"memory per GPU: (\d+\.\d) GiB") == \
         plan_figure(bench_9b, r"peak during a step (\d+\.\d) GiB")
@@ -2972,8 +2972,8 @@ def test_traced_training_memory_equals_a_real_step(bf16):
     real CPU step gives the same bytes, and the counts are what the parameters and AdamW state need."""
     cfg = TR.TrainConfig(n_blocks=2, layer=1, batch_size=3, max_len=24, bf16=bf16)
     base_cfg = M.GemmaConfig(model_type="gemma2", **LAYOUT)
-    fake = bench.train_memory(cfg, base_cfg, prompt_tokens=8, fake=True)
-    real = bench.train_memory(cfg, base_cfg, prompt_tokens=8, fake=False)
+    fake = train.traced_memory(cfg, base_cfg, prompt_tokens=8, fake=True)
+    real = train.traced_memory(cfg, base_cfg, prompt_tokens=8, fake=False)
     assert fake == real
     base = M.Gemma(base_cfg).requires_grad_(False)
     hyper = HyperSteer.from_base(base, HyperConfig("cross_attention", 2, 1))
@@ -2996,9 +2996,9 @@ def test_gpu_bench_roofline_arithmetic():
     assert bench.decode_bytes(cfg, 1, 0) == 2 * 2_614_341_888
     kv_per_token = 2 * 4 * 256 * 2                                    # k and v, 4 KV heads x 256, bf16
     assert bench.decode_bytes(cfg, 3, 5000) - bench.decode_bytes(cfg, 1, 0) == 3 * kv_per_token * 13 * (5000 + 4096)
-    assert bench.datasheet("NVIDIA H100 80GB HBM3") == (3.35e12, 989e12)
-    assert bench.datasheet("NVIDIA H100 PCIe")[0] == 2.0e12 and bench.datasheet("NVIDIA H200")[0] == 4.8e12
-    assert bench.datasheet("NVIDIA A10G") == (None, None)
+    assert memory.datasheet("NVIDIA H100 80GB HBM3") == (3.35e12, 989e12)
+    assert memory.datasheet("NVIDIA H100 PCIe")[0] == 2.0e12 and memory.datasheet("NVIDIA H200")[0] == 4.8e12
+    assert memory.datasheet("NVIDIA A10G") == (None, None)
     assert bench.copy_bandwidth("cpu", 2**16, repeats=2) > 0
 
 
@@ -3610,6 +3610,45 @@ def test_docs_code_names_exist():
                     missing.append(f"{doc.name}: {span}")
                     break
     assert not missing, missing
+
+
+def module_imports():
+    """{module: the repository's modules it imports}, imports inside functions included (lib/x.py is lib.x)."""
+    paths = {p.stem: p for p in DOC_ROOT.glob("*.py")} | {f"lib.{p.stem}": p for p in (DOC_ROOT / "lib").glob("*.py")}
+    paths["lib"] = paths.pop("lib.__init__")
+    graph = {}
+    for name, path in paths.items():
+        found = set()
+        for n in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(n, ast.Import):
+                found |= {a.name for a in n.names}
+            elif isinstance(n, ast.ImportFrom):
+                module = n.module if not n.level else "lib"
+                found |= {module} | {f"{module}.{a.name}" for a in n.names}
+        graph[name] = {m for m in found if m in paths and m != name}
+    return graph
+
+
+def test_imports_go_one_way_and_lib_imports_no_paper_file():
+    """No import circle between the repository's files (lazy imports inside functions count), and lib/, the
+    support code, imports no top-level (paper) file."""
+    graph = module_imports()
+    assert graph["train"] >= {"model", "hypernet", "data", "lib.memory"} and "bench" not in graph["train"]
+    for name, deps in graph.items():
+        if name.startswith("lib"):
+            assert all(d.startswith("lib") for d in deps), f"{name} imports {sorted(deps)}"
+    done, path = set(), []
+
+    def visit(name):
+        assert name not in path, "import circle: " + " -> ".join(path[path.index(name):] + [name])
+        if name not in done:
+            path.append(name)
+            for d in sorted(graph[name]):
+                visit(d)
+            path.pop()
+            done.add(name)
+    for name in sorted(graph):
+        visit(name)
 
 
 def test_docs_module_docstrings_name_spec_and_a_command():
