@@ -1264,10 +1264,20 @@ def test_resume_refuses_another_commit_of_the_model(hf_hub, tmp_path):
 # ---------------------------------------------------------------------- the command line: nothing lost, nothing silent
 
 def one_line_exit(fn, *args, match=""):
-    """A command that fails must exit with one line naming what is wrong (no traceback)."""
-    with pytest.raises(SystemExit) as e:
+    """A command that fails must exit with one line naming what is wrong (no traceback): a usage error (the
+    parser's: a flag, its value, a combination) with argparse's status 2 and the line on stderr; any other error
+    with status 1, the line being SystemExit's message."""
+    err = io.StringIO()
+    with pytest.raises(SystemExit) as e, contextlib.redirect_stderr(err):
         fn(*args)
-    msg = str(e.value.code)
+    if e.value.code == 2:
+        msg = err.getvalue()
+        assert msg.count("\n") == 1 and msg.startswith("error: "), msg
+        msg = msg.rstrip("\n")
+    else:
+        msg = str(e.value.code)
+        assert not isinstance(e.value.code, int), msg                  # a message: Python prints it, status 1
+        assert "argument --" not in msg, f"a usage error with status 1: {msg}"
     assert "\n" not in msg and "Traceback" not in msg and msg.startswith("error") or "stopping" in msg, msg
     assert match in msg, msg
     return msg
@@ -1736,8 +1746,8 @@ def test_steering_values_must_be_finite_and_fit(setup, tmp_path):
     vectors.save_vector(good, torch.randn(64), LAYER, "gemma2", "DiffMean", "c")
     common = ["--model", str(folder), "--prompt", "w1 w2", "--max-new-tokens", "2"]
     for bad in ("nan", "inf", "-inf"):
-        with pytest.raises(SystemExit):                                     # argparse: exit 2 with the flag named
-            steer.main(["compare", "--vector", f"{good}.safetensors", "--strength", bad, *common])
+        one_line_exit(steer.main, ["compare", "--vector", f"{good}.safetensors", "--strength", bad, *common],
+                      match="argument --strength")      # argparse: exit 2, the flag named
     one_line_exit(steer.main, ["compare", "--vector", f"{good}.safetensors", "--sweep", "0,nan", *common],
                   match="--sweep: strengths must be finite")
     save_file({"direction.2": torch.randn(32)}, str(tmp_path / "small.safetensors"))
@@ -1751,8 +1761,8 @@ def test_steering_values_must_be_finite_and_fit(setup, tmp_path):
                   match="junk.safetensors")
     one_line_exit(steer.main, ["compare", "--prompt", " ".join(["w1"] * 40), "--model", str(folder),
                                "--max-new-tokens", "8190"], match="exceed the model's context")
-    with pytest.raises(SystemExit):
-        steer.main(["eval", "--grid", "nan", "--out", str(tmp_path / "g.jsonl"), "--model", str(folder)])
+    one_line_exit(steer.main, ["eval", "--grid", "nan", "--out", str(tmp_path / "g.jsonl"), "--model", str(folder)],
+                  match="argument --grid: strengths must be finite")              # before any model or download
     # an existing export is never replaced silently
     one_line_exit(vectors.save_vector and steer.main,
                   ["export", "--method", "diffmean", "--concept-id", "0", "--model", str(folder), "--layer", "2",
@@ -2271,8 +2281,8 @@ def test_judge_bad_flags_are_one_line_exit_2(server, tmp_path, capsys, flags, na
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and named in err and "Traceback" not in err
     assert server.requests == [] and sorted(p.name for p in tmp_path.iterdir()) == ["gens.jsonl"]  # no work
-    with pytest.raises((ValueError, SystemExit)):  # --debug: the exception itself
-        run_cli(server, path, *flags, "--debug")
+    assert run_cli(server, path, *flags, "--debug") == 2  # a usage error: one line with --debug too
+    assert capsys.readouterr().err == err
 
 
 def test_judge_cli_errors_are_one_line_without_traceback(tmp_path, capsys):
@@ -3353,6 +3363,31 @@ def test_chat_client_is_cached(server, tmp_path):
 # ======================================================================= lib/dist.py, lib/checkpoint.py, lib/fileio.py
 
 # Tested through their users: train.py's checkpoints, resume and several processes; protocol.py's files.
+# fileio.ArgumentParser, the one way every command fails on a usage error:
+
+
+@pytest.mark.parametrize("command", ["train.py", "steer.py compare", "steer.py eval", "steer.py export", "bench.py",
+                                     "bench.py memory", "bench.py gpu-train", "judge.py", "serve.py", "hypernet.py",
+                                     "data.py", "lib/convert_gguf.py"])
+def test_every_usage_error_is_one_line_and_exit_status_2(command, monkeypatch, capsys):
+    """An unknown flag, a malformed value and (steer.py export) a flag combination the command refuses: argparse's
+    exit status 2 and one line naming the flag, before any work; judge.main returns the status."""
+    script, *sub = command.split()
+    module = importlib.import_module(script.removesuffix(".py").replace("/", "."))
+    for bad in (["--no-such-flag"], ["--max-new-tokens" if "steer" in script else "--batch-size", "x"],
+                ["--out", "somewhere"]):
+        if bad[0] == "--out" and sub != ["export"]:
+            continue
+        argv = [*sub, *bad]
+        monkeypatch.setattr(sys, "argv", [script, *argv])
+        try:
+            code = module.main(argv) if script in ("train.py", "steer.py", "bench.py", "judge.py", "serve.py") \
+                else module.main()
+        except SystemExit as e:
+            code = e.code
+        err = capsys.readouterr().err
+        assert code == 2 and err.count("\n") == 1 and err.startswith("error: "), (argv, code, err)
+        assert bad[0] in err or "--hypernet" in err or "required" in err or "invalid choice" in err, (argv, err)
 
 
 # ========================================================================== README.md, docs/ and the module docstrings
