@@ -26,28 +26,22 @@ a tiny Gemma-2 on the CPU, to check the code path):
     python bench.py gpu-eval              # steered top-k sampling, generations/s, ours vs transformers.generate
     python bench.py gpu-train --smoke     # tiny CPU variant
 """
-import contextlib
 import dataclasses
 import json
 import statistics
 import subprocess
 import sys
 import time
-import weakref
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
-from torch.utils.flop_counter import FlopCounterMode
 
 import hypernet as H
 import model as M
 import protocol
 import train
-from lib import fileio, flex, loader
+from lib import fileio, flex, loader, memory
 
 
 def timed(fn, sync):
@@ -239,7 +233,7 @@ def table1_plan(preset, cfg, concepts=500, rows=1_150_000, judge_out=120, gpu_tf
     judge_in = sum(len(m["content"]) for c in judge.CRITERIA for m in judge.judge_messages(example, c)) / 3 / 4
     cost = judge.cost(requests * judge_in, requests * judge_out, chat_api.JudgeConfig())
     base_cfg = base_config(cfg.model, cfg.model_revision)
-    flops = train_memory(cfg, base_cfg, cfg.max_len // 4, steps=1)["flops"]
+    flops = train.traced_memory(cfg, base_cfg, cfg.max_len // 4, steps=1)["flops"]
     steps = cfg.epochs * rows / (cfg.batch_size * cfg.grad_accum)
     train_h = steps * flops / (gpu_tflops * 1e12 * mfu) / 3600
     n_params = base_params(base_cfg)
@@ -312,47 +306,7 @@ def main(argv=None):
 
 
 # ============================================================================= a training step's memory and FLOPs, traced on fake tensors (SPEC §5)
-class LiveBytes(TorchDispatchMode):
-    """Bytes of live tensor storage, counted as ops create tensors and as Python frees them, with the
-    peak: what torch.cuda.max_memory_allocated reports, less the caching allocator's rounding.
-    Fake tensors have shapes but no values, so the step's value reads are answered without data: a
-    scalar read gives 1 (the input validation's boolean checks pass; AdamW's step count only sets its
-    bias correction), and selecting rows of a (B, T) tensor with a boolean mask gives `selected` rows
-    (the labelled positions of train.steered_loss's `out[sel]`). grads_at_peak: bytes of the `watch`
-    parameters' gradients live at the peak."""
-
-    def __init__(self, tensors, selected, watch=()):
-        super().__init__()
-        self.now = self.peak = self.grads_at_peak = 0
-        self.seen, self.selected, self.watch = set(), selected, list(watch)
-        self.track(tensors)
-
-    def track(self, tensors):
-        for t in tensors:
-            st = t.untyped_storage()
-            if st._cdata not in self.seen:
-                self.seen.add(st._cdata)
-                self.now += st.nbytes()
-                weakref.finalize(st, self.free, st._cdata, st.nbytes())
-        if self.now > self.peak:
-            self.peak = self.now
-            self.grads_at_peak = sum(p.grad.untyped_storage().nbytes() for p in self.watch if p.grad is not None)
-
-    def free(self, key, nbytes):
-        self.seen.discard(key)
-        self.now -= nbytes
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        x = args[0] if args else None
-        if isinstance(x, FakeTensor) and func is torch.ops.aten._local_scalar_dense.default:
-            return True if x.dtype == torch.bool else 1
-        if isinstance(x, FakeTensor) and func is torch.ops.aten.index.Tensor and args[1][0].dtype == torch.bool:
-            out = x.new_empty((self.selected, *x.shape[args[1][0].dim():]))
-        else:
-            out = func(*args, **(kwargs or {}))
-        self.track(t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor))
-        return out
-
+# (train.traced_memory: train.py's step, traced by lib/memory.py)
 
 def base_config(name, revision="main"):
     """The base model's GemmaConfig: the paper models by name (their config.json's values, no login needed),
@@ -364,14 +318,6 @@ def base_config(name, revision="main"):
     if not path.is_file():
         path = loader.hub_file(name, "config.json", revision)
     return M.config_from_json(path)
-
-
-def synthetic_examples(n, vocab, max_len, prompt_tokens, seed=0):
-    """n AxBench-shaped training Examples of random tokens: max_len tokens of which prompt_tokens prompt
-    (4 of them the chat prefix), and a 12-token steering prompt for the hypernetwork."""
-    g = torch.Generator().manual_seed(seed)
-    return [train.Example(torch.randint(3, vocab, (max_len,), generator=g).int().numpy(), prompt_tokens, 4,
-                         torch.randint(3, vocab, (12,), generator=g).int().numpy(), "a concept", i) for i in range(n)]
 
 
 def two_pass_loss(base, hyper, batch, layer):
@@ -386,67 +332,10 @@ def two_pass_loss(base, hyper, batch, layer):
     return F.cross_entropy(logits[sel].float(), batch.labels[sel])
 
 
-def train_memory(cfg, base_cfg, prompt_tokens=64, fake=True, steps=2, loss_fn=train.steered_loss):
-    """Live tensor bytes over `steps` steps of train.py's loop (loss_fn, backward, clip, AdamW) at cfg's
-    shapes, every row max_len tokens with `prompt_tokens` of prompt. The base is bf16 with bf16
-    autocast unless cfg.bf16 == "no", as train.py runs on CUDA; autocast is traced as CPU autocast,
-    which casts the same matrix products. Returns {"weights", "after_step", "peak"} in bytes and
-    "flops", the floating-point operations of one step's forward and backward (matrix products); for
-    fsdp_memory, bytes of "base" and "hyper" weights, "adam" state, "grads_at_peak", and "units", the
-    hypernetwork's FSDP2 units (dist.wrap: the embeddings, one block, the rest)."""
-    batch = train.collate(synthetic_examples(cfg.batch_size, base_cfg.vocab_size, cfg.max_len, prompt_tokens))
-    selected = int((batch.labels != -100).sum())
-    bf16 = cfg.bf16 != "no"
-    mode = FakeTensorMode() if fake else torch.device("cpu")
-    with mode:
-        if fake:
-            batch = train.Batch(**{k: mode.from_tensor(v) for k, v in vars(batch).items() if v is not None})
-        torch.set_default_dtype(torch.bfloat16 if bf16 else torch.float32)   # a fake module cannot be cast
-        try:
-            base = M.Gemma(base_cfg).eval().requires_grad_(False)
-        finally:
-            torch.set_default_dtype(torch.float32)
-        hyper, _, trainable, opt = train.hypernet_and_optimizer(base, cfg)
-        counter = LiveBytes([*base.parameters(), *hyper.parameters(), *(v for v in vars(batch).values() if v is not None)],
-                            selected, trainable)
-        weights, flops = counter.now, FlopCounterMode(display=False)
-        with counter:
-            for step in range(steps):  # the second step is the steady state: AdamW state lives from the first
-                with flops if step == 0 else contextlib.nullcontext():
-                    with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
-                        loss = loss_fn(base, hyper, batch, cfg.layer)
-                    loss.backward()
-                torch.nn.utils.clip_grad_norm_(trainable, cfg.clip)
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-    size = lambda m: sum(p.numel() * p.element_size() for p in m.parameters())
-    units = {"embeddings": size(hyper.embed_tokens), "block": max(size(b) for b in hyper.layers),
-             "rest": size(hyper) - size(hyper.embed_tokens) - size(hyper.layers)}
-    adam = sum(v.untyped_storage().nbytes() for st in opt.state.values() for v in st.values())
-    return {"weights": weights, "after_step": counter.now, "peak": counter.peak, "flops": flops.get_total_flops(),
-            "base": size(base), "hyper": size(hyper), "adam": adam, "grads_at_peak": counter.grads_at_peak,
-            "units": units}
-
-
-def fsdp_memory(traced, k, offload=False):
-    """Per-GPU peak bytes of train.py --fsdp on k GPUs, computed from a one-process trace (FSDP2 does not run on
-    fake tensors). Traced: the frozen base (replicated: the same on every GPU), the activations and temporaries
-    (each GPU runs its own micro-batch of batch_size: unchanged), the hypernetwork's weights, AdamW state and the
-    gradients live at the peak. Computed: those three divided by k (FSDP2 shards every parameter, its gradient
-    and its AdamW state 1/k), plus FSDP2's working set, the largest unit's parameters gathered whole twice (the
-    running unit and the prefetched next) and its whole gradient before the reduce-scatter (an upper bound: the
-    largest unit, the embeddings, runs first in the forward and last in the backward). offload: FSDP2's
-    CPUOffloadPolicy, whose shards and AdamW step live in CPU memory instead."""
-    sharded = traced["hyper"] + traced["adam"] + traced["grads_at_peak"]
-    rest = traced["peak"] - traced["base"] - sharded                          # activations, temporaries, batch
-    working = 3 * max(traced["units"].values()) if k > 1 or offload else 0
-    return traced["base"] + rest + (0 if offload else sharded / k) + working
-
-
 def print_train_memory(cfg, prompt_tokens):
     """Memory and FLOPs of a step with the SPEC §5 structure and with the base run twice (two_pass_loss)."""
     t0, base_cfg = time.perf_counter(), base_config(cfg.model, cfg.model_revision)
-    fast, slow = (train_memory(cfg, base_cfg, prompt_tokens, loss_fn=f)
+    fast, slow = (train.traced_memory(cfg, base_cfg, prompt_tokens, loss_fn=f)
                   for f in (train.steered_loss, two_pass_loss))
     print(f"{cfg.model}, {cfg.variant} N={cfg.n_blocks}, layer {cfg.layer}, batch {cfg.batch_size} x {cfg.max_len} "
           f"tokens ({prompt_tokens} prompt), {'bf16 base + autocast' if cfg.bf16 != 'no' else 'fp32'}; "
@@ -473,7 +362,7 @@ def print_fsdp_memory(cfg, traced, world_sizes=(1, 2, 4, 8), gpu_gib=80):
     print("  | --- | --- | --- | --- | --- |")
     smallest = None
     for k in world_sizes:
-        peak, off = fsdp_memory(traced, k), fsdp_memory(traced, k, offload=True)
+        peak, off = train.fsdp_memory(traced, k), train.fsdp_memory(traced, k, offload=True)
         host = sharded / k
         both = peak - traced["base"] * (1 - 1 / k)
         print(f"  | {k} | {cfg.batch_size * cfg.grad_accum * k} | {gib(peak):.1f} GiB | {gib(off):.1f} GiB "
@@ -489,17 +378,6 @@ def print_fsdp_memory(cfg, traced, world_sizes=(1, 2, 4, 8), gpu_gib=80):
 
 # ============================================================================= on a GPU: random weights in the Gemma-2-2b shapes, bf16 (gpu-speed, gpu-train, gpu-eval)
 # ----------------------------------------------------------------------------- ceilings and speed
-
-# memory bandwidth (bytes/s) and dense bf16 peak (FLOP/s) from the vendors' datasheets, by a part of the
-# name torch reports ("NVIDIA H100 80GB HBM3" is the SXM part); first match wins
-DATASHEET = {"H200": (4.8e12, 989e12), "H100 PCIe": (2.0e12, 756e12), "H100 NVL": (3.9e12, 835e12),
-             "H100": (3.35e12, 989e12)}
-
-
-def datasheet(name):
-    """(bandwidth, bf16 peak) of the GPU called `name`, or (None, None) if unknown."""
-    return next((v for k, v in DATASHEET.items() if k in name), (None, None))
-
 
 def copy_bandwidth(device, nbytes=2**31, repeats=10):
     """Measured memory bandwidth: a device-to-device copy of nbytes, bytes read + written per second (median)."""
@@ -552,7 +430,7 @@ def gpu_bench(args):
     bf16; batch-1 decode against the memory-bandwidth roofline (measured copy bandwidth and datasheet)."""
     device, cfg = gpu_setup(args)
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu (smoke)"
-    measured, (sheet, _) = copy_bandwidth(device, 2**24 if args.smoke else 2**31), datasheet(name)
+    measured, (sheet, _) = copy_bandwidth(device, 2**24 if args.smoke else 2**31), memory.datasheet(name)
     print(f"\n{name}: device-to-device copy {measured / 1e12:.2f} TB/s (read + written)"
           + (f"; datasheet {sheet / 1e12:.2f} TB/s" if sheet else ""))
     ours, hf = random_pair(cfg, device)
@@ -598,9 +476,9 @@ def gpu_train(args):
                               max_len=args.prompt_tokens + args.output_tokens, bf16="yes")
     if args.smoke:
         cfg = dataclasses.replace(cfg, n_blocks=2, layer=2)
-    peak_flops = datasheet(name)[1]
+    peak_flops = memory.datasheet(name)[1]
     base = random_base(base_cfg, device)
-    examples = synthetic_examples(cfg.batch_size * (args.steps + 2), base_cfg.vocab_size, cfg.max_len,
+    examples = train.synthetic_examples(cfg.batch_size * (args.steps + 2), base_cfg.vocab_size, cfg.max_len,
                                          args.prompt_tokens)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     results = {"device": name, "config": dataclasses.asdict(cfg)}
@@ -615,7 +493,7 @@ def gpu_train(args):
         times = [timed(lambda: train.train_step(run, i, loss_fn), sync)
                  for i in range(args.steps + 2)][2:]                                    # the first 2 warm up
         step = statistics.median(times)
-        traced = train_memory(cfg, base_cfg, args.prompt_tokens, loss_fn=loss_fn)
+        traced = train.traced_memory(cfg, base_cfg, args.prompt_tokens, loss_fn=loss_fn)
         tokens = cfg.batch_size * cfg.max_len
         r = {"step_s": step, "steps_s": times, "tokens_per_s": tokens / step, "traced_flops": traced["flops"],
              "traced_peak_gib": traced["peak"] / 2**30,

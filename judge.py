@@ -206,7 +206,8 @@ def positive_seconds(text):
 
 
 def parse_args(argv):
-    """Flags -> (args, JudgeConfig). Bad values raise ValueError naming the flag, before any work."""
+    """Flags -> (args, JudgeConfig). A bad flag or value exits with status 2 and one line naming it, before any
+    work (fileio.ArgumentParser)."""
     d = JudgeConfig()
     p = fileio.ArgumentParser(description="Score steered generations with an LLM judge (SPEC §7).")
     p.add_argument("generations", nargs="+", help="generations JSONL file(s) written by steer.py")
@@ -270,6 +271,8 @@ def main(argv=None):
         args, cfg = parse_args(argv)
         key = api_key(cfg)
         return run(args, cfg, key)
+    except SystemExit as e:              # the parser's: a usage error, one line and status 2; --help: 0
+        return e.code
     except KeyboardInterrupt:
         print("interrupted; the answers received so far are cached", file=sys.stderr)
         return 130

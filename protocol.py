@@ -69,13 +69,14 @@ HYPER_GRID = [0.2, 0.4, 0.6, 0.8, 1.0, 1.2, 1.4, 1.6, 1.8, 2.0]   # SPEC §7: Δ
 VECTOR_GRID = HYPER_GRID + [2.5, 3.0, 4.0, 5.0]                    # AxBench's grid, times max_act (SPEC §8)
 
 
-def parse_grid(text, flag="--grid"):
+def parse_grid(text):
+    """'0.5,1,2' -> [0.5, 1.0, 2.0]: a strength grid of finite numbers (ValueError otherwise)."""
     try:
         grid = [float(s) for s in text.split(",")]
     except ValueError:
-        raise ValueError(f"{flag}: expected comma-separated numbers, got {text!r}") from None
+        raise ValueError(f"expected comma-separated numbers, got {text!r}") from None
     if not grid or not all(math.isfinite(s) for s in grid):
-        raise ValueError(f"{flag}: strengths must be finite numbers, got {text!r}")
+        raise ValueError(f"strengths must be finite numbers, got {text!r}")
     return grid
 
 

@@ -317,8 +317,7 @@ def build(argv=None):
     """Parse the flags, listen, load once, and return (server, args); the server's engine is not started yet.
     Every bad flag, a busy port or a bad host ends with one line and exit status 2 (before the model loads);
     a bad model or steering file with one line and status 1."""
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.error = lambda message: ap.exit(2, f"serve.py: error: {message}\n")   # one line (argparse adds the usage)
+    ap = fileio.ArgumentParser(description=__doc__.split("\n\n")[0])
     src = ap.add_mutually_exclusive_group()
     src.add_argument("--hypernet", help="a trained hypernetwork checkpoint: requests steer with steering.concept")
     src.add_argument("--vector", help="a .safetensors/.gguf steering vector (python steer.py export)")

@@ -131,7 +131,7 @@ def cmd_eval(args):
     instructions = data.load_instructions(args.instructions, args.alpaca_revision)
     method = method_for(args, base, tok, hyper, settings, rows)
     if args.grid and args.method != "prompting":
-        method.grid = protocol.parse_grid(args.grid)
+        method.grid = args.grid
     producer = json.dumps({"source": file_fingerprint(method.source) if method.source else None,
                            "model": settings["model"],
                            "layer": base.layer_index(settings["layer"]), "max_new_tokens": args.max_new_tokens,
@@ -197,7 +197,7 @@ def cmd_compare(args):
         edits, what = model_psr.edits(), f"PSR ({model_psr.variant}) at layers {model_psr.layers}"
     elif hyper is not None:
         raise ValueError("--hypernet needs --concept")
-    grid = protocol.parse_grid(args.sweep, "--sweep") if args.sweep else [0.0, args.strength]
+    grid = args.sweep or [0.0, args.strength]
     if edits is None:
         grid = [0.0]
     answers = sweep(base, tok, [args.prompt], edits, grid, args.max_new_tokens, raw=args.raw,
@@ -250,6 +250,15 @@ def sampling_flag(field, kind):
     return parse
 
 
+def grid_flag(text):
+    """argparse type for --grid / --sweep: protocol.parse_grid, so a bad strength is a usage error before any
+    work (not after the model and the instructions are loaded)."""
+    try:
+        return protocol.parse_grid(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def main(argv=None):
     common = fileio.ArgumentParser(add_help=False)
     add = common.add_argument
@@ -268,7 +277,8 @@ def main(argv=None):
     p.add_argument("--concept", default="", help="steering prompt s (a concept), with --hypernet")
     p.add_argument("--vector", help="steer with an exported .safetensors/.gguf vector")
     p.add_argument("--strength", type=fileio.finite, default=1.0, help="h <- h + strength * Δ (0 = unsteered, negative inverts)")
-    p.add_argument("--sweep", nargs="?", const="0,0.5,1,2,4,8", help="comma-separated strengths to compare in one table")
+    p.add_argument("--sweep", nargs="?", type=grid_flag, const=[0.0, 0.5, 1.0, 2.0, 4.0, 8.0],
+                   help="comma-separated strengths to compare in one table")
     p.add_argument("--raw", action="store_true", help="no chat template (plain continuation)")
     p.add_argument("--max-new-tokens", type=fileio.positive_int, default=64, help="tokens to generate")
     p.add_argument("--temperature", type=sampling_flag("temperature", float), default=0.0,
@@ -285,7 +295,7 @@ def main(argv=None):
     p.add_argument("--max-concepts", type=int, default=0, help="only the first N concepts of the split (0 = all)")
     p.add_argument("--instructions", default="alpaca", help="alpaca (AlpacaEval, downloaded) | demo (bundled) | PATH")
     p.add_argument("--alpaca-revision", default="main", help="revision of tatsu-lab/alpaca_eval to pin")
-    p.add_argument("--grid", help="comma-separated strengths (default: 0.2..2.0, plus 2.5-5 for vector baselines)")
+    p.add_argument("--grid", type=grid_flag, help="comma-separated strengths (default: 0.2..2.0, plus 2.5-5 for vector baselines)")
     p.add_argument("--max-new-tokens", type=fileio.positive_int, default=128, help="tokens per generation (SPEC §7: 128)")
     p.add_argument("--temperature", type=sampling_flag("temperature", float), default=1.0,
                    help=f"sampling temperature (SPEC §7: 1.0; 0 = greedy, else at least {M.MIN_TEMPERATURE})")

@@ -34,7 +34,7 @@ from tqdm import tqdm
 import data
 import hypernet as H
 import model as M
-from lib import checkpoint, dist, fileio, loader
+from lib import checkpoint, dist, fileio, loader, memory
 
 
 def flag(default, help, choices=None):
@@ -348,27 +348,86 @@ def gib(nbytes):
     return nbytes / 2**30
 
 
-def traced_memory(cfg, base_cfg):
-    """bench.train_memory at the run's shapes, exactly as `python bench.py memory` traces it (rows max_len long, a
-    quarter of them prompt): two steps on fake tensors, no GPU and no weights (~15 s on a CPU)."""
-    import bench                                            # imported here: bench imports this file
-    return bench.train_memory(cfg, base_cfg, cfg.max_len // 4)
+def synthetic_examples(n, vocab, max_len, prompt_tokens, seed=0):
+    """n AxBench-shaped training Examples of random tokens: max_len tokens of which prompt_tokens prompt
+    (4 of them the chat prefix), and a 12-token steering prompt for the hypernetwork."""
+    g = torch.Generator().manual_seed(seed)
+    return [Example(torch.randint(3, vocab, (max_len,), generator=g).int().numpy(), prompt_tokens, 4,
+                    torch.randint(3, vocab, (12,), generator=g).int().numpy(), "a concept", i) for i in range(n)]
+
+
+def traced_memory(cfg, base_cfg, prompt_tokens=None, fake=True, steps=2, loss_fn=None):
+    """Live tensor bytes over `steps` steps of this file's loop (loss_fn, default steered_loss; backward, clip,
+    AdamW) at cfg's shapes, every row max_len tokens with `prompt_tokens` of prompt (default a quarter), traced
+    by lib/memory.py on fake tensors: no GPU and no weights (~15 s on a CPU; `python bench.py memory` prints it).
+    The base is bf16 with bf16 autocast unless cfg.bf16 == "no", as a run on CUDA; autocast is traced as CPU
+    autocast, which casts the same matrix products. Returns {"weights", "after_step", "peak"} in bytes and
+    "flops", the floating-point operations of one step's forward and backward (matrix products); for
+    fsdp_memory, bytes of "base" and "hyper" weights, "adam" state, "grads_at_peak", and "units", the
+    hypernetwork's FSDP2 units (dist.wrap: the embeddings, one block, the rest)."""
+    prompt_tokens = cfg.max_len // 4 if prompt_tokens is None else prompt_tokens
+    loss_fn = loss_fn or steered_loss
+    batch = collate(synthetic_examples(cfg.batch_size, base_cfg.vocab_size, cfg.max_len, prompt_tokens))
+    selected = int((batch.labels != -100).sum())
+    bf16 = cfg.bf16 != "no"
+    mode = memory.tensor_mode(fake)
+    with mode:
+        if fake:
+            batch = Batch(**{k: mode.from_tensor(v) for k, v in vars(batch).items() if v is not None})
+        torch.set_default_dtype(torch.bfloat16 if bf16 else torch.float32)   # a fake module cannot be cast
+        try:
+            base = M.Gemma(base_cfg).eval().requires_grad_(False)
+        finally:
+            torch.set_default_dtype(torch.float32)
+        hyper, _, trainable, opt = hypernet_and_optimizer(base, cfg)
+
+        def forward_backward():
+            with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+                loss = loss_fn(base, hyper, batch, cfg.layer)
+            loss.backward()
+            return loss
+
+        def update():
+            torch.nn.utils.clip_grad_norm_(trainable, cfg.clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        inputs = [v for v in vars(batch).values() if v is not None]             # Batch.residual is None here
+        traced = memory.trace_steps([*base.parameters(), *hyper.parameters(), *inputs],
+                                    forward_backward, update, steps, selected, trainable)
+    size = lambda m: sum(p.numel() * p.element_size() for p in m.parameters())
+    units = {"embeddings": size(hyper.embed_tokens), "block": max(size(b) for b in hyper.layers),
+             "rest": size(hyper) - size(hyper.embed_tokens) - size(hyper.layers)}
+    adam = sum(v.untyped_storage().nbytes() for st in opt.state.values() for v in st.values())
+    return {**traced, "base": size(base), "hyper": size(hyper), "adam": adam, "units": units}
+
+
+def fsdp_memory(traced, k, offload=False):
+    """Per-GPU peak bytes of --fsdp on k GPUs, computed from a one-process trace (FSDP2 does not run on
+    fake tensors). Traced: the frozen base (replicated: the same on every GPU), the activations and temporaries
+    (each GPU runs its own micro-batch of batch_size: unchanged), the hypernetwork's weights, AdamW state and the
+    gradients live at the peak. Computed: those three divided by k (FSDP2 shards every parameter, its gradient
+    and its AdamW state 1/k), plus FSDP2's working set, the largest unit's parameters gathered whole twice (the
+    running unit and the prefetched next) and its whole gradient before the reduce-scatter (an upper bound: the
+    largest unit, the embeddings, runs first in the forward and last in the backward). offload: FSDP2's
+    CPUOffloadPolicy, whose shards and AdamW step live in CPU memory instead."""
+    sharded = traced["hyper"] + traced["adam"] + traced["grads_at_peak"]
+    rest = traced["peak"] - traced["base"] - sharded                          # activations, temporaries, batch
+    working = 3 * max(traced["units"].values()) if k > 1 or offload else 0
+    return traced["base"] + rest + (0 if offload else sharded / k) + working
 
 
 def gpu_memory(cfg, traced, world):
-    """Peak bytes per GPU on `world` GPUs: with --fsdp bench.fsdp_memory (the hypernetwork, its gradients and AdamW
+    """Peak bytes per GPU on `world` GPUs: with --fsdp fsdp_memory (the hypernetwork, its gradients and AdamW
     state sharded 1/world); else the one-process trace, plus under DDP (world > 1) its gradient buckets, at
     most the hypernetwork's fp32 size."""
-    import bench
     if cfg.fsdp:
-        return bench.fsdp_memory(traced, world)
+        return fsdp_memory(traced, world)
     return traced["peak"] + (traced["hyper"] if world > 1 else 0)
 
 
 def flags_that_fit(cfg, base_cfg, traced, world, gpu_bytes):
     """What would fit in gpu_bytes: a smaller micro-batch with more accumulation (the same examples per step),
     or --fsdp over K GPUs (K times the examples per step)."""
-    import bench
     fits = lambda need: need + CUDA_EXTRA <= gpu_bytes
     examples, options = cfg.batch_size * cfg.grad_accum, []
     # The step without activations (weights, AdamW state): if that does not fit, no micro-batch will.
@@ -380,8 +439,8 @@ def flags_that_fit(cfg, base_cfg, traced, world, gpu_bytes):
                 options.append(f"--batch-size {b} --grad-accum {examples // b} ({gib(need):.1f} GiB)")
                 break
     for k in (2, 4, 8):
-        if (k > world or not cfg.fsdp) and fits(bench.fsdp_memory(traced, k)):
-            options.append(f"torchrun --nproc-per-node {k} train.py ... --fsdp ({gib(bench.fsdp_memory(traced, k)):.1f} "
+        if (k > world or not cfg.fsdp) and fits(fsdp_memory(traced, k)):
+            options.append(f"torchrun --nproc-per-node {k} train.py ... --fsdp ({gib(fsdp_memory(traced, k)):.1f} "
                            f"GiB per GPU, {cfg.batch_size * cfg.grad_accum * k} examples per step)")
             break
     return options
@@ -428,13 +487,12 @@ def dry_run(cfg):
     need = gpu_memory(cfg, traced, world)
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(dist.local_device("cuda"))
-        import bench
-        gpu, gpu_bytes, peak_flops = props.name, props.total_memory, bench.datasheet(props.name)[1]
+        gpu, gpu_bytes, peak_flops = props.name, props.total_memory, memory.datasheet(props.name)[1]
     else:
         gpu, gpu_bytes, peak_flops = None, REFERENCE_GPU[1], None
     peak_flops = peak_flops or REFERENCE_GPU[2]
     concepts = lambda rs: len({r["concept_id"] for r in rs})
-    how = (f"--fsdp on {world} GPUs, bench.fsdp_memory" if cfg.fsdp and world > 1 else
+    how = (f"--fsdp on {world} GPUs, train.fsdp_memory" if cfg.fsdp and world > 1 else
            f"DDP on {world} GPUs: the one-process trace + gradient buckets" if world > 1 else "one process")
     fit = "fits" if need + CUDA_EXTRA <= gpu_bytes else "does NOT fit"
     print(f"\nplan ({cfg.model}: {base_cfg.model_type}, {base_cfg.num_hidden_layers} blocks, d={base_cfg.hidden_size}; "

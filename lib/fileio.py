@@ -1,8 +1,8 @@
 """The project's own files, written and read so that a crash or a bad file costs one clear line, and
 the way every command fails: the one atomic writer (checkpoints, vectors, reports, metrics), the one
 JSONL reader (data, metrics, generations, PSR samples; append-only files cut a torn last line), JSON files with
-one-line errors, and one_line_errors, which each command-line entry point runs inside, with ArgumentParser and
-its flag types. What SPEC §5 (resumable checkpoints) and §7 (resumable generations, cached judge answers) rely on.
+one-line errors, and one_line_errors, which each command-line entry point runs inside (exit status 1), with
+ArgumentParser (usage errors: exit status 2) and its flag types. What SPEC §5 (resumable checkpoints) and §7 (resumable generations, cached judge answers) rely on.
 
     python -m pytest -q test_all.py -k "one_line or half_written or resumed_run"   # their tests
 """
@@ -29,12 +29,13 @@ def one_line_errors(debug=False, also=()):
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse, failing the way every command here fails: a bad flag raises ValueError naming it, which the
-    command's one_line_errors (or judge.main) turns into one line, with no usage dump (--help shows it). Parse
-    inside one_line_errors. Subcommands' parsers are of this class too."""
+    """argparse, failing the way every command here fails on a usage error (an unknown, missing or malformed flag,
+    a bad choice, a combination the command refuses: ap.error): argparse's exit status 2 with one line naming
+    the flag, without the usage dump (--help shows it). Every other error is one_line_errors' exit status 1.
+    Subcommands' parsers are of this class too."""
 
     def error(self, message):
-        raise ValueError(message)
+        self.exit(2, f"error: {' '.join(message.split())}\n")
 
 
 def finite(text):
