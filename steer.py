@@ -208,9 +208,6 @@ def cmd_compare(args):
 def cmd_export(args):
     base, tok, hyper, settings = load_run(args)
     layer = base.layer_index(settings["layer"])
-    if args.psr:
-        raise ValueError(f"{args.psr}: a PSR adds a different amount at every token (a function of the activation), "
-                         "not one constant vector, so it cannot be a llama.cpp control vector")
     if args.method:
         rows = data.load_rows(settings["data"], settings.get("data_revision", "main"))
         (_, concept), = split_concepts(rows, settings, None, [args.concept_id])
@@ -299,7 +296,10 @@ def main(argv=None):
     p.add_argument("--overwrite", action="store_true", help="replace existing files")
 
     args = ap.parse_args(argv)
-    if args.command == "export" and not args.psr and not (args.method and args.concept_id is not None
+    if args.command == "export" and args.psr:                         # refused before any file is read
+        ap.error("export --psr: a PSR adds a different amount at every token (λ(h_t) z, a function of the activation), "
+                 "not one constant vector, so it has no vector file; use it with compare/eval --psr or serve.py --psr")
+    if args.command == "export" and not (args.method and args.concept_id is not None
                                                          or args.hypernet and args.concept):
         ap.error("export needs --hypernet with --concept (and --prompt), or --method with --concept-id")
     with fileio.one_line_errors(args.debug):
