@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 import data
 import model as M
+import train
 from lib import chat_api
 
 PROMPT_TEMPLATE = ("Include content related to {concept} in every response you give. Always reference {concept}, "
@@ -50,9 +51,9 @@ def device_of(base):
 @torch.no_grad()
 def activations(base, tok, rows, layer, max_len=256, batch_size=8):
     """Layer-L residuals (N_tokens, d) over rows' prompt + output tokens after the chat prefix, no padding."""
-    examples, out = data.encode(tok, rows, max_len, quiet=True), []
+    examples, out = train.encode(tok, rows, max_len, quiet=True), []
     for i in range(0, len(examples), batch_size):
-        b = data.collate(examples[i:i + batch_size], base.cfg.pad_token_id).to(device_of(base))
+        b = train.collate(examples[i:i + batch_size], base.cfg.pad_token_id).to(device_of(base))
         out.append(base.residual(b.ids, b.real, layer)[b.steer].float())
     return torch.cat(out)
 
@@ -67,12 +68,12 @@ def train_reft_r1(base, tok, rows, layer, max_len=256, epochs=3, batch_size=6, l
     """SPEC §8 ReFT-r1: latent z_t = ReLU(h_t · w); the steered pass adds mean(top-k z) * w at every steered
     position; loss = LM cross-entropy on the outputs + λ mean|z| over the other positions, λ ramped
     0 -> l1; w stays unit length (gradient parallel to w removed, renormalised after every step)."""
-    examples = data.encode(tok, rows, max_len, quiet=True)
+    examples = train.encode(tok, rows, max_len, quiet=True)
     w = torch.full((base.cfg.hidden_size,), 0.01, device=device_of(base), requires_grad=True)
     opt = torch.optim.AdamW([w], lr=lr, weight_decay=0.0)
     total, step = epochs * -(-len(examples) // batch_size), 0
     for epoch in range(epochs):
-        for b in data.batches(examples, batch_size, seed, epoch, base.cfg.pad_token_id):
+        for b in train.batches(examples, batch_size, seed, epoch, base.cfg.pad_token_id):
             b = b.to(device_of(base))
             with torch.no_grad():
                 h = base.residual(b.ids, b.real, layer)                           # (B, T, d), frozen

@@ -1,5 +1,5 @@
-"""Speed of our Gemma against Hugging Face `transformers` on the same weights, side by side in one run;
-a training step's traced memory and FLOPs (memory.py); the Table 1 plan.
+"""Speed and memory (SPEC §2, §5, §7): our Gemma against Hugging Face `transformers` on the same weights,
+side by side in one run; a training step's traced memory and FLOPs; the Table 1 plan; the GPU measurements.
 
 Prefill tokens/s (one 128- and one 512-token prompt, last-position logits, as generation needs) and
 decode tokens/s (greedy, batch 1 and 8), printed with the ratio ours / transformers, plus the peak
@@ -8,14 +8,20 @@ alternating the two implementations so that both see the same machine state.
 
     python bench.py                       # gemma-3-270m, fp32, CPU (the offline model)
     python bench.py --repeats 1 --decode-tokens 16      # quicker
-    python bench_gpu.py speed             # the same on a GPU: random weights in the Gemma-2-2b shapes, bf16
 
     python bench.py memory                      # a training step's peak memory and FLOPs, traced (no GPU)
     python bench.py memory --preset paper-9b --batch-size 8     # any train.py preset and flags
     python bench.py memory --preset paper-9b --fsdp   # + the per-GPU peak under torchrun --fsdp on 1, 2, 4, 8 GPUs
     python bench.py table1                      # the Table 1 sequence, with generations, judge cost and GPU hours
+
+On a GPU (random weights in the Gemma-2-2b shapes, bf16; --json FILE keeps the figures; --smoke runs each on
+a tiny Gemma-2 on the CPU, to check the code path):
+
+    python bench.py gpu-speed             # prefill 512/2048, decode batch 1/64 vs transformers, + the bandwidth roofline
+    python bench.py gpu-train             # a paper-2b step: time, tokens/s, peak memory, MFU; SPEC §5 vs the base run twice
+    python bench.py gpu-eval              # steered top-k sampling, generations/s, ours vs transformers.generate
+    python bench.py gpu-train --smoke     # tiny CPU variant
 """
-import argparse
 import contextlib
 import dataclasses
 import json
@@ -27,13 +33,15 @@ import weakref
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import FlopCounterMode
 
-import data
+import hypernet as H
 import model as M
+import protocol
 import train
 from lib import fileio, flex, loader
 
@@ -119,14 +127,13 @@ def table1_plan(preset, cfg, concepts=500, rows=1_150_000, judge_out=120, gpu_tf
     batch of 64). Both are estimates, printed as such, until a GPU measures them."""
     from lib import chat_api
     import judge
-    import steer
     run, gens = cfg.out, f"{cfg.out}/gens.jsonl"
     ckpt = f"{run}/hypernet.safetensors"
     commands = [f"python train.py --preset {preset}"]
-    methods = [("HyperSteer", "", len(steer.HYPER_GRID), ("held-in", "held-out")),
+    methods = [("HyperSteer", "", len(protocol.HYPER_GRID), ("held-in", "held-out")),
                ("Prompting", "--method prompting --judge-url URL ", 1, ("held-in", "held-out")),
-               ("DiffMean", "--method diffmean ", len(steer.VECTOR_GRID), ("held-in",)),
-               ("ReFT-r1", "--method reft-r1 ", len(steer.VECTOR_GRID), ("held-in",))]
+               ("DiffMean", "--method diffmean ", len(protocol.VECTOR_GRID), ("held-in",)),
+               ("ReFT-r1", "--method reft-r1 ", len(protocol.VECTOR_GRID), ("held-in",))]
     n_gen = 0
     for name, flags, grid, splits in methods:
         for split in splits:
@@ -138,7 +145,7 @@ def table1_plan(preset, cfg, concepts=500, rows=1_150_000, judge_out=120, gpu_tf
                "instruction": "Give me tips for a picnic " * 3, "text": "word " * 100}  # ~128 tokens of answer
     judge_in = sum(len(m["content"]) for c in judge.CRITERIA for m in judge.judge_messages(example, c)) / 3 / 4
     cost = judge.cost(requests * judge_in, requests * judge_out, chat_api.JudgeConfig())
-    base_cfg = base_config(cfg.model)
+    base_cfg = base_config(cfg.model, cfg.model_revision)
     flops = train_memory(cfg, base_cfg, cfg.max_len // 4, steps=1)["flops"]
     steps = cfg.epochs * rows / (cfg.batch_size * cfg.grad_accum)
     train_h = steps * flops / (gpu_tflops * 1e12 * mfu) / 3600
@@ -155,7 +162,7 @@ def table1_plan(preset, cfg, concepts=500, rows=1_150_000, judge_out=120, gpu_tf
           f"(Concept16k: 16k concepts x 72) = {steps:,.0f} steps x {flops / 1e12:.1f} TFLOP (traced) at {mfu:.0%} of "
           f"{gpu_tflops:.0f} TFLOP/s bf16 = {train_h:,.1f} h; generations at the decode roofline "
           f"(batch 64, {2 * n_params / 1e9:.1f} GB of bf16 weights per step, {gpu_bandwidth / 1e12:.2f} TB/s) >= "
-          f"{decode_h:,.1f} h. Not measured: no GPU was lent to this project yet.")
+          f"{decode_h:,.1f} h. Estimates: python bench.py gpu-train and gpu-eval measure them on a GPU.")
     return {"generations": n_gen, "requests": requests, "cost_usd": cost, "train_hours": train_h,
             "decode_hours": decode_h, "commands": commands}
 
@@ -166,7 +173,7 @@ def base_params(base_cfg):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description="Ours vs transformers: prefill and decode tokens/s, load memory; "
+    ap = fileio.ArgumentParser(description="Ours vs transformers: prefill and decode tokens/s, load memory; "
                                              "'memory': a training step's traced peak memory and FLOPs.")
     sub = ap.add_subparsers(dest="command")
     speed = sub.add_parser("speed", help="the default: speed and load memory against transformers")
@@ -184,7 +191,8 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0].startswith("gpu-"):
         return gpu_main([argv[0][4:], *argv[1:]])
-    args = ap.parse_args(argv)
+    with fileio.one_line_errors():
+        args = ap.parse_args(argv)
     if args.command == "table1":
         with fileio.one_line_errors():
             return table1_plan(args.preset, train.config_from_args(args))
@@ -196,7 +204,7 @@ def main(argv=None):
     cpu_bench(args)
 
 
-# ============================================================================= from memory.py (merged)
+# ============================================================================= a training step's memory and FLOPs, traced on fake tensors (SPEC §5)
 class LiveBytes(TorchDispatchMode):
     """Bytes of live tensor storage, counted as ops create tensors and as Python frees them, with the
     peak: what torch.cuda.max_memory_allocated reports, less the caching allocator's rounding.
@@ -239,14 +247,15 @@ class LiveBytes(TorchDispatchMode):
         return out
 
 
-def base_config(name):
-    """The base model's GemmaConfig: the paper models by name, else config.json (local or hub)."""
+def base_config(name, revision="main"):
+    """The base model's GemmaConfig: the paper models by name (their config.json's values, no login needed),
+    else config.json (a local folder's, or a hub repo's through the Hugging Face cache)."""
     known = {"google/gemma-2-2b-it": M.gemma2_2b, "google/gemma-2-9b-it": M.gemma2_9b}
     if name in known:
         return known[name]()
     path = Path(name) / "config.json"
     if not path.is_file():
-        path = loader.hf_file(name, "config.json")
+        path = loader.hub_file(name, "config.json", revision)
     return M.config_from_json(path)
 
 
@@ -254,8 +263,20 @@ def synthetic_examples(n, vocab, max_len, prompt_tokens, seed=0):
     """n AxBench-shaped training Examples of random tokens: max_len tokens of which prompt_tokens prompt
     (4 of them the chat prefix), and a 12-token steering prompt for the hypernetwork."""
     g = torch.Generator().manual_seed(seed)
-    return [data.Example(torch.randint(3, vocab, (max_len,), generator=g).int().numpy(), prompt_tokens, 4,
+    return [train.Example(torch.randint(3, vocab, (max_len,), generator=g).int().numpy(), prompt_tokens, 4,
                          torch.randint(3, vocab, (12,), generator=g).int().numpy(), "a concept", i) for i in range(n)]
+
+
+def two_pass_loss(base, hyper, batch, layer):
+    """The public code's structure, the baseline of the speed comparison (equal to train.steered_loss, a test
+    checks): the base runs once for X and again, whole and with gradients through every block."""
+    L = base.layer_index(layer)
+    with torch.no_grad():
+        x = base.residual(batch.ids, batch.real, L)
+    delta = H.steering_delta(hyper, batch.hyper_ids, batch.hyper_real, x, batch.prompt, batch.prompt & batch.steer)
+    logits = base(batch.ids, batch.real, steering=M.Steering.vector(L, delta), steer_mask=batch.steer)
+    sel = batch.labels != -100
+    return F.cross_entropy(logits[sel].float(), batch.labels[sel])
 
 
 def train_memory(cfg, base_cfg, prompt_tokens=64, fake=True, steps=2, loss_fn=train.steered_loss):
@@ -266,13 +287,13 @@ def train_memory(cfg, base_cfg, prompt_tokens=64, fake=True, steps=2, loss_fn=tr
     "flops", the floating-point operations of one step's forward and backward (matrix products); for
     fsdp_memory, bytes of "base" and "hyper" weights, "adam" state, "grads_at_peak", and "units", the
     hypernetwork's FSDP2 units (dist.wrap: the embeddings, one block, the rest)."""
-    batch = data.collate(synthetic_examples(cfg.batch_size, base_cfg.vocab_size, cfg.max_len, prompt_tokens))
+    batch = train.collate(synthetic_examples(cfg.batch_size, base_cfg.vocab_size, cfg.max_len, prompt_tokens))
     selected = int((batch.labels != -100).sum())
     bf16 = cfg.bf16 != "no"
     mode = FakeTensorMode() if fake else torch.device("cpu")
     with mode:
         if fake:
-            batch = data.Batch(**{k: mode.from_tensor(v) for k, v in vars(batch).items()})
+            batch = train.Batch(**{k: mode.from_tensor(v) for k, v in vars(batch).items()})
         torch.set_default_dtype(torch.bfloat16 if bf16 else torch.float32)   # a fake module cannot be cast
         try:
             base = M.Gemma(base_cfg).eval().requires_grad_(False)
@@ -285,7 +306,7 @@ def train_memory(cfg, base_cfg, prompt_tokens=64, fake=True, steps=2, loss_fn=tr
             for step in range(steps):  # the second step is the steady state: AdamW state lives from the first
                 with flops if step == 0 else contextlib.nullcontext():
                     with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
-                        loss = loss_fn(base, hyper, batch)
+                        loss = loss_fn(base, hyper, batch, cfg.layer)
                     loss.backward()
                 torch.nn.utils.clip_grad_norm_(trainable, cfg.clip)
                 opt.step()
@@ -315,10 +336,10 @@ def fsdp_memory(traced, k, offload=False):
 
 
 def print_train_memory(cfg, prompt_tokens):
-    """Memory and FLOPs of a step with the SPEC §5 structure and with the base run twice (--two-pass)."""
-    t0, base_cfg = time.perf_counter(), base_config(cfg.model)
+    """Memory and FLOPs of a step with the SPEC §5 structure and with the base run twice (two_pass_loss)."""
+    t0, base_cfg = time.perf_counter(), base_config(cfg.model, cfg.model_revision)
     fast, slow = (train_memory(cfg, base_cfg, prompt_tokens, loss_fn=f)
-                  for f in (train.steered_loss, train.two_pass_loss))
+                  for f in (train.steered_loss, two_pass_loss))
     print(f"{cfg.model}, {cfg.variant} N={cfg.n_blocks}, layer {cfg.layer}, batch {cfg.batch_size} x {cfg.max_len} "
           f"tokens ({prompt_tokens} prompt), {'bf16 base + autocast' if cfg.bf16 != 'no' else 'fp32'}; "
           f"traced on fake tensors in {time.perf_counter() - t0:.0f} s:")
@@ -358,7 +379,7 @@ def print_fsdp_memory(cfg, traced, world_sizes=(1, 2, 4, 8), gpu_gib=80):
           " blocks it would gather (< 1 GiB)")
 
 
-# ============================================================================= from bench_gpu.py (merged)
+# ============================================================================= on a GPU: random weights in the Gemma-2-2b shapes, bf16 (gpu-speed, gpu-train, gpu-eval)
 # ----------------------------------------------------------------------------- ceilings and speed
 
 # memory bandwidth (bytes/s) and dense bf16 peak (FLOP/s) from the vendors' datasheets, by a part of the
@@ -475,7 +496,7 @@ def gpu_train(args):
                                          args.prompt_tokens)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     results = {"device": name, "config": dataclasses.asdict(cfg)}
-    for label, loss_fn in (("spec5", train.steered_loss), ("two_pass", train.two_pass_loss)):
+    for label, loss_fn in (("spec5", train.steered_loss), ("two_pass", two_pass_loss)):
         hyper, model, trainable, opt = train.hypernet_and_optimizer(base, cfg)
         amp = lambda: torch.autocast(device, torch.bfloat16)
         run = train.Run(cfg, base, None, hyper, model, trainable, opt, amp, examples, [], [], {},
@@ -568,7 +589,7 @@ def gpu_eval(args):
 
 
 def gpu_main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = fileio.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="command", required=True)
     cmd = {c: sub.add_parser(c, help=h) for c, h in (
         ("speed", "prefill 512/2048 and decode batch 1/64 vs transformers, random Gemma-2-2b bf16, + roofline"),
@@ -589,7 +610,8 @@ def gpu_main(argv=None):
                              help="batch sizes to try, largest first (comma-separated)")
     cmd["eval"].add_argument("--new-tokens", type=int, default=128, help="new tokens per generation (SPEC §7)")
     cmd["eval"].add_argument("--repeats", type=int, default=1, help="timed runs (median)")
-    args = ap.parse_args(argv)
+    with fileio.one_line_errors():
+        args = ap.parse_args(argv)
     return {"speed": gpu_bench, "train": gpu_train, "eval": gpu_eval}[args.command](args)
 
 

@@ -1,31 +1,20 @@
-"""AxBench data, the bundled demo concepts, and batching for HyperSteer (SPEC §5, §6).
-
-Rows follow the AxBench schema: input (instruction), output (reference response),
-output_concept, concept_genre, category (positive|negative), dataset_category, concept_id.
-HyperSteer trains on the positives. One row becomes one training example:
-
-    ids    = <bos><start_of_turn>user\\n {input} <end_of_turn>\\n<start_of_turn>model\\n {output}
-    labels =  -100 ............................................................... output ids
-    steer  =  0 0 0 0 (chat prefix) 1 1 1 ...................................... 1 1 1 1 (SPEC §4)
+"""AxBench data and the bundled demo concepts: reading rows, the held-in / held-out split, instructions and
+keywords (SPEC §5, §6). Rows follow the AxBench schema: input (instruction), output (reference response),
+output_concept, concept_genre, category (positive|negative), dataset_category, concept_id. HyperSteer trains
+on the positives; train.py turns a row into a training example (train.encode, train.Batch).
 
     python data.py                          # summarise the bundled demo data and its split
     python data.py --dataset concept500     # download AxBench Concept500 (2b, l20) and summarise it
 """
-import argparse
-import json
 import random
 import warnings
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-import torch
 
-from hypernet import hyper_input
+from lib import fileio
 from lib.fileio import one_line_errors, read_json
-from lib.loader import DEMO_MODEL, hf_file
-from model import left_pad
+from lib.loader import DEMO_MODEL, hub_file
 
 DEMO_DATA = Path(__file__).resolve().parent / "demo" / "concepts.jsonl"
 DEMO_INSTRUCTIONS = DEMO_DATA.parent / "instructions.json"   # 60 offline evaluation instructions (AlpacaEval stand-in)
@@ -42,10 +31,10 @@ AXBENCH_PATHS = {  # SPEC §6: dataset name -> (hub repo, default path for a mod
 
 
 def download_axbench(dataset="concept16k", path="2b/l20/train/data.parquet", revision="main"):
-    """Fetch one AxBench parquet file over requests into the cache (progress bar, resumable)."""
+    """One AxBench parquet file, through the Hugging Face cache (loader.hub_file: login, HF_HUB_OFFLINE)."""
     if dataset not in AXBENCH_PATHS:
         raise ValueError(f"unknown dataset {dataset!r}; expected one of {', '.join(AXBENCH_PATHS)}")
-    return hf_file(AXBENCH_PATHS[dataset], path, revision, kind="dataset")
+    return hub_file(AXBENCH_PATHS[dataset], path, revision, kind="dataset")
 
 
 def read_rows(path):
@@ -63,23 +52,15 @@ def read_rows(path):
             raise ValueError(f"{path}: not a readable parquet file ({type(e).__name__})") from None
         have, raw = set(table.column_names), table.to_pylist()
     else:
-        raw, bad_json = [], 0
-        try:
-            text = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError as e:
-            raise ValueError(f"{path}: not UTF-8 text (byte {e.start})") from None
-        for line in text.splitlines():
-            if line.strip():
-                try:
-                    raw.append(json.loads(line))
-                except json.JSONDecodeError:
-                    bad_json += 1
-                    raw.append(None)
+        raw = [r for _, r in fileio.read_jsonl(path, "data file", skip_malformed=True)]   # bad JSON: None, skipped below
         have = set().union(*(r.keys() for r in raw if isinstance(r, dict))) if raw else set()
     missing = [c for c in COLUMNS if c not in have]
     if missing:
         raise ValueError(f"{path}: not AxBench-shaped data: no column {', '.join(missing)}")
     rows = [r for r in raw if valid(r)]
+    if not positives(rows):                          # blame the file, not a later flag that finds no concept
+        raise ValueError(f"{path}: no valid positive AxBench row ({len(raw)} rows, {len(raw) - len(rows)} malformed; "
+                         "a positive row has category 'positive', a concept_id >= 0 and every column filled)")
     if len(rows) < len(raw):
         warnings.warn(f"{path}: skipped {len(raw) - len(rows)} malformed rows of {len(raw)}", stacklevel=2)
     return rows
@@ -158,18 +139,12 @@ def concept_names(path):
     path = Path(path)
     if path.suffix == ".parquet":
         return {r["output_concept"] for r in positives(read_rows(path))}
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError:
-        raise ValueError(f"{path}: not UTF-8 text") from None
     names = set()
-    for n, line in enumerate(lines, 1):
-        if line.strip():
-            try:
-                row = json.loads(line)
-                names.add(str(row["concept"] if "concept" in row else row["output_concept"]))
-            except (ValueError, KeyError, TypeError):
-                raise ValueError(f"{path}:{n}: not a metadata row with a concept field") from None
+    for n, row in fileio.read_jsonl(path, "metadata file"):
+        try:
+            names.add(str(row["concept"] if "concept" in row else row["output_concept"]))
+        except (KeyError, TypeError):
+            raise ValueError(f"{path}:{n}: not a metadata row with a concept field") from None
     return names
 
 
@@ -214,20 +189,13 @@ def read_instructions(path):
 
 
 def load_instructions(source="alpaca", revision="main"):
-    """'alpaca': AlpacaEval's 805 instructions (fetched once into the hub cache); 'demo': the bundled 60,
+    """'alpaca': AlpacaEval's 805 instructions (fetched once into the Hugging Face cache); 'demo': the bundled 60,
     an offline stand-in under the same selection rule; else a JSON list of {"instruction": ...} or strings."""
     if source == "alpaca":
-        path = hf_file("tatsu-lab/alpaca_eval", "alpaca_eval.json", revision, kind="dataset")
+        path = hub_file("tatsu-lab/alpaca_eval", "alpaca_eval.json", revision, kind="dataset")
     else:
         path = DEMO_INSTRUCTIONS if source == "demo" else Path(source)
     return read_instructions(path)
-
-
-def pick_instructions(instructions, concept_id, n=10):
-    """SPEC §6: the first n of numpy.random.RandomState(concept_id).permutation(len(instructions))
-    (what AxBench's pandas df.sample(n, random_state=concept_id) draws)."""
-    order = np.random.RandomState(concept_id).permutation(len(instructions))[:n]
-    return [instructions[i] for i in order]
 
 
 def load_keywords(path):
@@ -245,99 +213,20 @@ def mentions(text, keywords):
     return any(k in text for k in keywords)
 
 
-# ----------------------------------------------------------------------------- tokenisation
-
-@dataclass
-class Example:
-    ids: np.ndarray      # chat-templated prompt + raw output
-    n_prompt: int        # prompt tokens (labels start after them)
-    n_prefix: int        # chat-prefix tokens, never steered (SPEC §4)
-    hyper_ids: np.ndarray  # what the hypernetwork reads (hypernet.hyper_input)
-    concept: str
-    concept_id: int
-
-
-def encode(tok, rows, max_len=128, variant=None, quiet=False):
-    """Rows -> Examples, truncating the output so prompt + output <= max_len tokens. Rows whose
-    prompt alone leaves no room for an output token are dropped. Prints how many were cut.
-    variant: the hypernetwork variant whose input each example carries (None: no hypernetwork)."""
-    out, cut, dropped = [], 0, 0
-    prompts = tok.chat_batch(r["input"] for r in rows)
-    answers = tok.encode_batch((r["output"] for r in rows), bos=False)  # the raw output, no <end_of_turn> (SPEC §5)
-    for r, prompt, answer in zip(rows, prompts, answers):
-        room = max_len - len(prompt)
-        if room < 1:
-            dropped += 1
-            continue
-        cut += len(answer) > room
-        # int32 arrays, not lists: Concept16k has ~1M rows, and a list of Python ints costs ~9x more
-        out.append(Example(np.asarray(prompt + answer[:room], dtype=np.int32), len(prompt), tok.chat_prefix_len,
-                           np.asarray(hyper_input(tok, r["output_concept"], r["input"], variant) if variant else [],
-                                      dtype=np.int32),
-                           r["output_concept"], r["concept_id"]))
-    if (cut or dropped) and not quiet:
-        print(f"tokenised {len(rows)} rows: {cut} outputs truncated to max_len {max_len}, {dropped} dropped")
-    return out
-
-
-@dataclass
-class Batch:
-    """Tensors of a batch, all (B, T) unless noted, left padded:
-
-        ids      = <pad> <bos><start_of_turn>user\\n {input} <end_of_turn>\\n<start_of_turn>model\\n {output}
-        real     =   0     1 .................................................................. 1
-        labels   = -100 ............................................................. output ids (shifted)
-        steer    =   0     0 0 0 0 (chat prefix) 1 ............................................ 1
-        x_mask   =   0     1 ........................................ 1   0 ............... 0
-    """
-    ids: torch.Tensor         # token ids
-    real: torch.Tensor        # bool: True on real tokens, False on padding
-    labels: torch.Tensor      # next-token targets: -100 except where the next token is an output token
-    steer: torch.Tensor       # bool: where Δ is added, real tokens after the chat prefix (SPEC §4)
-    x_mask: torch.Tensor      # bool: the base-prompt tokens, X for the cross-attention hypernetwork (never the output)
-    hyper_ids: torch.Tensor   # (B, Ts) what the hypernetwork reads (hypernet.hyper_input)
-    hyper_real: torch.Tensor  # (B, Ts) bool: True on its real tokens
-
-    def to(self, device):
-        return Batch(**{k: v.to(device) for k, v in vars(self).items()})
-
-
-def collate(examples, pad_id=0):
-    """A list of Examples -> a Batch."""
-    ids, real = left_pad([e.ids for e in examples], pad_id)
-    T = ids.shape[1]
-    idx = torch.arange(T)[None]
-    start = torch.tensor([T - len(e.ids) for e in examples])[:, None]           # first real token
-    n_prompt = torch.tensor([e.n_prompt for e in examples])[:, None]
-    n_prefix = torch.tensor([e.n_prefix for e in examples])[:, None]
-    labels = torch.full_like(ids, -100)
-    predicts = (idx >= start + n_prompt - 1) & (idx < T - 1)                    # positions predicting output
-    labels[:, :-1] = torch.where(predicts[:, :-1], ids[:, 1:], -100)
-    hyper_ids, hyper_real = left_pad([e.hyper_ids for e in examples], pad_id)
-    return Batch(ids=ids, real=real, labels=labels, steer=idx >= start + n_prefix,
-                 x_mask=real & (idx < start + n_prompt), hyper_ids=hyper_ids, hyper_real=hyper_real)
-
-
-def epoch_order(n, seed, epoch):
-    """The epoch's example order: a permutation seeded by (seed, epoch), so a resumed run sees
-    exactly the batches an uninterrupted one would."""
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist()
-
-
-def batches(examples, batch_size, seed, epoch, pad_id=0):
-    """The epoch's batches, collated one at a time."""
-    order = epoch_order(len(examples), seed, epoch)
-    for i in range(0, len(order), batch_size):
-        yield collate([examples[j] for j in order[i:i + batch_size]], pad_id)
+def distinct_words(text):
+    """A judge-free fluency proxy: the share of distinct words among the text's words (1 = no word twice).
+    Steered too hard, a model loops on a few words, and this falls toward 0; an empty text counts as 0."""
+    words = text.lower().split()
+    return len(set(words)) / len(words) if words else 0.0
 
 
 def main():
-    ap = argparse.ArgumentParser(description="Download (optionally) and summarise AxBench-shaped data.")
+    ap = fileio.ArgumentParser(description="Download (optionally) and summarise AxBench-shaped data.")
     ap.add_argument("--dataset", default=None, help="concept10 | concept500 | concept16k (default: bundled demo)")
     ap.add_argument("--path", default="2b/l20/train/data.parquet", help="file inside the dataset repo")
     ap.add_argument("--revision", default="main", help="dataset revision (branch or commit) to pin")
-    args = ap.parse_args()
     with one_line_errors():
+        args = ap.parse_args()
         path = download_axbench(args.dataset, args.path, args.revision) if args.dataset else DEMO_DATA
         rows = read_rows(path)
         pos = positives(rows)

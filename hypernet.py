@@ -15,7 +15,6 @@ safetensors with both configs as JSON metadata.
     python hypernet.py --variant no_context --n-blocks 26
     python -m pytest -q test_all.py -k hyper    # its CPU tests, seconds
 """
-import argparse
 import json
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -23,6 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from lib import fileio, vectors
 from lib.flex import use_flex
 from lib.loader import check_state_dict, read_header, read_safetensors, save_safetensors
 from model import (Attention, Block, Gemma, GemmaConfig, RMSNorm, attend, attention_inputs, embed, gemma2_2b,
@@ -139,11 +139,13 @@ class HyperSteer(nn.Module):
                 assert not mine.load_state_dict(theirs.state_dict(), strict=False).unexpected_keys
         return hyper
 
-    def forward(self, s_ids, s_real, x=None, x_mask=None, scale_mask=None):
+    def forward(self, s_ids, s_real, x=None, x_real=None, x_steered=None):
         """s_ids, s_real (B, Ts): left-padded ids of the hypernetwork's input and its real-token
-        mask. x (B, Tx, d), x_mask (B, Tx): the base's unsteered residual at the steering layer over
-        the base prompt and its mask; read by cross_attention, ignored otherwise. Returns Δ (B, d) in
-        the base compute dtype (that of x, else of the embeddings)."""
+        mask. x (B, Tx, d), x_real (B, Tx): the base's unsteered residual at the steering layer over
+        the base prompt, and the mask of the base prompt's real tokens; read by cross_attention, ignored
+        otherwise. x_steered (B, Tx): the prompt positions Δ is added to, where unit_norm reads its max
+        activation (default x_real). Returns Δ (B, d) in the base compute dtype (that of x, else of the
+        embeddings). Called once, with named arguments, by hypernet.steering_delta."""
         B, T = s_ids.shape
         out_dtype = x.dtype if x is not None else self.embed_tokens.weight.dtype   # the base compute dtype
         s_real = s_real.bool()
@@ -155,22 +157,22 @@ class HyperSteer(nn.Module):
         if cross:
             if x is None:
                 raise ValueError("the cross_attention hypernetwork needs x, the base residual at the steering layer")
-            x_mask = torch.ones(x.shape[:2], dtype=torch.bool) if x_mask is None else x_mask
-            x_mask = x_mask.to(device=x.device, dtype=torch.bool)
-            if not x_mask.any(-1).all():
-                raise ValueError("every example needs at least one real base-prompt token in x_mask")
+            x_real = torch.ones(x.shape[:2], dtype=torch.bool) if x_real is None else x_real
+            x_real = x_real.to(device=x.device, dtype=torch.bool)
+            if not x_real.any(-1).all():
+                raise ValueError("every example needs at least one real base-prompt token in x_real")
             # Every query row, the hypernetwork's own padding rows included, sees exactly the real
             # tokens of X: never padding, never an all-masked row (which would give NaN).
-            x, x_mask = x.to(h.dtype), x_mask[:, None, None, :].expand(B, 1, T, -1)   # (B, Tx, d), (B, 1, T, Tx)
+            x, x_attend = x.to(h.dtype), x_real[:, None, None, :].expand(B, 1, T, -1)   # (B, Tx, d), (B, 1, T, Tx)
         for block in self.layers:
             cos, sin = rot[block.layer_type]
             if cross:
-                h = block(h, cos=cos, sin=sin, mask=masks[block.layer_type], x=x, x_mask=x_mask)
+                h = block(h, cos=cos, sin=sin, mask=masks[block.layer_type], x=x, x_mask=x_attend)
             else:
                 h = block(h, cos=cos, sin=sin, mask=masks[block.layer_type])
         delta = self.head(self.norm(h[:, -1]))  # Eq. 2-3: Δ = H(s, x) = W · RMSNorm(h_last) + b, (B, d)
         if self.hcfg.unit_norm:
-            delta = max_activation_scaled(delta, x, x_mask if scale_mask is None else scale_mask)
+            delta = max_activation_scaled(delta, x, x_real if x_steered is None else x_steered)
         return delta.to(out_dtype)
 
 
@@ -184,6 +186,13 @@ def max_activation_scaled(delta, x, mask):
     unit = delta / delta.norm(dim=-1, keepdim=True).clamp_min(1e-6)                # (B, d), 0 stays 0
     acts = torch.einsum("btd,bd->bt", x.float(), unit.float()).clamp_min(0)          # (B, Tx) latents
     return unit * acts.masked_fill(~mask.bool(), 0).amax(-1, keepdim=True).to(unit.dtype)
+
+
+def steering_delta(hyper, s_ids, s_real, x, x_real, x_steered):
+    """Δ = H(s, x), (B, d) (Eq. 2-3): the one call of HyperSteer.forward, for training (train.steered_loss, where
+    `hyper` may be its DDP wrapper) and for inference (deltas) alike. x is the unsteered residual at the steering
+    layer; x_real masks it to the base prompt's real tokens; x_steered marks those Δ is added to."""
+    return hyper(s_ids=s_ids, s_real=s_real, x=x, x_real=x_real, x_steered=x_steered)
 
 
 def hyper_input(tok, concept, instruction, variant):
@@ -200,11 +209,11 @@ def deltas(base, tok, hyper, concept, instructions, chat_ids=None):
     steering layer over each chat-templated prompt (chat_ids, when the caller has them already):
     once per (s, x), fixed while decoding (SPEC §4)."""
     dev, pad_id = base.model.embed_tokens.weight.device, base.cfg.pad_token_id
-    ids, pad = left_pad(chat_ids or tok.chat_batch(instructions), pad_id, dev)
-    x = base.residual(ids, pad, hyper.hcfg.layer)                                   # (n, T, d)
-    s_ids, s_pad = left_pad([hyper_input(tok, concept, i, hyper.hcfg.variant) for i in instructions], pad_id, dev)
-    after_prefix = pad & (pad.cumsum(-1) > tok.chat_prefix_len)                       # steered prompt tokens
-    return hyper(s_ids, s_pad, x, pad, after_prefix).float()                          # Eq. 2-3
+    ids, real = left_pad(chat_ids or tok.chat_batch(instructions), pad_id, dev)
+    x = base.residual(ids, real, hyper.hcfg.layer)                                  # (n, T, d)
+    s_ids, s_real = left_pad([hyper_input(tok, concept, i, hyper.hcfg.variant) for i in instructions], pad_id, dev)
+    steered = real & (real.cumsum(-1) > tok.chat_prefix_len)                          # after the chat prefix (SPEC §4)
+    return steering_delta(hyper, s_ids, s_real, x, real, steered).float()
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -234,11 +243,12 @@ def check_base(path, meta, base_cfg: GemmaConfig):
 def load_hypernet(path, base: Gemma, expected: HyperConfig = None):
     """A HyperSteer from `save`, on the base's device. Strict: the checkpoint must have been trained
     for this base model (and for `expected`'s variant, N and layer when given) and hold exactly the
-    parameters, by name and shape. freeze_embeddings comes from `expected` when given."""
+    parameters, by name and shape, finite and sane at a layer the base has (vectors.check_steering_file, the
+    check of every steering file). freeze_embeddings comes from `expected` when given."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such hypernetwork checkpoint")
-    header, _, meta = read_header(path)                        # everything is checked before reading the data
+    shapes, meta = read_header(path)                           # everything is checked before reading the data
     if "hyper_config" not in meta or "base_config" not in meta:
         raise ValueError(f"{path}: not a HyperSteer checkpoint (no hyper_config/base_config metadata)")
     check_base(path, meta, base.cfg)
@@ -254,10 +264,13 @@ def load_hypernet(path, base: Gemma, expected: HyperConfig = None):
     with torch.device("meta"):
         hyper = HyperSteer(hcfg, base.cfg)
     check_state_dict(path, {k: p.shape for k, p in hyper.state_dict().items()},
-                     {k: v["shape"] for k, v in header.items() if not k.startswith("optim.")},   # train.py's too
+                     {k: s for k, s in shapes.items() if not k.startswith("optim.")},   # train.py's too
                      f"a {hcfg.variant} hypernetwork")
     state, _ = read_safetensors(path, base.model.embed_tokens.weight.device)
-    hyper.load_state_dict({k: v for k, v in state.items() if not k.startswith("optim.")}, strict=True, assign=True)
+    state = {k: v for k, v in state.items() if not k.startswith("optim.")}
+    vectors.check_steering_file(path, state, {k: p.shape for k, p in hyper.state_dict().items()}, [hcfg.layer],
+                                base.cfg.num_hidden_layers, f"a {hcfg.variant} hypernetwork")
+    hyper.load_state_dict(state, strict=True, assign=True)
     hyper.embed_tokens.requires_grad_(not hcfg.freeze_embeddings)
     return hyper
 
@@ -265,11 +278,12 @@ def load_hypernet(path, base: Gemma, expected: HyperConfig = None):
 # ----------------------------------------------------------------------------- CLI
 
 def main():
-    ap = argparse.ArgumentParser(description="Parameter counts of a HyperSteer hypernetwork (meta device, no memory).")
+    ap = fileio.ArgumentParser(description="Parameter counts of a HyperSteer hypernetwork (meta device, no memory).")
     ap.add_argument("--base", default="2b", choices=["2b", "9b"], help="Gemma-2 base model shapes")
     ap.add_argument("--variant", default="cross_attention", choices=VARIANTS, help="hypernetwork variant")
     ap.add_argument("--n-blocks", type=int, default=22, help="N, base blocks copied into the hypernetwork")
-    args = ap.parse_args()
+    with fileio.one_line_errors():
+        args = ap.parse_args()
     with torch.device("meta"):
         base = Gemma(gemma2_2b() if args.base == "2b" else gemma2_9b())
     hyper = HyperSteer.from_base(base, HyperConfig(args.variant, args.n_blocks))

@@ -14,7 +14,7 @@ averaged over concepts, laid out like paper Table 1.
     python judge.py gens.jsonl --model gpt-4o-mini   # -> gens.ratings.jsonl, gens.report.md/.json
     python judge.py gens.jsonl --base-url http://localhost:11434/v1 --model qwen2.5:7b  # local
 
-Every answer is cached (chat_api.py) in .judge_cache/ (next to the first input), one file per request named by
+Every answer is cached (lib/chat_api.py) in .judge_cache/ (next to the first input), one file per request named by
 the sha256 of the full request (model, messages, temperature), so a re-run or an interrupted run
 pays for nothing twice. A request that still fails after its retries, or whose reply is not text,
 is recorded as failed (never as a 0), is not cached, and is sent again on the next run. The
@@ -26,7 +26,6 @@ Errors are one line (--debug shows the traceback). Exit status: 0 when every req
 """
 import argparse
 import json
-import math
 import re
 import sys
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -39,7 +38,7 @@ import protocol
 from lib import fileio
 from lib.chat_api import TOKENS, JudgeConfig, JudgeError, api_key, cache_path, cached_chat, redact, request_body
 
-CRITERIA = ("concept", "instruction", "fluency")
+CRITERIA = protocol.CRITERIA
 
 
 # ----------------------------------------------------------------------------- prompts and parsing
@@ -145,47 +144,7 @@ def judge_rows(rows, cfg):
     return rated, usage
 
 
-# ----------------------------------------------------------------------------- selection and report
-def _mean(xs):
-    xs = list(xs)
-    return sum(xs) / len(xs) if xs else None
-
-
-def choose_strength(rows):
-    """SPEC §7 for one concept: the strength with the best mean score on instructions 0-4 (ties ->
-    the smaller |strength|, the weaker intervention), scored by its mean on instructions 5-9."""
-    by_strength = {}
-    for r in rows:
-        by_strength.setdefault(r["strength"], []).append(r)
-    select = {s: _mean(r["score"] for r in rs if r["instruction_index"] < 5)
-              for s, rs in by_strength.items()}
-    candidates = sorted((s for s in select if select[s] is not None), key=lambda s: (abs(s), s))
-    best = max(candidates, key=lambda s: round(select[s], 9)) if candidates else None  # first max wins
-    held = [r for r in by_strength.get(best, []) if r["instruction_index"] >= 5]
-    out = {"concept_id": rows[0].get("concept_id"), "concept": rows[0]["concept"], "strength": best,
-           "select_score": select.get(best), "score": _mean(r["score"] for r in held), "n_eval": len(held)}
-    out["ratings"] = {c: _mean(r["ratings"][c] for r in held) for c in CRITERIA}  # criterion means
-    return out
-
-
-def summarize(rated):
-    """Per (method, split): chosen strength per concept and the mean over concepts (paper Table 1)."""
-    groups = {}
-    for r in rated:
-        g = groups.setdefault((r["method"], r["split"]), {"failed": 0, "concepts": {}})
-        g["failed"] += len(r["failed"])
-        if r["score"] is not None:  # rows with a failed request wait for the next run
-            g["concepts"].setdefault(r.get("concept_id", r["concept"]), []).append(r)
-    results = []
-    for (method, split), g in groups.items():
-        concepts = [choose_strength(rows) for rows in g["concepts"].values()]
-        scored = [c for c in concepts if c["score"] is not None]
-        results.append({"method": method, "split": split, "score": _mean(c["score"] for c in scored),
-                        "n_concepts": len(scored), "n_concepts_unscored": len(concepts) - len(scored),
-                        "ratings": {c: _mean(x["ratings"][c] for x in scored) for c in CRITERIA},
-                        "failed_requests": g["failed"], "concepts": concepts})
-    return results
-
+# ----------------------------------------------------------------------------- the report
 
 def _fmt(x):
     return "-" if x is None else f"{x:.3f}"
@@ -238,19 +197,27 @@ def dry_run(rows, cfg):
           f"at ${cfg.price_in}/${cfg.price_out} per 1M prompt/completion tokens")
 
 
+def positive_seconds(text):
+    """argparse type of --timeout: a positive, finite number of seconds."""
+    v = fileio.finite(text)
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
+    return v
+
+
 def parse_args(argv):
     """Flags -> (args, JudgeConfig). Bad values raise ValueError naming the flag, before any work."""
     d = JudgeConfig()
-    p = argparse.ArgumentParser(description="Score steered generations with an LLM judge (SPEC §7).")
+    p = fileio.ArgumentParser(description="Score steered generations with an LLM judge (SPEC §7).")
     p.add_argument("generations", nargs="+", help="generations JSONL file(s) written by steer.py")
     p.add_argument("--base-url", default=d.base_url, help="API root, e.g. http://localhost:8000/v1 (vLLM)")
     p.add_argument("--model", default=d.model, help="judge model name")
     p.add_argument("--api-key-env", default=d.api_key_env, help="environment variable with the API key")
-    p.add_argument("--workers", type=int, default=d.workers, help="concurrent requests")
-    p.add_argument("--timeout", type=float, default=d.timeout, help="seconds per HTTP request")
-    p.add_argument("--max-retries", type=int, default=d.max_retries, help="retries on 429/5xx/network errors")
-    p.add_argument("--backoff-base", type=float, default=d.backoff_base, help="first retry wait, s (doubles)")
-    p.add_argument("--backoff-max", type=float, default=d.backoff_max, help="longest single wait, s")
+    p.add_argument("--workers", type=fileio.positive_int, default=d.workers, help="concurrent requests")
+    p.add_argument("--timeout", type=positive_seconds, default=d.timeout, help="seconds per HTTP request")
+    p.add_argument("--max-retries", type=fileio.non_negative(int), default=d.max_retries, help="retries on 429/5xx/network errors")
+    p.add_argument("--backoff-base", type=fileio.non_negative(float), default=d.backoff_base, help="first retry wait, s (doubles)")
+    p.add_argument("--backoff-max", type=fileio.non_negative(float), default=d.backoff_max, help="longest single wait, s")
     p.add_argument("--cache-dir", default=None, help="answer cache (default: .judge_cache beside the input)")
     p.add_argument("--out", default=None, help="output prefix (default: first input without .jsonl)")
     p.add_argument("--price-in", type=float, default=d.price_in, help="USD per 1M prompt tokens")
@@ -260,19 +227,9 @@ def parse_args(argv):
     p.add_argument("--dry-run", action="store_true", help="print the request count and cost; send nothing")
     p.add_argument("--debug", action="store_true", help="on an error, show the traceback, not one line")
 
-    def one_line_error(message):  # argparse would print the usage too and exit
-        raise ValueError(message)
-    p.error = one_line_error
     args = p.parse_args(argv)
-    web = args.base_url.startswith(("http://", "https://"))
-    for flag, ok, want in (("--workers", args.workers >= 1, "at least 1"),
-                           ("--max-retries", args.max_retries >= 0, "0 or more"),
-                           ("--timeout", 0 < args.timeout < math.inf, "a positive number of seconds"),
-                           ("--backoff-base", 0 <= args.backoff_base < math.inf, "0 or more seconds"),
-                           ("--backoff-max", 0 <= args.backoff_max < math.inf, "0 or more seconds"),
-                           ("--base-url", web, "an http:// or https:// URL")):
-        if not ok:
-            raise ValueError(f"{flag} must be {want}, got {getattr(args, flag[2:].replace('-', '_'))}")
+    if not args.base_url.startswith(("http://", "https://")):
+        p.error(f"argument --base-url: must be an http:// or https:// URL, got {args.base_url}")
     given = {k: v for k, v in vars(args).items() if k in JudgeConfig.__dataclass_fields__}
     cache_dir = args.cache_dir or str(Path(args.generations[0]).parent / ".judge_cache")
     return args, JudgeConfig(**{**given, "cache_dir": cache_dir})
@@ -288,7 +245,7 @@ def run(args, cfg, key):
         print(f"note: ${cfg.api_key_env} is not set; sending requests without an API key", file=sys.stderr)
     Path(cfg.cache_dir).mkdir(parents=True, exist_ok=True)  # an unwritable cache fails before paying
     rated, usage = judge_rows(rows, cfg)
-    results = summarize(rated)
+    results = protocol.summarize(rated)
     out = args.out or str(Path(args.generations[0]).with_suffix(""))
 
     fileio.write_jsonl(out + ".ratings.jsonl", [redact(r, key) for r in rated])   # atomic: never half a file

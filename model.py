@@ -2,11 +2,14 @@
 
 The config, the model written out in plain torch, the intervention mechanism (paper Eq. 1: what
 is added to the residual stream, where, and how strongly), the KV cache and batched generation.
-Loading checkpoints and the tokenizer live in loader.py, the FlexAttention fast path in flex.py.
+model.load builds a Gemma from a checkpoint folder or hub id; reading the files and the tokenizer lives in
+lib/loader.py, the FlexAttention fast path in lib/flex.py.
 
     python steer.py compare --prompt "The capital of France is" --raw   # a greedy continuation (CPU, seconds)
     python -m pytest -q test_all.py -k transformers               # equal to Hugging Face's Gemma
 """
+import json
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -112,8 +115,11 @@ def config_from_dict(raw, where="config"):
         if isinstance(cfg[k], bool) or not isinstance(cfg[k], int) or cfg[k] < 0:
             raise ValueError(f"{where}: field {k} must be a non-negative integer, got {cfg[k]!r}")
     for k in ("query_pre_attn_scalar", "rms_norm_eps", "attn_logit_softcapping", "final_logit_softcapping"):
-        if cfg[k] is not None and (isinstance(cfg[k], bool) or not isinstance(cfg[k], (int, float))):
-            raise ValueError(f"{where}: field {k} must be a number, got {cfg[k]!r}")
+        v, optional = cfg[k], k.endswith("softcapping")                 # null = no soft-capping; the rest need a value
+        if (v is not None or not optional) and (isinstance(v, bool) or not isinstance(v, (int, float))
+                                                or not 0 < v < math.inf):
+            raise ValueError(f"{where}: field {k} must be a positive number{' or null' if optional else ''}, got "
+                             f"{json.dumps(v)}")
     out = GemmaConfig(**cfg)
     if len(out.layer_types) != out.num_hidden_layers:
         raise ValueError(f"{where}: layer_types has {len(out.layer_types)} entries for "
@@ -421,9 +427,30 @@ class KVCache:
 
 # ----------------------------------------------------------------------------- generation
 
+MIN_TEMPERATURE = 1e-3   # below it logits / T overflows float32 to inf and softmax gives NaN; 0 means greedy
+
+
+def check_sampling(temperature=0.0, top_k=0, top_p=1.0):
+    """The one check of sampling settings, before anything runs (model.generate, serve.py's requests,
+    steer.py's flags): temperature 0 (greedy) or a finite number >= MIN_TEMPERATURE, top_k an integer
+    >= 0 (0 = all tokens), top_p in (0, 1]. Raises ValueError naming the field (its .field)."""
+    def bad(field, want, v):
+        e = ValueError(f"{field} must be {want}, got {v!r}")
+        e.field = field
+        return e
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not (
+            temperature == 0 or MIN_TEMPERATURE <= temperature < math.inf):
+        raise bad("temperature", f"0 (greedy) or a finite number >= {MIN_TEMPERATURE}", temperature)
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+        raise bad("top_k", "an integer >= 0 (0 = every token)", top_k)
+    if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
+        raise bad("top_p", "a number in (0, 1]", top_p)
+
+
 def sample(logits, temperature, top_k, top_p, generators):
     """Next tokens from last-position logits (B, vocab): greedy at temperature 0, else sampled
-    with one torch.Generator per row, so a row's sample does not depend on the rest of the batch."""
+    with one torch.Generator per row, so a row's sample does not depend on the rest of the batch.
+    The settings are check_sampling's; non-finite logits are the caller's to refuse (generate does)."""
     if temperature == 0:
         return logits.argmax(-1)
     logits = logits.float() / temperature
@@ -471,7 +498,9 @@ def generate(model, prompts, max_new_tokens=64, *, stop_ids, temperature=0.0, to
     steer_after builds the after-the-chat-prefix masks).
     seeds: one seed per row, or an int s (row b then gets s + b); row b's samples depend only on
     its own seed, so a batch samples what one-by-one runs sample.
-    Returns the new token ids per row, cut before the first stop id."""
+    Returns the new token ids per row, cut before the first stop id. A non-finite logit (a steering
+    too strong for the model) is a ValueError naming the rows, never text sampled from NaN."""
+    check_sampling(temperature, top_k, top_p)
     cfg, dev = model.cfg, model.model.embed_tokens.weight.device
     ids, real = left_pad(prompts, cfg.pad_token_id, dev)
     B, L = ids.shape
@@ -484,7 +513,12 @@ def generate(model, prompts, max_new_tokens=64, *, stop_ids, temperature=0.0, to
     tokens, done = [], torch.zeros(B, dtype=torch.bool, device=dev)
     ones = torch.ones(B, 1, dtype=torch.bool, device=dev)
     stops = torch.tensor(list(stop_ids), dtype=torch.long, device=dev)
-    for _ in range(max_new_tokens):
+    for step in range(max_new_tokens):
+        finite = torch.isfinite(logits).all(-1) | done                 # (B,) a finished row may hold anything
+        if not finite.all():
+            rows = (~finite).nonzero().flatten().tolist()
+            raise ValueError(f"generate: non-finite logits in row(s) {rows} at new token {step} "
+                             "(is the steering strength too large for this model?)")
         nxt = sample(logits, temperature, top_k, top_p, gens)          # (B,)
         tokens.append(nxt)
         done |= torch.isin(nxt, stops)

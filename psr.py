@@ -38,6 +38,7 @@ import json
 import math
 import random
 import re
+import sys
 import time
 import zlib
 from dataclasses import asdict
@@ -52,7 +53,8 @@ from tqdm import tqdm
 import baselines
 import model as M
 from hypernet import check_base
-from lib import chat_api, fileio, loader
+from lib import chat_api, fileio, loader, vectors
+from train import linear_decay
 
 INSTRUCTIONS = Path(__file__).resolve().parent / "demo" / "psr_instructions.json"   # 240 written for PSR, split once
 GRID = [0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0]   # SPEC §7 strengths for steer.py eval; 1 = what training fitted
@@ -97,7 +99,7 @@ def save(psr, path, base_cfg, extra=None):
 def load(path, base):
     """A PSR file for this base model, strict: base config, width and every layer's z, w, b must fit."""
     path = Path(path)
-    header, _, meta = loader.read_header(path)
+    shapes, meta = loader.read_header(path)
     if meta.get("method") != "PSR" or meta.get("variant") not in ("single", "all"):
         raise ValueError(f"{path}: not a PSR file (metadata method {meta.get('method')!r}, variant {meta.get('variant')!r})")
     check_base(path, meta, base.cfg)
@@ -110,9 +112,9 @@ def load(path, base):
         raise ValueError(f"{path}: malformed layers metadata ({e})") from None
     psr = PSR(d, layers, meta["variant"], meta.get("concept", ""))
     want = {f"psr.{k}": v.shape for k, v in psr.state_dict().items()}
-    loader.check_state_dict(path, want, {k: info["shape"] for k, info in header.items()},
-                            f"a {psr.variant} PSR at layers {layers}, d={d}")
+    loader.check_state_dict(path, want, shapes, f"a {psr.variant} PSR at layers {layers}, d={d}")
     tensors, _ = loader.read_safetensors(path)
+    vectors.check_steering_file(path, tensors, want, layers, base.cfg.num_hidden_layers, f"a {psr.variant} PSR")
     psr.load_state_dict({k[4:]: v for k, v in tensors.items()})
     return psr.to(base.model.embed_tokens.weight.device).requires_grad_(False)
 
@@ -149,7 +151,7 @@ SAMPLE_FIELDS = {"instruction": str, "sample": int, "seed": int, "settings": dic
 def check_sample(row, where, vocab_size):
     """One cached y', checked as strictly as a user's file: a cached row is what training reads."""
     if not isinstance(row, dict):
-        raise ValueError(f"{where}: not a JSON object")
+        raise ValueError(f"{where}: not a JSON object in this samples file")
     for k, kind in SAMPLE_FIELDS.items():
         if not isinstance(row.get(k), kind) or kind is int and isinstance(row[k], bool):
             raise ValueError(f"{where}: field {k} must be a JSON {kind.__name__.replace('str', 'string')}, "
@@ -162,18 +164,8 @@ def check_sample(row, where, vocab_size):
 def read_samples(path, vocab_size):
     """Rows of a samples.jsonl, each checked (check_sample); a partly written last line (a killed run)
     is cut off and sampled again, any other bad line stops the run naming its file and line."""
-    if not fileio.complete_lines(path):                                # also cuts a partly written last line
-        return []
-    rows = []
-    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
-        if line.strip():
-            where = f"{path}: line {n}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                raise ValueError(f"{where}: not JSON; remove the line, or pass another --samples") from None
-            rows.append(check_sample(row, where, vocab_size))
-    return rows
+    return [check_sample(row, f"{path}:{n}", vocab_size)
+            for n, row in fileio.read_jsonl(path, "samples file (remove it or pass another --samples)", append_only=True)]
 
 
 def sample_answers(base, tok, steer_text, instructions, path, args):
@@ -354,7 +346,7 @@ def train(base, psr, examples, start, loss, epochs, lr=1e-3, weight_decay=1e-6, 
             norms = torch.cat(per, 1).mean(1).clamp(min=1e-12)         # (L,)
     opt = torch.optim.AdamW(psr.parameters(), lr=lr, weight_decay=weight_decay)
     steps = epochs * math.ceil(len(examples) / batch_size)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 - s / steps)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: linear_decay(s, steps))
     rng, history = random.Random(seed), []
     for epoch in range(epochs):
         order = rng.sample(examples, len(examples))
@@ -470,12 +462,11 @@ def concept_signal(base, tok, psr, constant, steer_text, instructions, keywords,
 def plot(out, tok, example, lambdas, layers, rel, steer_layer):
     """OUT/psr_norms.png (Fig. 2: per-token ‖Δ_PS‖ over one answer at a few layers, log scale, and the
     learned λ beside it) and OUT/psr_rmse.png (Fig. 3: relative RMSE per layer of each method)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure                               # not pyplot: the caller's backend stays
     p = example["pair"]
     labels = [repr(tok.decode([t]))[1:-1][:10] for t in p.plain[-p.n_answer:]]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 3.8))
+    fig = Figure(figsize=(13, 3.8))
+    ax1, ax2 = fig.subplots(1, 2)
     for l in layers:
         ax1.plot((example["target"][l] - example["plain"][l]).norm(dim=-1).cpu(), marker=".", label=f"layer {l}")
     for l, lam in lambdas.items():
@@ -488,7 +479,8 @@ def plot(out, tok, example, lambdas, layers, rel, steer_layer):
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out / "psr_norms.png", dpi=80)
-    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    fig = Figure(figsize=(6.5, 3.8))
+    ax = fig.subplots()
     for name, values in rel.items():
         ax.plot(range(len(values)), values, marker=".", label=name)
     ax.axhline(1.0, color="gray", lw=0.8, ls="--")
@@ -499,8 +491,19 @@ def plot(out, tok, example, lambdas, layers, rel, steer_layer):
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "psr_rmse.png", dpi=80)
-    plt.close("all")
     return [str(out / "psr_norms.png"), str(out / "psr_rmse.png")]
+
+
+@torch.no_grad()
+def token_lambdas(base, psr, ids, n_prefix, strength=1.0):
+    """λ_l(h_t) at every edited layer and every token of one sequence `ids` (a list), steered by the PSR at
+    `strength` after the first n_prefix tokens (SPEC §4): (layers in psr.layers order, T), each layer's λ
+    read from the activation that arrives there (earlier edits applied). The notebook's heatmap."""
+    dev = base.model.embed_tokens.weight.device
+    steer_mask = torch.tensor(M.steer_after([ids], n_prefix), device=dev)
+    base.run(base.embed(torch.tensor([ids], device=dev)), steering=M.Steering(psr.edits(), strength),
+             steer_mask=steer_mask)                                    # the residual stream only: no logits needed
+    return torch.stack([psr.last_lambda[l][0] for l in psr.layers]).float().cpu()
 
 
 def evaluate(base, tok, psr, constant, eval_pairs, layer, args, out):
@@ -641,7 +644,8 @@ def run(args):
                    n_eval=len(eval_pairs), epochs=epochs, loss_history=history, ce=ce,
                    prompt_effect_recovered=recovered["steered"], prompt_effect_recovered_constant=recovered["constant"],
                    rel_rmse={m: {str(l): v for l, v in enumerate(r)} for m, r in rel.items()},
-                   concept_signal=signal, seconds={k: round(v, 1) for k, v in seconds.items()}, figures=figures,
+                   concept_signal=signal, example=dict(instruction=eval_ins[0], **{k: v[0] for k, v in signal["answers"].items()}),
+                   seconds={k: round(v, 1) for k, v in seconds.items()}, figures=figures,
                    settings={k: v for k, v in vars(args).items() if k != "debug"})
     report(out, summary, rel, seconds)
     return summary
@@ -654,8 +658,8 @@ def nonempty(text):
 
 
 def main(argv=None):
-    from steer import finite, positive_int
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    finite, positive_int = fileio.finite, fileio.positive_int
+    ap = fileio.ArgumentParser(description=__doc__.split("\n\n")[0])
     add = ap.add_argument
     add("--concept", type=nonempty, required=True, help="what to steer towards (the steering prompt is written from it, SPEC §8)")
     add("--variant", default="all", choices=["single", "all"], help="S-PSR (the steering layer) or A-PSR (every layer)")
@@ -675,7 +679,7 @@ def main(argv=None):
     add("--samples-per-instruction", type=positive_int, default=1, help="answers y' sampled per instruction")
     add("--max-new-tokens", type=positive_int, default=16, help="length of y' in tokens (at most)")
     add("--temperature", type=finite, default=1.0, help="sampling temperature of y' (SPEC §8a unknown; §7's 1.0)")
-    add("--top-k", type=int, default=50, help="sample y' from the k likeliest tokens (0 = all)")
+    add("--top-k", type=fileio.non_negative(int), default=50, help="sample y' from the k likeliest tokens (0 = all)")
     add("--epochs", type=positive_int, help="training epochs (default: 15 for mse, 7 for ll, SPEC §8a)")
     add("--lr", type=finite, default=1e-3, help="AdamW learning rate, decayed linearly to 0")
     add("--weight-decay", type=finite, default=1e-6, help="AdamW weight decay")
@@ -688,7 +692,9 @@ def main(argv=None):
     add("--judge-model", default="gpt-4o-mini", help="the model behind --judge-url")
     add("--seed", type=int, default=0, help="seeds the instructions drawn, the samples and the training order")
     add("--debug", action="store_true", help="show tracebacks")
-    args = ap.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    with fileio.one_line_errors("--debug" in argv):
+        args = ap.parse_args(argv)
     with fileio.one_line_errors(args.debug, also=(RuntimeError,)):
         return run(args)
 

@@ -1,4 +1,4 @@
-"""An OpenAI-compatible steering server and a workshop web page (SPEC §4; STYLE.md, serving).
+"""An OpenAI-compatible steering server and a workshop web page (SPEC §4: Δ and strength per request; §7: sampling).
 
 `POST /v1/chat/completions` speaks the OpenAI chat-completions schema (messages, max_tokens,
 temperature, top_p, seed, stream) with one extra object, so every existing client works unchanged:
@@ -16,11 +16,11 @@ model.generate's (test_all.py). `GET /` is a self-contained page (no external as
 are often offline): unsteered and steered answers side by side as they stream.
 
 This file is the engine (the batched, steered decode loop), the loading and the command line;
-serve_api.py is the HTTP side: the request schema, the replies and streams, the page.
+lib/serve_api.py is the HTTP side: the request schema, the replies and streams, the page.
 
     python serve.py --vector /tmp/v.safetensors          # python steer.py export ... --out /tmp/v
     python serve.py --hypernet runs/demo/hypernet.safetensors --port 8000
-    python serve.py --vector /tmp/v.safetensors --threads 1 --bench 1,4,16   # load figures (README)
+    python serve.py --vector /tmp/v.safetensors --threads 1 --bench 1,4,16   # load figures (docs/serving.md)
     python -m pytest -q test_all.py -k serve              # its tests: tiny models, real HTTP, seconds
 """
 import argparse
@@ -88,13 +88,38 @@ class Engine:
                 for j in jobs:
                     j.events.put(("error", f"generation failed ({type(e).__name__})"))
 
+    def check(self, job):
+        """What the request schema (serve_api.parse_request) cannot know: the sampling settings pass
+        model.check_sampling (no temperature that turns a row's probabilities into NaN), and a concept
+        fits the hypernetwork's context. Raises APIError 400 naming the field."""
+        try:
+            M.check_sampling(job.temperature, 0, job.top_p)
+        except ValueError as e:
+            raise APIError(400, str(e), e.field) from None
+        if job.concept is not None:
+            n = len(H.hyper_input(self.tok, job.concept, job.prompt, self.hyper.hcfg.variant))
+            most = min(self.max_prompt_tokens, self.base.cfg.max_position_embeddings)
+            if n > most:
+                raise APIError(400, f"'steering.concept' is {n} tokens for the hypernetwork; it takes at most {most}",
+                               "steering.concept", "context_length_exceeded")
+
     def delta(self, job):
         """Δ (d,) of one row at strength 1, once per request (SPEC §4); zeros for an unsteered row."""
         if self.hyper is not None and job.strength != 0:
-            return H.deltas(self.base, self.tok, self.hyper, job.concept, [job.prompt], [job.ids])[0]
+            d = H.deltas(self.base, self.tok, self.hyper, job.concept, [job.prompt], [job.ids])[0]
+            if not torch.isfinite(d).all():
+                raise ValueError("the hypernetwork gave a non-finite steering vector for this concept")
+            return d
         if self.vector is not None:
             return self.vector
         return torch.zeros(self.base.cfg.hidden_size)
+
+    @staticmethod
+    def fail(job, e):
+        """One row fails alone: its client gets the reason, the rest of its batch goes on."""
+        print(f"serve: a request failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        job.events.put(("error", f"generation failed: {e}" if isinstance(e, ValueError) else
+                                 f"generation failed ({type(e).__name__})"))
 
     def recording(self, layer, fn):
         """A PSR edit that also keeps λ at the last position of each row, for the page's shading. λ comes
@@ -117,7 +142,17 @@ class Engine:
     @torch.inference_mode()
     def run_batch(self, rows):
         base, dev = self.base, self.base.model.embed_tokens.weight.device
-        deltas = torch.stack([self.delta(j).float() for j in rows]).to(dev)            # (B, d)
+        ok, deltas = [], []
+        for j in rows:                                     # a row whose Δ fails leaves before the batch starts
+            try:
+                deltas.append(self.delta(j).float())
+                ok.append(j)
+            except Exception as e:
+                self.fail(j, e)
+        if not ok:
+            return
+        rows = ok
+        deltas = torch.stack(deltas).to(dev)                                           # (B, d)
         gens = [torch.Generator(device=dev).manual_seed(j.seed) for j in rows]
         ids, real = M.left_pad([j.ids for j in rows], base.cfg.pad_token_id, dev)       # (B, T), left padded
         after = [M.steer_after([j.ids], j.n_prefix)[0] for j in rows]                    # SPEC §4 positions
@@ -129,9 +164,17 @@ class Engine:
         while True:
             logits = M.decode_logits(base, h[:, -1])                                    # (B, vocab)
             lam = torch.stack(list(self.lambdas.values())).mean(0).tolist() if self.lambdas else None
+            finite = torch.isfinite(logits).all(-1).tolist()                           # (B,) one sync a step
             keep = []
             for b, j in enumerate(rows):                   # each row samples with its own generator
-                t = M.sample(logits[b:b + 1], j.temperature, 0, j.top_p, [gens[b]]).item()
+                try:                                       # a row that fails here fails alone
+                    if not finite[b]:
+                        raise ValueError("the model's output became non-finite (NaN or inf); a smaller steering "
+                                         "strength may help")
+                    t = M.sample(logits[b:b + 1], j.temperature, 0, j.top_p, [gens[b]]).item()
+                except Exception as e:
+                    self.fail(j, e)
+                    continue
                 if j.cancelled or t in self.tok.stop_ids:
                     j.events.put(("done", "stop"))
                     continue
@@ -180,7 +223,7 @@ def load_engine(args):
     training model, else the offline gemma-3-270m). Returns (engine, the fixed concept of a file or None)."""
     model = args.model
     if model is None and args.hypernet:
-        model = json.loads(loader.read_header(args.hypernet)[2].get("train_config", "{}")).get("model")
+        model = json.loads(loader.read_header(args.hypernet)[1].get("train_config", "{}")).get("model")
     model = model or loader.DEMO_MODEL
     dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
     base, tok = M.load(model, args.device, getattr(torch, dtype))
@@ -188,7 +231,7 @@ def load_engine(args):
     if args.hypernet:
         kw["hyper"] = H.load_hypernet(args.hypernet, base).eval()
     elif args.vector:
-        v, layer, meta = vectors.load_vector(args.vector, base.cfg.hidden_size)
+        v, layer, meta = vectors.load_vector(args.vector, base.cfg.hidden_size, base.cfg.num_hidden_layers)
         kw.update(vector=v.to(base.model.embed_tokens.weight.device), layer=base.layer_index(layer))
         concept = meta.get("concept")
     elif args.psr:
@@ -238,9 +281,44 @@ def bench(url, engine, levels, key=None, max_tokens=32, rounds=4):
               f"{lat[math.ceil(0.95 * n) - 1]:.2f} | {sum(sizes) / len(sizes):.1f} |", flush=True)
 
 
+def count(lo):
+    """argparse type: an integer >= lo."""
+    def parse(text):
+        v = int(text)
+        if v < lo:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {lo}, got {text}")
+        return v
+    parse.__name__ = "integer"                          # argparse names the type in its 'invalid ... value' error
+    return parse
+
+
+def port(text):
+    v = int(text)
+    if not 0 <= v <= 65535:
+        raise argparse.ArgumentTypeError(f"must be 0-65535 (0 = any free port), got {text}")
+    return v
+
+
+def milliseconds(text):
+    v = float(text)
+    if not 0 <= v < math.inf:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return v
+
+
+def levels(text):
+    v = [int(c) for c in text.split(",")]
+    if not v or min(v) < 1:
+        raise argparse.ArgumentTypeError(f"must be client counts >= 1, e.g. 1,4,16, got {text}")
+    return v
+
+
 def build(argv=None):
-    """Parse the flags, load once, and return (server, args); the server's engine is not started yet."""
+    """Parse the flags, listen, load once, and return (server, args); the server's engine is not started yet.
+    Every bad flag, a busy port or a bad host ends with one line and exit status 2 (before the model loads);
+    a bad model or steering file with one line and status 1."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.error = lambda message: ap.exit(2, f"serve.py: error: {message}\n")   # one line (argparse adds the usage)
     src = ap.add_mutually_exclusive_group()
     src.add_argument("--hypernet", help="a trained hypernetwork checkpoint: requests steer with steering.concept")
     src.add_argument("--vector", help="a .safetensors/.gguf steering vector (python steer.py export)")
@@ -248,19 +326,22 @@ def build(argv=None):
     ap.add_argument("--model", help="base model folder or hub id (default: the hypernetwork's, else the offline "
                                     "gemma-3-270m)")
     ap.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 exposes it to the network)")
-    ap.add_argument("--port", type=int, default=8000, help="port to listen on (0 = any free port)")
+    ap.add_argument("--port", type=port, default=8000, help="port to listen on (0 = any free port)")
     ap.add_argument("--api-key-env", help="name of an environment variable holding the key clients must send "
                                           "as 'Authorization: Bearer <key>'")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], help="weights dtype (default: bf16 on cuda, else fp32)")
-    ap.add_argument("--max-batch", type=int, default=16, help="most requests decoded together")
-    ap.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond that; more get HTTP 503")
-    ap.add_argument("--gather-ms", type=float, default=30, help="how long a batch waits for more requests to join")
-    ap.add_argument("--max-tokens", type=int, default=512, help="largest max_tokens a request may ask for")
-    ap.add_argument("--max-prompt-tokens", type=int, default=2048, help="longest prompt (chat template included)")
-    ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's; 1 on a machine shared with "
-                                                  "other busy processes, where more threads spin and wait)")
-    ap.add_argument("--bench", help="instead of serving: comma-separated client counts, e.g. 1,4,16 (load figures)")
+    ap.add_argument("--max-batch", type=count(1), default=16, help="most requests decoded together")
+    ap.add_argument("--max-queue", type=count(1), default=64,
+                    help="most requests waiting for a batch (at least 1); more get HTTP 503 at once")
+    ap.add_argument("--gather-ms", type=milliseconds, default=30, help="how long a batch waits for more requests to join")
+    ap.add_argument("--max-tokens", type=count(1), default=512, help="largest max_tokens a request may ask for")
+    ap.add_argument("--max-prompt-tokens", type=count(1), default=2048,
+                    help="longest prompt (chat template included) and longest steering concept, in tokens")
+    ap.add_argument("--threads", type=count(1), help="torch CPU threads (default: torch's; 1 on a machine shared with "
+                                                       "other busy processes, where more threads spin and wait)")
+    ap.add_argument("--bench", type=levels, help="instead of serving: comma-separated client counts, e.g. 1,4,16 "
+                                                  "(load figures)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -268,10 +349,18 @@ def build(argv=None):
     if args.api_key_env:
         key = os.environ.get(args.api_key_env)
         if not key:
-            raise SystemExit(f"error: --api-key-env: environment variable {args.api_key_env} is unset or empty")
-    with fileio.one_line_errors():
-        engine, concept = load_engine(args)
-    return make_server(engine, args.host, 0 if args.bench else args.port, key, concept), args
+            ap.error(f"--api-key-env: environment variable {args.api_key_env} is unset or empty")
+    try:                                                # listen first: a busy port fails in a second, not after loading
+        server = make_server(None, args.host, 0 if args.bench else args.port, key)
+    except OSError as e:
+        ap.error(f"--host/--port: {e}")
+    try:
+        with fileio.one_line_errors():
+            server.engine, server.concept = load_engine(args)
+    except BaseException:
+        server.server_close()
+        raise
+    return server, args
 
 
 def main(argv=None):
@@ -281,7 +370,7 @@ def main(argv=None):
     url = f"http://{args.host}:{server.server_address[1]}"
     if args.bench:
         threading.Thread(target=server.serve_forever, daemon=True).start()
-        return bench(url, engine, [int(c) for c in args.bench.split(",")], server.api_key)
+        return bench(url, engine, args.bench, server.api_key)
     print(f"serving on {url}/ (the page) and {url}/v1 (OpenAI base_url)"
           f"{'; a key is required' if server.api_key else ''}", flush=True)
     try:

@@ -17,14 +17,15 @@
 
 One steering prompt, end to end: compare() tokenises the prompt once; hypernet.deltas reads the base
 residual at layer L over it and returns Δ = H(s, x); model.generate runs with
-Steering({L: Δ}, strength), and model.intervene adds strength * Δ to the residual (Eq. 1).
-eval builds each method's edits (method_for) and samples its rows with protocol.generate_rows.
+Steering({L: Δ}, strength), and model.intervene adds strength * Δ to the residual (Eq. 1). sweep() is that
+generation for several prompts and strengths in one batch (compare --sweep, the workshop notebook).
+eval builds the method (method_for -> protocol.Method) and samples its rows with protocol.generate_rows.
 """
 import argparse
 import hashlib
 import itertools
 import json
-import math
+import sys
 import textwrap
 import warnings
 from pathlib import Path
@@ -38,27 +39,15 @@ import model as M
 import protocol
 from lib import chat_api, dist, fileio, loader, vectors
 
-HYPER_GRID = [0.2, 0.4, 0.6, 0.8, 1.0, 1.2, 1.4, 1.6, 1.8, 2.0]   # SPEC §7: Δ unnormalised, around 0.2-2
-VECTOR_GRID = HYPER_GRID + [2.5, 3.0, 4.0, 5.0]                    # AxBench's grid, times max_act (SPEC §8)
 METHODS = ("hypersteer", "prompting", "diffmean", "reft-r1", "psr")
 NAMES = {"prompting": "Prompting", "diffmean": "DiffMean", "reft-r1": "ReFT-r1"}
-
-
-def parse_grid(text, flag="--grid"):
-    try:
-        grid = [float(s) for s in text.split(",")]
-    except ValueError:
-        raise ValueError(f"{flag}: expected comma-separated numbers, got {text!r}") from None
-    if not grid or not all(math.isfinite(s) for s in grid):
-        raise ValueError(f"{flag}: strengths must be finite numbers, got {text!r}")
-    return grid
 
 
 # ----------------------------------------------------------------------------- a run's model and split
 
 def file_fingerprint(path):
     """What identifies a checkpoint: its per-tensor checksums when it has them, else size and time."""
-    meta = loader.read_header(path)[2]
+    meta = loader.read_header(path)[1]
     st = Path(path).stat()
     return meta.get("crc32") or f"{st.st_size}:{st.st_mtime_ns}"
 
@@ -69,91 +58,96 @@ def load_run(args):
     --model, --data and --layer override."""
     settings = dict(data.DEMO_RUN)
     if getattr(args, "hypernet", None):
-        meta = loader.read_header(args.hypernet)[2]
+        meta = loader.read_header(args.hypernet)[1]
         if "train_config" not in meta:
             warnings.warn(f"{args.hypernet}: no train_config metadata; using the demo's split", stacklevel=2)
         settings.update(json.loads(meta.get("train_config", "{}")))
+        if getattr(args, "model", None) is None:          # the base model's hub commit it trained on (train.py)
+            settings["model_revision"] = json.loads(meta.get("commits", "{}")).get("model") or \
+                settings.get("model_revision", "main")
+    if getattr(args, "data", None) and not getattr(args, "hypernet", None):
+        settings["held_out_ids"] = ""                    # the demo's held-out ids name concepts of the demo data only
     settings.update({k: getattr(args, k) for k in ("model", "data", "layer") if getattr(args, k, None) is not None})
     args.device = dist.local_device(args.device)                      # cuda:LOCAL_RANK under torchrun
     dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
-    base, tok = M.load(settings["model"], args.device, getattr(torch, dtype))
+    base, tok = M.load(settings["model"], args.device, getattr(torch, dtype), settings.get("model_revision", "main"))
     hyper = H.load_hypernet(args.hypernet, base).eval() if getattr(args, "hypernet", None) else None
     if hyper is not None:
         settings["layer"] = hyper.hcfg.layer
     return base, tok, hyper, settings
 
 
-def split_concepts(rows, settings, split, concept_ids=None):
-    """[(concept_id, concept)] of a split, exactly as the run split its data (held-out concepts were
-    never trained on); concept_ids picks a list instead."""
-    pos = data.positives(rows)
-    names = {r["concept_id"]: r["output_concept"] for r in pos}
-    if concept_ids:
-        unknown = [c for c in concept_ids if c not in names]
-        if unknown:
-            raise ValueError(f"--concept-ids: no concept with id {', '.join(map(str, unknown))} in the data")
-        return [(c, names[c]) for c in concept_ids]
-    _, held_in, held_out = data.split_run(rows, settings)
-    return sorted({(r["concept_id"], r["output_concept"]) for r in (held_out if split == "held-out" else held_in)})
-
-
 # ----------------------------------------------------------------------------- evaluation generations (SPEC §7)
 
+def hypersteer_method(base, tok, hyper, source=None):
+    """A trained hypernetwork as a protocol.Method: Δ = H(s, x) for every (concept, instruction), added at the
+    layer it was trained for, on the SPEC §7 grid."""
+    layer = base.layer_index(hyper.hcfg.layer)
+    edits = lambda cid, concept, ins, ids: [{layer: d} for d in H.deltas(base, tok, hyper, concept, ins, ids)]
+    return protocol.Method(f"HyperSteer {hyper.hcfg.variant.replace('_', ' ')}", list(protocol.HYPER_GRID), edits,
+                           source=source)
+
+
 def method_for(args, base, tok, hyper, settings, rows):
-    """(name, grid, edits_for, prompt_for, source file) of an evaluated method."""
+    """The protocol.Method of --method: its name, strength grid, and what it adds (or how it prompts)."""
     layer, method = base.layer_index(settings["layer"]), args.method
     if method == "hypersteer":
         if hyper is None:
             raise ValueError("--method hypersteer needs --hypernet")
-        edits = lambda cid, concept, ins, ids: [{layer: d} for d in H.deltas(base, tok, hyper, concept, ins, ids)]
-        return f"HyperSteer {hyper.hcfg.variant.replace('_', ' ')}", HYPER_GRID, edits, None, args.hypernet
+        return hypersteer_method(base, tok, hyper, args.hypernet)
     if method == "psr":
         import psr
         if not args.psr:
             raise ValueError("--method psr needs --psr FILE")
         model_psr = psr.load(args.psr, base)
         edits = lambda cid, concept, ins, ids: [model_psr.edits()] * len(ins)
-        return f"PSR {model_psr.variant}", psr.GRID, edits, None, args.psr
+        return protocol.Method(f"PSR {model_psr.variant}", psr.GRID, edits, source=args.psr)
     if method == "prompting":  # one row per instruction, strength 1: there is no knob to select
         judge_cfg = None
         if args.judge_url:
             judge_cfg = chat_api.JudgeConfig(base_url=args.judge_url, model=args.judge_model,
                                              cache_dir=str(Path(args.out).parent / ".judge_cache"))
         prompt_for = lambda concept, x: baselines.prompted(baselines.steering_prompt(concept, judge_cfg), x)
-        return "Prompting", [1.0], None, prompt_for, None
+        return protocol.Method("Prompting", [1.0], prompt_for=prompt_for)
 
     def edits(cid, concept, ins, ids):
         w, max_act = baselines.vector_baseline(base, tok, rows, cid, layer, method, settings.get("max_len", 256))
         return [{layer: max_act * w}] * len(ins)                     # Δ = strength * max_act * w (SPEC §8)
-    return NAMES[method], VECTOR_GRID, edits, None, args.hypernet
+    return protocol.Method(NAMES[method], protocol.VECTOR_GRID, edits, source=args.hypernet)
 
 
 def cmd_eval(args):
     base, tok, hyper, settings = load_run(args)
     rows = data.load_rows(settings["data"], settings.get("data_revision", "main"))
     ids = [int(c) for c in args.concept_ids.split(",")] if args.concept_ids else None
-    concepts = split_concepts(rows, settings, args.split, ids)[:args.max_concepts or None]
+    concepts = protocol.concepts_of_split(rows, settings, args.split, ids)[:args.max_concepts or None]
+    if not concepts:
+        hint = "" if hyper else " (without --hypernet nothing is held out: use --split held-in or --concept-ids)"
+        raise ValueError(f"--split {args.split}: no concepts to evaluate in {settings['data']}{hint}")
     shard, n_shards = protocol.shard_of(args.shard)          # (rank, world size) under torchrun, else (0, 1)
     out = protocol.shard_path(args.out, shard, n_shards) if n_shards > 1 else Path(args.out)
     concepts = concepts[shard::n_shards]
     split = "list" if ids else args.split
     instructions = data.load_instructions(args.instructions, args.alpaca_revision)
-    name, grid, edits_for, prompt_for, source = method_for(args, base, tok, hyper, settings, rows)
-    grid = [1.0] if args.method == "prompting" else (parse_grid(args.grid) if args.grid else grid)
-    producer = json.dumps({"source": file_fingerprint(source) if source else None, "model": settings["model"],
+    method = method_for(args, base, tok, hyper, settings, rows)
+    if args.grid and args.method != "prompting":
+        method.grid = protocol.parse_grid(args.grid)
+    producer = json.dumps({"source": file_fingerprint(method.source) if method.source else None,
+                           "model": settings["model"],
                            "layer": base.layer_index(settings["layer"]), "max_new_tokens": args.max_new_tokens,
                            "temperature": args.temperature, "top_k": args.top_k, "seed": args.seed,
                            "judge_url": args.judge_url if args.method == "prompting" else None}, sort_keys=True)
     producer = hashlib.sha256(producer.encode()).hexdigest()[:16]
-    print(f"{name}: {len(concepts)} {split} concepts x {min(10, len(instructions))} instructions x {len(grid)} "
+    print(f"{method.name}: {len(concepts)} {split} concepts x {min(10, len(instructions))} instructions x {len(method.grid)} "
           f"strengths, layer {base.layer_index(settings['layer'])}, up to {args.max_new_tokens} new tokens at temperature "
           f"{args.temperature}, top-k {args.top_k}")
-    skipped, made = protocol.generate_rows(base, tok, out, name, split, concepts, instructions, grid, edits_for,
-                                              prompt_for, producer, args.batch_size, args.max_new_tokens,
-                                              args.temperature, args.top_k, args.seed, args.overwrite)
+    sampling = protocol.Sampling(args.max_new_tokens, args.temperature, args.top_k, args.seed)
+    skipped, made = protocol.generate_rows(base, tok, out, method, split=split, concepts=concepts,
+                                           instructions=instructions, sampling=sampling, producer=producer,
+                                           batch_size=args.batch_size, overwrite=args.overwrite)
     print(f"wrote {made} rows to {out} ({skipped} already there)")
     if n_shards > 1:
-        Path(f"{out}.done").write_text(f"{skipped + made}\n")
+        protocol.mark_done(out, method.name)
         protocol.merge_shards(args.out, n_shards)
 
 
@@ -163,6 +157,26 @@ def cmd_merge(args):
 
 
 # ----------------------------------------------------------------------------- compare and export
+
+def sweep(base, tok, prompts, edits, strengths, max_new_tokens=48, *, raw=False, temperature=0.0, seed=0,
+          batch_size=16):
+    """Answers to every prompt at every strength, {strength: [answer per prompt]}, greedy by default: Eq. 1
+    with one strength per row of a batched generate, every row sampled with the same seed, so two rows
+    differ only by their strength. edits {layer: Δ (d,) or a per-token function} is shared by all prompts
+    (None: unsteered); raw: no chat template, a plain continuation (only <bos> is never steered)."""
+    ids, n_prefix = ([tok.encode(p) for p in prompts], 1) if raw else (tok.chat_batch(prompts), tok.chat_prefix_len)
+    jobs = [(s, i) for s in strengths for i in range(len(prompts))]
+    out = {s: [None] * len(prompts) for s in strengths}
+    for j in range(0, len(jobs), batch_size):
+        batch = jobs[j:j + batch_size]
+        rows = [ids[i] for _, i in batch]
+        steering = None if edits is None else M.Steering(edits, torch.tensor([float(s) for s, _ in batch]))
+        gens = M.generate(base, rows, max_new_tokens, stop_ids=tok.stop_ids, temperature=temperature,
+                          seeds=[seed] * len(rows), steering=steering, steer_masks=M.steer_after(rows, n_prefix))
+        for (s, i), g in zip(batch, gens):
+            out[s][i] = tok.decode(g)
+    return out
+
 
 def cmd_compare(args):
     base, tok, hyper, settings = load_run(args)
@@ -175,7 +189,7 @@ def cmd_compare(args):
         delta = H.deltas(base, tok, hyper, args.concept, [args.prompt], [ids])[0]          # Δ = H(s, x), (d,)
         edits, what = {layer: delta}, f"concept {args.concept!r}, |Δ| = {delta.norm():.1f} at layer {layer}"
     elif args.vector:
-        delta, layer, meta = vectors.load_vector(args.vector, base.cfg.hidden_size)
+        delta, layer, meta = vectors.load_vector(args.vector, base.cfg.hidden_size, base.cfg.num_hidden_layers)
         edits, what = {layer: delta}, f"{meta.get('method')} vector for {meta.get('concept')!r} at layer {layer}"
     elif args.psr:
         import psr
@@ -183,14 +197,12 @@ def cmd_compare(args):
         edits, what = model_psr.edits(), f"PSR ({model_psr.variant}) at layers {model_psr.layers}"
     elif hyper is not None:
         raise ValueError("--hypernet needs --concept")
-    grid = parse_grid(args.sweep, "--sweep") if args.sweep else [0.0, args.strength]
+    grid = protocol.parse_grid(args.sweep, "--sweep") if args.sweep else [0.0, args.strength]
     if edits is None:
         grid = [0.0]
-    steering = None if edits is None else M.Steering(edits, torch.tensor(grid))     # one strength per row
-    outs = M.generate(base, [ids] * len(grid), args.max_new_tokens, stop_ids=tok.stop_ids,
-                      temperature=args.temperature, seeds=[args.seed] * len(grid), steering=steering,
-                      steer_masks=M.steer_after([ids] * len(grid), n_prefix))
-    texts = [tok.decode(o) for o in outs]
+    answers = sweep(base, tok, [args.prompt], edits, grid, args.max_new_tokens, raw=args.raw,
+                    temperature=args.temperature, seed=args.seed)
+    texts = [answers[s][0] for s in grid]
     if edits is None:
         print(args.prompt + texts[0] if args.raw else texts[0])
         return
@@ -210,7 +222,7 @@ def cmd_export(args):
     layer = base.layer_index(settings["layer"])
     if args.method:
         rows = data.load_rows(settings["data"], settings.get("data_revision", "main"))
-        (_, concept), = split_concepts(rows, settings, None, [args.concept_id])
+        (_, concept), = protocol.concepts_of_split(rows, settings, None, [args.concept_id])
         w, max_act = baselines.vector_baseline(base, tok, rows, args.concept_id, layer, args.method)
         vector, method = max_act * w, NAMES[args.method]          # strength 1 = max_act (SPEC §8)
     else:
@@ -221,22 +233,22 @@ def cmd_export(args):
           f"wrote {args.out}.safetensors and {args.out}.gguf")
 
 
-def finite(text):
-    v = float(text)
-    if not math.isfinite(v):
-        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
-    return v
-
-
-def positive_int(text):
-    v = int(text)
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
-    return v
+def sampling_flag(field, kind):
+    """argparse type for --temperature / --top-k: a value model.check_sampling accepts (the sampler guard
+    serve.py's requests pass too), so a tiny or negative temperature is one line, not NaN or a traceback."""
+    def parse(text):
+        v = kind(text)
+        try:
+            M.check_sampling(**{field: v})
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+        return v
+    parse.__name__ = kind.__name__                   # argparse: "invalid float value: 'x'"
+    return parse
 
 
 def main(argv=None):
-    common = argparse.ArgumentParser(add_help=False)
+    common = fileio.ArgumentParser(add_help=False)
     add = common.add_argument
     add("--hypernet", help="trained hypernetwork checkpoint (sets the model, data split and layer)")
     add("--model", help="base model folder or hub id (default: the checkpoint's, else the offline demo model)")
@@ -245,18 +257,19 @@ def main(argv=None):
     add("--seed", type=int, default=0, help="sampling seed (mixed with concept, instruction and strength)")
     add("--psr", help="a PSR file from psr.py (SPEC §8a)")
     add("--debug", action="store_true", help="show tracebacks")
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = fileio.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("compare", parents=[common], help="unsteered and steered answers side by side")
     p.add_argument("--prompt", required=True, help="base prompt x (an instruction, put in the chat template)")
     p.add_argument("--concept", default="", help="steering prompt s (a concept), with --hypernet")
     p.add_argument("--vector", help="steer with an exported .safetensors/.gguf vector")
-    p.add_argument("--strength", type=finite, default=1.0, help="h <- h + strength * Δ (0 = unsteered, negative inverts)")
+    p.add_argument("--strength", type=fileio.finite, default=1.0, help="h <- h + strength * Δ (0 = unsteered, negative inverts)")
     p.add_argument("--sweep", nargs="?", const="0,0.5,1,2,4,8", help="comma-separated strengths to compare in one table")
     p.add_argument("--raw", action="store_true", help="no chat template (plain continuation)")
-    p.add_argument("--max-new-tokens", type=positive_int, default=64, help="tokens to generate")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (reproducible)")
+    p.add_argument("--max-new-tokens", type=fileio.positive_int, default=64, help="tokens to generate")
+    p.add_argument("--temperature", type=sampling_flag("temperature", float), default=0.0,
+                   help=f"0 = greedy (reproducible), else at least {M.MIN_TEMPERATURE}")
 
     p = sub.add_parser("eval", parents=[common], help="SPEC §7 generations of a method, for judge.py")
     p.add_argument("--method", default="hypersteer", choices=METHODS, help="what steers (SPEC §8, §8a)")
@@ -270,10 +283,12 @@ def main(argv=None):
     p.add_argument("--instructions", default="alpaca", help="alpaca (AlpacaEval, downloaded) | demo (bundled) | PATH")
     p.add_argument("--alpaca-revision", default="main", help="revision of tatsu-lab/alpaca_eval to pin")
     p.add_argument("--grid", help="comma-separated strengths (default: 0.2..2.0, plus 2.5-5 for vector baselines)")
-    p.add_argument("--max-new-tokens", type=positive_int, default=128, help="tokens per generation (SPEC §7: 128)")
-    p.add_argument("--temperature", type=finite, default=1.0, help="sampling temperature (SPEC §7: 1.0)")
-    p.add_argument("--top-k", type=int, default=50, help="sample from the k likeliest tokens (SPEC §7: 50; 0 = all)")
-    p.add_argument("--batch-size", type=positive_int, default=8, help="generations per batch")
+    p.add_argument("--max-new-tokens", type=fileio.positive_int, default=128, help="tokens per generation (SPEC §7: 128)")
+    p.add_argument("--temperature", type=sampling_flag("temperature", float), default=1.0,
+                   help=f"sampling temperature (SPEC §7: 1.0; 0 = greedy, else at least {M.MIN_TEMPERATURE})")
+    p.add_argument("--top-k", type=sampling_flag("top_k", int), default=50,
+                   help="sample from the k likeliest tokens (SPEC §7: 50; 0 = all)")
+    p.add_argument("--batch-size", type=fileio.positive_int, default=8, help="generations per batch")
     p.add_argument("--judge-url", help="prompting: an OpenAI-compatible endpoint that writes the steering prompts")
     p.add_argument("--judge-model", default="gpt-4o-mini", help="prompting: the model behind --judge-url")
     p.add_argument("--shard", help="i/n: this process takes every n-th concept from the i-th (0-based) into "
@@ -282,7 +297,7 @@ def main(argv=None):
 
     p = sub.add_parser("merge", help="merge finished eval shards (OUT.shard-i-of-n.jsonl) into OUT")
     p.add_argument("--out", required=True, help="the generations JSONL the shards were written for")
-    p.add_argument("--shards", type=positive_int, required=True, help="n, the number of shards")
+    p.add_argument("--shards", type=fileio.positive_int, required=True, help="n, the number of shards")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
 
     p = sub.add_parser("export", parents=[common], help="a steering vector as safetensors + llama.cpp GGUF")
@@ -295,13 +310,15 @@ def main(argv=None):
     p.add_argument("--out", required=True, help="output prefix: writes PREFIX.safetensors and PREFIX.gguf")
     p.add_argument("--overwrite", action="store_true", help="replace existing files")
 
-    args = ap.parse_args(argv)
-    if args.command == "export" and args.psr:                         # refused before any file is read
-        ap.error("export --psr: a PSR adds a different amount at every token (λ(h_t) z, a function of the activation), "
-                 "not one constant vector, so it has no vector file; use it with compare/eval --psr or serve.py --psr")
-    if args.command == "export" and not (args.method and args.concept_id is not None
-                                                         or args.hypernet and args.concept):
-        ap.error("export needs --hypernet with --concept (and --prompt), or --method with --concept-id")
+    argv = sys.argv[1:] if argv is None else argv
+    with fileio.one_line_errors("--debug" in argv):
+        args = ap.parse_args(argv)
+        if args.command == "export" and args.psr:                     # refused before any file is read
+            ap.error("export --psr: a PSR adds a different amount at every token (λ(h_t) z, a function of the "
+                     "activation), not one constant vector, so it has no vector file; use it with compare/eval --psr "
+                     "or serve.py --psr")
+        if args.command == "export" and not (args.method and args.concept_id is not None or args.hypernet and args.concept):
+            ap.error("export needs --hypernet with --concept (and --prompt), or --method with --concept-id")
     with fileio.one_line_errors(args.debug):
         {"compare": cmd_compare, "eval": cmd_eval, "export": cmd_export, "merge": cmd_merge}[args.command](args)
 

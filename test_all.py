@@ -341,90 +341,6 @@ def test_bad_checkpoints_give_one_line_errors(tmp_path):
     assert "not a readable safetensors file" in err(f)
 
 
-# ---------------------------------------------------------------- hub downloads on 127.0.0.1
-
-class FakeHub(http.server.BaseHTTPRequestHandler):
-    files, log = {}, []
-
-    def do_GET(self):
-        FakeHub.log.append((self.path, self.headers.get("Authorization"), self.headers.get("Range")))
-        if "gated" in self.path:
-            return self._reply(403, b"")
-        body = FakeHub.files.get(self.path)
-        if body is None:
-            return self._reply(404, b"")
-        rng = self.headers.get("Range")
-        if rng:
-            start = int(rng.split("=")[1].rstrip("-"))
-            return self._reply(206, body[start:])
-        self._reply(200, body)
-
-    def _reply(self, code, body):
-        self.send_response(code)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *a):
-        pass
-
-
-@pytest.fixture
-def fake_hub(tmp_path, monkeypatch):
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FakeHub)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{server.server_port}")
-    monkeypatch.setenv("HYPERSTEER_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setenv("HF_TOKEN", "hf_secret_token")
-    FakeHub.files, FakeHub.log = {}, []
-    yield FakeHub
-    server.shutdown()
-
-
-def test_hub_download_resume_token_and_errors(fake_hub, tmp_path, capsys):
-    src = tmp_path / "src"
-    write_checkpoint(src, shards=2)
-    for f in src.iterdir():
-        fake_hub.files[f"/org/tiny/resolve/main/{f.name}"] = f.read_bytes()
-    # An interrupted earlier download left half of shard 1 behind: it is resumed, not restarted.
-    shard = "model-00001-of-00002.safetensors"
-    dest = tmp_path / "cache" / "models--org--tiny" / "main"
-    dest.mkdir(parents=True)
-    (dest / f"{shard}.part").write_bytes(fake_hub.files[f"/org/tiny/resolve/main/{shard}"][:100])
-    model, _ = M.load("org/tiny")
-    assert torch.equal(model.model.norm.weight, M.load(src)[0].model.norm.weight)
-    assert ("/org/tiny/resolve/main/" + shard, "Bearer hf_secret_token", "bytes=100-") in fake_hub.log
-    assert "hf_secret_token" not in capsys.readouterr().err + "".join(p.name for p in dest.iterdir())
-    with pytest.raises(PermissionError, match="HTTP 403: gated"):
-        loader.hf_file("org/gated", "config.json")
-    with pytest.raises(FileNotFoundError, match="HTTP 404"):
-        loader.hf_file("org/absent", "config.json")
-    idx = json.loads((src / "model.safetensors.index.json").read_text())
-    idx["weight_map"]["x"] = "../../escaped.safetensors"
-    fake_hub.files = {f"/org/evil/resolve/main/{n}": b for n, b in [
-        ("config.json", b"{}"), ("tokenizer.json", b"{}"),
-        ("model.safetensors.index.json", json.dumps(idx).encode())]}
-    with pytest.raises(ValueError, match="points outside"):
-        loader.hf_download("org/evil")
-    assert not (tmp_path / "cache" / "escaped.safetensors").exists()
-
-
-def test_dataset_downloads_axbench_and_alpaca(fake_hub, tmp_path):
-    import pyarrow as pa, pyarrow.parquet as pq
-    rows = [axbench_row(3, i) for i in range(4)]
-    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "d.parquet")
-    fake_hub.files = {
-        "/datasets/pyvene/axbench-concept500/resolve/v1/2b/l20/train/data.parquet": (tmp_path / "d.parquet").read_bytes(),
-        "/datasets/tatsu-lab/alpaca_eval/resolve/main/alpaca_eval.json":
-            json.dumps([{"instruction": f"task {i}", "output": "x"} for i in range(805)]).encode()}
-    assert data.read_rows(data.download_axbench("concept500", "2b/l20/train/data.parquet", "v1")) == rows
-    instructions = data.load_instructions("alpaca")
-    order = np.random.RandomState(17).permutation(805)[:10]
-    assert data.pick_instructions(instructions, 17) == [f"task {i}" for i in order]
-    with pytest.raises(ValueError, match="unknown dataset"):
-        data.download_axbench("concept9")
-
-
 # ============================================================================ hypernet.py (SPEC §3)
 
 KINDS = ["gemma2", "gemma3_text"]
@@ -1041,7 +957,7 @@ def test_selection_and_means_on_a_hand_made_example():
         rows.append(rated(2, idx, 2.0, *((2, 2, 2) if idx < 5 else (0, 2, 2))))
         rows.append(rated(2, idx, 0.5, *((2, 2, 2) if idx < 5 else (2, 1, 2))))
     rows.append({**rated(2, 9, 0.5, 0, 0, 0), "ratings": {}, "score": None, "failed": ["fluency"]})  # skipped
-    results = judge.summarize(rows)
+    results = protocol.summarize(rows)
     assert len(results) == 1
     res = results[0]
     by_id = {c["concept_id"]: c for c in res["concepts"]}
@@ -1055,7 +971,7 @@ def test_selection_and_means_on_a_hand_made_example():
     assert res["failed_requests"] == 1
     usage = dict(requests=0, cached=0, sent=0, failed=1, prompt_tokens=0, completion_tokens=0,
                  cost_usd=0, saved_usd=0)
-    prompting = judge.summarize([{**r, "method": "prompting", "split": "held-out"} for r in rows[:20]])
+    prompting = protocol.summarize([{**r, "method": "prompting", "split": "held-out"} for r in rows[:20]])
     md = judge.markdown_report(results + prompting, usage, chat_api.JudgeConfig())
     assert "| method | held-out | held-in |" in md
     assert "| hypersteer | - | 1.400 |" in md and "| prompting | 1.300 | - |" in md
@@ -1267,7 +1183,7 @@ def test_judge_cli_errors_are_one_line_without_traceback(tmp_path, capsys):
     run = subprocess.run([sys.executable, "judge.py", str(bad), "--workers", "0"], capture_output=True,
                          text=True, cwd=Path(judge.__file__).parent)
     assert run.returncode == 2 and run.stdout == "" and "Traceback" not in run.stderr
-    assert run.stderr == "error: --workers must be at least 1, got 0\n"
+    assert run.stderr == "error: argument --workers: must be at least 1, got 0\n"
 
 
 # ---------------------------------------------------------------- ours vs transformers on the real model
@@ -1328,18 +1244,18 @@ def test_labels_and_steering_masks_on_hand_made_rows(tmp_path):
     _, tok = M.load(tmp_path / "m")
     rows = [dict(axbench_row(0, 0), input="w1", output="w2 w3"),
             dict(axbench_row(1, 0), input="w4 w5", output="w6 w7 w8")]
-    ex = data.encode(tok, rows, variant="cross_attention")
-    b = data.collate(ex)
+    ex = TR.encode(tok, rows, variant="cross_attention")
+    b = TR.collate(ex)
     S, E, B_, U, M_ = 4, 5, 2, 6, 7   # <start_of_turn> <end_of_turn> <bos> user model; "\n" = 8; wK = 9 + K
     row0 = [0, 0, B_, S, U, 8, 10, E, 8, S, M_, 8, 11, 12]        # left pad 2, prompt (10 tokens), w2 w3
     row1 = [B_, S, U, 8, 13, 14, E, 8, S, M_, 8, 15, 16, 17]      # prompt (11 tokens), w6 w7 w8
     assert b.ids.tolist() == [row0, row1]
     assert b.labels.tolist() == [[-100] * 11 + [11, 12, -100], [-100] * 10 + [15, 16, 17, -100]]
     assert b.steer.long().tolist() == [[0] * 6 + [1] * 8, [0] * 4 + [1] * 10]   # after the chat prefix
-    assert b.x_mask.long().tolist() == [[0, 0] + [1] * 10 + [0, 0], [1] * 11 + [0] * 3]
+    assert b.prompt.long().tolist() == [[0, 0] + [1] * 10 + [0, 0], [1] * 11 + [0] * 3]
     assert b.real.long().tolist() == [[0, 0] + [1] * 12, [1] * 14]
     assert b.hyper_ids.tolist() == [[2, 89], [2, 90]]            # <bos> + raw concept, no template
-    short = data.encode(tok, rows, max_len=11)  # truncation keeps the prompt
+    short = TR.encode(tok, rows, max_len=11)  # truncation keeps the prompt
     assert [len(e.ids) for e in short] == [11]                       # row 1's prompt fills 11: dropped
 
 
@@ -1421,9 +1337,9 @@ def test_steered_loss_equals_running_the_base_twice(tmp_path):
     with torch.no_grad():
         hyper.head.weight.normal_(0, 0.5)
     rows = [axbench_row(c, i) for c in range(2) for i in range(3)]
-    b = data.collate(data.encode(tok, rows, variant="cross_attention"))
-    fast, slow = TR.steered_loss(base, hyper, b), TR.two_pass_loss(base, hyper, b)
-    assert abs(fast.item() - slow.item()) < 1e-5 and fast.item() != TR.steered_loss(base, hyper, b, 0.0).item()
+    b = TR.collate(TR.encode(tok, rows, variant="cross_attention"))
+    fast, slow = TR.steered_loss(base, hyper, b, 1), bench.two_pass_loss(base, hyper, b, 1)
+    assert abs(fast.item() - slow.item()) < 1e-5 and fast.item() != TR.steered_loss(base, hyper, b, 1, 0.0).item()
 
 
 def test_loss_falls_when_overfitting_one_concept(tmp_path):
@@ -1812,10 +1728,10 @@ def test_hyper_deltas_match_training_path(setup):
     """Δ for an instruction equals what train.steered_loss computes from the collated batch."""
     base, tok, hyper = setup
     rows = [dict(input=x, output="w1 w2 w3", output_concept="w5 w6", concept_id=0) for x in instructions(3)]
-    ex = data.encode(tok, rows, variant="cross_attention")
-    b = data.collate(ex)
+    ex = TR.encode(tok, rows, variant="cross_attention")
+    b = TR.collate(ex)
     x = base.residual(b.ids, b.real, LAYER)
-    want = hyper(b.hyper_ids, b.hyper_real, x, b.x_mask)
+    want = hyper(b.hyper_ids, b.hyper_real, x, b.prompt)
     got = H.deltas(base, tok, hyper, "w5 w6", [r["input"] for r in rows])
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
@@ -1824,8 +1740,9 @@ def test_resumed_run_writes_no_duplicates(setup, tmp_path):
     base, tok, hyper = setup
     ins, concepts = instructions(), [(3, "w3 w4"), (11, "w7")]
     edits = lambda cid, concept, xs, ids: [{LAYER: d} for d in H.deltas(base, tok, hyper, concept, xs, ids)]
-    run = lambda out, **kw: protocol.generate_rows(base, tok, out, "HyperSteer", "held-out", concepts, ins,
-                                                      [0.0, 2.0], edits, batch_size=7, max_new_tokens=6, **kw)
+    run = lambda out, **kw: protocol.generate_rows(base, tok, out, protocol.Method("HyperSteer", [0.0, 2.0], edits),
+                                                      split="held-out", concepts=concepts, instructions=ins,
+                                                      sampling=protocol.Sampling(max_new_tokens=6), batch_size=7, **kw)
     full, part = tmp_path / "full.jsonl", tmp_path / "part.jsonl"
     assert run(full) == (0, 40)
     lines = full.read_text().splitlines(keepends=True)
@@ -1841,11 +1758,12 @@ def test_resumed_run_writes_no_duplicates(setup, tmp_path):
     r = got[0]
     assert list(r) == ["method", "split", "concept", "concept_id", "instruction_index", "instruction", "strength",
                        "text", "seed", "producer"]
-    assert r["instruction"] == data.pick_instructions(ins, r["concept_id"])[r["instruction_index"]]
+    assert r["instruction"] == protocol.pick_instructions(ins, r["concept_id"])[r["instruction_index"]]
     # another method in the same file: prompting rows keep the original instruction
     prompt_for = lambda concept, x: baselines.prompted(baselines.steering_prompt(concept), x)
-    protocol.generate_rows(base, tok, part, "Prompting", "held-out", concepts, ins, [1.0],
-                              prompt_for=prompt_for, max_new_tokens=4)
+    protocol.generate_rows(base, tok, part, protocol.Method("Prompting", [1.0], prompt_for=prompt_for),
+                           split="held-out", concepts=concepts, instructions=ins,
+                           sampling=protocol.Sampling(max_new_tokens=4))
     rows = [json.loads(l) for l in part.read_text().splitlines()]
     assert sum(r["method"] == "Prompting" for r in rows) == 20
     assert all(r["instruction"] in ins for r in rows)
@@ -1870,10 +1788,10 @@ def test_instruction_selection_is_the_axbench_rule():
              13: [652, 564, 440, 185, 559, 681, 442, 94, 157, 404],
              500: [396, 311, 58, 208, 257, 583, 518, 202, 750, 179]}
     for cid, idx in known.items():
-        assert data.pick_instructions(fake, cid) == [fake[i] for i in idx]
+        assert protocol.pick_instructions(fake, cid) == [fake[i] for i in idx]
         assert idx == np.random.RandomState(cid).choice(805, 10, replace=False).tolist()
     demo = data.load_instructions("demo")
-    assert len(demo) == 60 and len(set(data.pick_instructions(demo, 5))) == 10
+    assert len(demo) == 60 and len(set(protocol.pick_instructions(demo, 5))) == 10
 
 
 # ----------------------------------------------------------------------------- baselines (SPEC §8)
@@ -2020,8 +1938,9 @@ def test_generation_stops_at_gemma2_end_of_turn(tmp_path):
         base.model.embed_tokens.weight[107] = 50 * h / h.norm()
     assert M.generate(base, [ids], 5, stop_ids=(1, 106))[0][0] == 107     # the old hard-coded ids run on past it
     assert M.generate(base, [ids], 5, stop_ids=tok.stop_ids) == [[]]
-    rows = protocol.generate_rows(base, tok, tmp_path / "g.jsonl", "m", "list", [(0, "w9")], ["w1 w2"] * 10,
-                                     [0.0], max_new_tokens=5, temperature=0.0)
+    rows = protocol.generate_rows(base, tok, tmp_path / "g.jsonl", protocol.Method("m", [0.0]), split="list",
+                                  concepts=[(0, "w9")], instructions=["w1 w2"] * 10,
+                                  sampling=protocol.Sampling(max_new_tokens=5, temperature=0.0))
     assert rows == (0, 10) and all(json.loads(l)["text"] == "" for l in open(tmp_path / "g.jsonl"))
 
 
@@ -2031,8 +1950,8 @@ def test_evaluation_samples_with_top_k_50(setup, tmp_path, monkeypatch):
     seen = []
     real = M.generate
     monkeypatch.setattr(M, "generate", lambda *a, **k: seen.append(k) or real(*a, **k))
-    protocol.generate_rows(base, tok, tmp_path / "g.jsonl", "m", "list", [(0, "w9")], instructions(10), [1.0],
-                              max_new_tokens=2)
+    protocol.generate_rows(base, tok, tmp_path / "g.jsonl", protocol.Method("m", [1.0]), split="list",
+                           concepts=[(0, "w9")], instructions=instructions(10), sampling=protocol.Sampling(max_new_tokens=2))
     assert seen and all(k["top_k"] == 50 and k["temperature"] == 1.0 for k in seen)
     # sampling with top_k keeps only the k likeliest tokens
     logits = torch.arange(100.0)[None]
@@ -2185,8 +2104,8 @@ def test_disk_full_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     ("--batch-size", "0", "--batch-size must be positive"), ("--batch-size", "-3", "--batch-size must be positive"),
     ("--grad-accum", "0", "--grad-accum must be positive"), ("--lr", "nan", "--lr must be positive"),
     ("--held-out-concepts", "3", "held-out: 3 concepts asked of 3"), ("--max-len", "4", "--max-len must be at least"),
-    ("--max-len", "100000", "exceeds the model's context"), ("--bf16", "maybe", "--bf16 must be yes, no or auto"),
-    ("--variant", "big", "unknown hypernetwork variant 'big'")])
+    ("--max-len", "100000", "exceeds the model's context"), ("--bf16", "maybe", "argument --bf16: invalid choice: 'maybe'"),
+    ("--variant", "big", "argument --variant: invalid choice: 'big'")])
 def test_bad_training_flags_fail_before_any_work(tmp_path, flag, value, match):
     one_line_exit(train.main, train_flags(tmp_path, flag, value), match=match)
     assert not (tmp_path / "run").exists()
@@ -2211,7 +2130,7 @@ def test_steering_values_must_be_finite_and_fit(setup, tmp_path):
                   match="--sweep: strengths must be finite")
     save_file({"direction.2": torch.randn(32)}, str(tmp_path / "small.safetensors"))
     one_line_exit(steer.main, ["compare", "--vector", str(tmp_path / "small.safetensors"), *common],
-                  match="the model needs [64]")
+                  match="(expected [64])")
     save_file({"direction.2": torch.full((64,), float("nan"))}, str(tmp_path / "nan.safetensors"))
     one_line_exit(steer.main, ["compare", "--vector", str(tmp_path / "nan.safetensors"), *common],
                   match="non-finite")
@@ -2239,13 +2158,16 @@ def test_eval_refuses_rows_of_another_producer(setup, tmp_path):
     ins, concepts = instructions(), [(3, "w3 w4")]
     edits = lambda cid, concept, xs, ids: [{LAYER: d} for d in H.deltas(base, tok, hyper, concept, xs, ids)]
     out = tmp_path / "g.jsonl"
-    protocol.generate_rows(base, tok, out, "HyperSteer", "held-out", concepts, ins, [1.0], edits,
-                              producer="ckpt-A", max_new_tokens=2)
+    protocol.generate_rows(base, tok, out, protocol.Method("HyperSteer", [1.0], edits), split="held-out",
+                              concepts=concepts, instructions=ins, sampling=protocol.Sampling(max_new_tokens=2),
+                              producer="ckpt-A")
     with pytest.raises(ValueError, match="holds 10 HyperSteer rows made by another checkpoint"):
-        protocol.generate_rows(base, tok, out, "HyperSteer", "held-out", concepts, ins, [1.0], edits,
-                                  producer="ckpt-B", max_new_tokens=2)
-    assert protocol.generate_rows(base, tok, out, "HyperSteer", "held-out", concepts, ins, [1.0], edits,
-                                     producer="ckpt-B", max_new_tokens=2, overwrite=True) == (0, 10)
+        protocol.generate_rows(base, tok, out, protocol.Method("HyperSteer", [1.0], edits), split="held-out",
+                                  concepts=concepts, instructions=ins, sampling=protocol.Sampling(max_new_tokens=2),
+                                  producer="ckpt-B")
+    assert protocol.generate_rows(base, tok, out, protocol.Method("HyperSteer", [1.0], edits), split="held-out",
+                                     concepts=concepts, instructions=ins, sampling=protocol.Sampling(max_new_tokens=2),
+                                     producer="ckpt-B", overwrite=True) == (0, 10)
     assert {json.loads(l)["producer"] for l in open(out)} == {"ckpt-B"}
 
 
@@ -2273,16 +2195,15 @@ def test_safetensors_headers_are_validated_before_reading(tmp_path):
         loader.read_header(f)
 
 
-def test_downloads_stay_inside_the_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("HYPERSTEER_CACHE", str(tmp_path / "cache"))
+def test_downloads_stay_inside_the_cache(tmp_path):
     for rev in ("../../etc", "main/../../x", "/abs", "a b", "", ".."):
         with pytest.raises(ValueError, match="refusing revision"):
-            loader.hf_file("org/repo", "config.json", rev)
+            loader.hub_file("org/repo", "config.json", rev)
     for repo in ("../x", "org/../../x", "org", "a/b/c"):
         with pytest.raises(ValueError, match="refusing repository id"):
-            loader.hf_file(repo, "config.json")
+            loader.hub_file(repo, "config.json")
     with pytest.raises(ValueError, match="points outside"):
-        loader.hf_file("org/repo", "../../escape.json")
+        loader.hub_file("org/repo", "../../escape.json")
     assert not (tmp_path / "escape.json").exists()
 
 
@@ -2299,7 +2220,7 @@ def test_bad_config_and_data_files_name_the_file_and_field(tmp_path):
     with pytest.raises(ValueError, match=r"config.json: malformed config.json \(UnicodeDecodeError\)"):
         M.load(f)
     (tmp_path / "d.jsonl").write_bytes(b'{"input": "\xff"}\n')
-    with pytest.raises(ValueError, match=r"d.jsonl: not UTF-8 text"):
+    with pytest.raises(ValueError, match=r"d.jsonl:1: not UTF-8 text"):
         data.read_rows(tmp_path / "d.jsonl")
 
 
@@ -2604,8 +2525,10 @@ def test_serve_api_key(serve_files, monkeypatch, capfd):
         server.shutdown()
         server.server_close()
     monkeypatch.setenv("SERVE_TEST_KEY", "")
-    with pytest.raises(SystemExit, match="SERVE_TEST_KEY is unset or empty"):
+    capfd.readouterr()
+    with pytest.raises(SystemExit) as e:
         start_server(serve_files, "--api-key-env", "SERVE_TEST_KEY")
+    assert e.value.code == 2 and "SERVE_TEST_KEY is unset or empty" in capfd.readouterr().err
 
 
 def test_serve_cli_starts_and_answers(serve_files):
@@ -3068,33 +2991,31 @@ def test_psr_cached_samples_are_checked_like_user_files(setup, tmp_path, field, 
     rows = [json.loads(line) for line in path.read_text().splitlines()]
     rows[1][field] = value
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    with pytest.raises(SystemExit, match=f"error: {re.escape(str(path))}: line 2: {message}"):
+    with pytest.raises(SystemExit, match=f"^error: {re.escape(str(path))}:2: {message}"):
         P.main(flags + ["--overwrite"])
     path.write_text(json.dumps(rows[0]) + "\n{not json\n")
-    with pytest.raises(SystemExit, match=r"samples.jsonl: line 2: not JSON"):
+    with pytest.raises(SystemExit, match=r"samples.jsonl:2: not valid JSON"):
         P.main(flags + ["--overwrite"])
 
 
-def test_psr_refuses_bad_concepts_and_strengths(setup, tmp_path, capsys):
+def test_psr_refuses_bad_concepts_and_strengths(setup, tmp_path):
     flags, _ = psr_cli_files(setup, tmp_path)
     flags += ["--n-train", "2", "--n-eval", "1"]
-    for concept, strength in (("  ", "1"), ("w4", "nan"), ("w4", "inf"), ("w4", "-inf")):
-        with pytest.raises(SystemExit) as e:
-            P.main(flags + ["--concept", concept, "--strength", strength])
-        assert e.value.code == 2
-    assert "--concept: must not be empty" in capsys.readouterr().err
-    with pytest.raises(SystemExit, match=r"--concept: the prompted instruction reaches \d+ tokens.* past the model's "
-                                         r"context of 8192"):
+    for concept, strength, message in (("  ", "1", "argument --concept: must not be empty"),
+                                       ("w4", "nan", "argument --strength: must be a finite number, got nan"),
+                                       ("w4", "inf", "got inf"), ("w4", "-inf", "got -inf")):
+        with pytest.raises(SystemExit, match=f"^error: .*{message}"):
+            P.main(flags + ["--concept", concept, f"--strength={strength}"])
+    with pytest.raises(SystemExit, match=r"^error: --concept: the prompted instruction reaches \d+ tokens.* past the "
+                                         r"model's context of 8192$"):
         P.main(flags + ["--concept", " ".join(["w4"] * 5000)])
-    assert not (tmp_path / "run" / "samples.jsonl").exists() or not (tmp_path / "run" / "samples.jsonl").read_text()
+    assert not (tmp_path / "run" / "samples.jsonl").exists()
 
 
 def test_export_psr_names_the_reason_before_reading_anything(tmp_path, capsys):
-    with pytest.raises(SystemExit) as e:                              # no model, no PSR file, a bad layer
+    with pytest.raises(SystemExit, match="^error: export --psr: a PSR adds a different amount at every token"):
         steer.main(["export", "--psr", str(tmp_path / "missing.safetensors"), "--model", str(tmp_path / "nomodel"),
-                    "--layer", "99", "--out", str(tmp_path / "v")])
-    err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert e.value.code == 2 and "export --psr: a PSR adds a different amount at every token" in err
+                    "--layer", "99", "--out", str(tmp_path / "v")])           # no model, no PSR file, a bad layer
     assert not list(tmp_path.iterdir())
 
 
@@ -3149,3 +3070,1096 @@ def test_psr_recovers_a_planted_per_token_edit_and_a_constant_vector_does_not(se
     mean_delta = torch.cat([(e["target"] - e["plain"])[0] for e in ex]).mean(0)
     psr_err, const_err = error(M.Steering(learned.edits())), error(M.Steering.vector(LAYER, mean_delta))
     assert psr_err < 0.15 and const_err > 0.5 and error(M.Steering(planted.edits())) < 1e-5
+
+# ==== new tests: README and docs commands
+# Every command in README.md, docs/*.md and the module docstrings must run as written: the file or module
+# it names exists, and its flags parse with the script's own argparse parser (names, choices, types,
+# required arguments). The parser is caught in-process: main() runs with parse_args replaced by a function
+# that hands the parser back before anything else happens.
+
+DOC_ROOT = Path(__file__).resolve().parent
+DOC_PREFIXES = ("python ", "python3 ", "torchrun ", "pip ")
+
+
+class _ParserCaught(BaseException):   # BaseException: passes the `except Exception` of a main() such as judge's
+    pass
+
+
+def doc_commands(text):
+    """(line number, command) for each command in a markdown text or docstring: lines of fenced code blocks
+    (except ```python ones) and of 4-space indented blocks, and inline `code` spans, that start with python,
+    torchrun or pip (after an optional `$ ` prompt and VAR=value assignments); `\\` continuations joined."""
+    import re
+    out, fence, pending, para = [], None, None, []
+
+    def spans():                                          # inline spans of a paragraph, across its line breaks
+        text = " ".join(line.strip() for _, line in para)
+        out.extend((para[0][0], s) for s in re.findall(r"`([^`]+)`", text) if s.startswith(DOC_PREFIXES))
+        para.clear()
+
+    for n, line in enumerate(text.splitlines() + [""], 1):
+        if fence is None and line.strip() and not line.startswith(("    ", "\t")) \
+                and not line.lstrip().startswith("```"):
+            para.append((n, line))
+            continue
+        if para:
+            spans()
+        if line.lstrip().startswith("```"):
+            fence = None if fence is not None else line.lstrip()[3:].strip()
+            continue
+        if fence is None and not line.strip():
+            continue
+        if fence == "python":
+            continue
+        cmd = line.strip()
+        if pending is not None:
+            cmd, n = pending[1] + " " + cmd, pending[0]
+            pending = None
+        cmd = cmd[2:] if cmd.startswith("$ ") else cmd
+        if cmd.endswith("\\"):
+            pending = (n, cmd[:-1])
+            continue
+        if re.sub(r"^([A-Z_][A-Z0-9_]*=\S*\s+)*", "", cmd).startswith(DOC_PREFIXES):
+            out.append((n, cmd))
+    return out
+
+
+def catch_parser(module, script, args):
+    """(parser, argv) that module.main() parses when run as `python script args`, without running it."""
+    import argparse
+    import sys
+
+    def caught(self, args=None, namespace=None):
+        raise _ParserCaught(self, list(sys.argv[1:] if args is None else args))
+
+    saved = argparse.ArgumentParser.parse_args, argparse.ArgumentParser.parse_known_args, sys.argv
+    argparse.ArgumentParser.parse_args = argparse.ArgumentParser.parse_known_args = caught
+    sys.argv = [script, *args]
+    try:
+        module.main()
+    except _ParserCaught as c:
+        return c.args
+    finally:
+        argparse.ArgumentParser.parse_args, argparse.ArgumentParser.parse_known_args, sys.argv = saved
+    raise AssertionError(f"{script}: main() returned without parsing its flags")
+
+
+def script_problem(script, args, module_name):
+    """What is wrong with `python script args` (None if nothing): a flag its parser does not define, or
+    any other argparse error (a bad choice or type, a missing required argument)."""
+    import argparse
+    import contextlib
+    import importlib
+    import io
+    module = importlib.import_module(module_name)
+    if not hasattr(module, "main"):
+        return f"{script} has no main()"
+    parser, argv = catch_parser(module, script, args)
+    parsers, names = [parser], [script]
+    for token in argv:                                   # descend into the subcommand the line names
+        subs = [a for a in parsers[-1]._actions if isinstance(a, argparse._SubParsersAction)]
+        if subs and token in subs[0].choices:
+            parsers.append(subs[0].choices[token])
+            names.append(token)
+    known = {s for p in parsers for s in p._option_string_actions}
+    for token in argv:
+        if token.startswith("--") and token.split("=")[0] not in known:
+            return f"{' '.join(names)} has no flag {token.split('=')[0]}"
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            argparse.ArgumentParser.parse_args(parser, argv)
+    except SystemExit as e:
+        if e.code not in (0, None):
+            return f"{script}: " + (err.getvalue().strip().splitlines() or ["argparse error"])[-1]
+    except Exception as e:                               # a parser whose error() raises (judge.py's)
+        return f"{script}: {e}"
+    return None
+
+
+def command_problem(cmd):
+    """What is wrong with one shell command line of the docs (None if nothing). Checks every python and
+    torchrun command in it (`pip ... && python ...` checks the python part; `pip -r FILE` that FILE exists)."""
+    import shlex
+    lex = shlex.shlex(cmd, posix=True, punctuation_chars=True)
+    lex.whitespace_split, lex.commenters = True, "#"
+    try:
+        tokens = list(lex)
+    except ValueError as e:
+        return f"unparseable ({e})"
+    segments, seg = [], []
+    for t in tokens:
+        if t in ("&&", "||", ";", "|"):
+            segments.append(seg)
+            seg = []
+        elif t in ("&", ">", ">>", "<", "2>"):            # background / redirection: the rest is not arguments
+            segments.append(seg)
+            seg = ["--"]
+        else:
+            seg.append(t)
+    segments.append(seg)
+    for seg in segments:
+        while seg and "=" in seg[0] and seg[0].split("=")[0].isidentifier():
+            seg = seg[1:]                                 # VAR=value prefixes
+        if not seg:
+            continue
+        if seg[0] == "pip":
+            for i, t in enumerate(seg[:-1]):
+                if t == "-r" and not (DOC_ROOT / seg[i + 1]).exists():
+                    return f"pip -r {seg[i + 1]}: no such file"
+            continue
+        if seg[0] == "torchrun":
+            from torch.distributed.run import get_args_parser
+            import contextlib
+            import io
+            try:
+                with contextlib.redirect_stderr(io.StringIO()):
+                    ta = get_args_parser().parse_args(seg[1:])
+            except SystemExit:
+                return "torchrun does not accept these flags"
+            if ta.module:
+                seg = ["python", "-m", ta.training_script, *ta.training_script_args]
+            else:
+                seg = ["python", ta.training_script, *ta.training_script_args]
+        if seg[0] not in ("python", "python3"):
+            continue
+        if len(seg) < 2 or seg[1] == "-c":
+            continue
+        if seg[1] == "-m":
+            name, args = seg[2], seg[3:]
+            if name == "pytest":
+                missing = [t for t in args if t.endswith(".py") and not (DOC_ROOT / t).exists()]
+                if missing:
+                    return f"pytest: no such file {missing[0]}"
+                continue
+            if name == "pip":
+                continue
+            path = name.replace(".", "/") + ".py"
+            script = f"-m {name}"
+        else:
+            path, args = seg[1], seg[2:]
+            name, script = path[:-3].replace("/", "."), path
+        if not (DOC_ROOT / path).is_file():
+            return f"no such file {path}"
+        problem = script_problem(script, args, name)
+        if problem:
+            return problem
+    return None
+
+
+def doc_problems(text, where):
+    return [f"{where}:{n}: {cmd}\n    -> {p}" for n, cmd in doc_commands(text) if (p := command_problem(cmd))]
+
+
+def module_docstrings():
+    import ast
+    files = [p for p in sorted(DOC_ROOT.glob("*.py")) if p.name not in ("test_all.py", "conftest.py")]
+    files += sorted((DOC_ROOT / "lib").glob("*.py"))
+    return {p.relative_to(DOC_ROOT).as_posix(): ast.get_docstring(ast.parse(p.read_text(encoding="utf-8")))
+            or "" for p in files}
+
+
+def test_readme_and_docs_commands_name_real_files_and_flags():
+    docs = [DOC_ROOT / "README.md", *sorted((DOC_ROOT / "docs").glob("*.md"))]
+    assert len(docs) >= 9, "README.md and the docs/ pages"
+    problems, n = [], 0
+    for doc in docs:
+        text = doc.read_text(encoding="utf-8")
+        n += len(doc_commands(text))
+        problems += doc_problems(text, doc.relative_to(DOC_ROOT).as_posix())
+    assert n > 50, f"only {n} commands found: the extractor is broken"
+    assert not problems, "\n".join(problems)
+
+
+def test_docs_command_check_catches_a_missing_file_flag_or_value():
+    """The check above can fail: a missing script, module or requirements file, an unknown flag (also in a
+    subcommand, and under torchrun), a bad choice and a missing required argument are each reported."""
+    bad = ["    python nosuch.py --preset demo",
+           "    pip install -r requirements-nosuch.txt && python train.py",
+           "    python -m lib.nosuch",
+           "    python train.py --preset demo --no-such-flag 3",
+           "    python steer.py compare --prompt hi --grid 1,2",            # --grid belongs to eval
+           "    torchrun --nproc-per-node 2 train.py --two-passes",
+           "    torchrun --no-such-torchrun-flag 2 train.py",
+           "    python train.py --preset paper-3b",
+           "    python psr.py --variant all",                               # --concept and --out are required
+           "Inline too: `python bench.py gpu-train --no-such-flag`."]
+    for line in bad:
+        assert len(doc_problems(line, "doc")) == 1, line
+    good = ["```", "$ python train.py --preset demo --max-steps 20 \\", "    --out runs/smoke   # a comment",
+            "```", "    OPENAI_API_KEY=... python judge.py gens.jsonl --dry-run",
+            "    torchrun --nproc-per-node 2 train.py --preset demo --max-steps 4",
+            "    python -m pytest -q test_all.py -k docs", "    python bench.py gpu-speed --smoke",
+            "```python", "python nosuch.py  # Python code, not a shell command", "```"]
+    assert doc_problems("\n".join(good), "doc") == []
+    assert len(doc_commands("\n".join(good))) == 5
+
+
+def test_readme_is_an_entry_page():
+    """README.md <= 16 KB; its install + test command is CI's; its file tree names every top-level and
+    lib/ file and no missing one; its links and the docs' links point at files that exist."""
+    import re
+    readme = (DOC_ROOT / "README.md").read_text(encoding="utf-8")
+    size = len(readme.encode("utf-8"))
+    assert size <= 16 * 1024, f"README.md is {size} bytes (at most 16 KB: move detail to docs/)"
+    assert ("pip install torch==2.13.0 && pip install -r requirements-dev.txt && python -m pytest -q test_all.py"
+            in readme)
+    tree = readme.split("\n## Files", 1)[1].split("```")[1]
+    named = {line.split()[0] for line in tree.splitlines()[1:] if line.strip()}
+    on_disk = {p.name for p in DOC_ROOT.iterdir() if p.is_file() and p.suffix in (".py", ".md", ".txt", ".ipynb")}
+    on_disk |= {"lib/" + p.name for p in (DOC_ROOT / "lib").iterdir() if p.suffix in (".py", ".html")}
+    assert on_disk <= named, f"files missing from the README's tree: {sorted(on_disk - named)}"
+    assert all((DOC_ROOT / name).exists() for name in named), \
+        f"the README's tree names missing files: {sorted(n for n in named if not (DOC_ROOT / n).exists())}"
+    for doc in [DOC_ROOT / "README.md", *(DOC_ROOT / "docs").glob("*.md")]:
+        for target in re.findall(r"\]\(([^)#\s]+)", doc.read_text(encoding="utf-8")):
+            if not target.startswith(("http://", "https://")):
+                assert (doc.parent / target).exists(), f"{doc.name}: link to missing {target}"
+
+
+def test_docs_code_names_exist():
+    """Every `module.name` the README and docs cite (`model.intervene`, `hypernet.HyperSteer.forward`,
+    `lib.flex.FLEX`, ...) is a real attribute of a real module."""
+    import importlib
+    import re
+    modules = {p.stem for p in DOC_ROOT.glob("*.py")} | {"lib"}
+    files = r"\.(py|md|json|jsonl|safetensors|gguf|png|txt|html|parquet|sh)$"
+    missing = []
+    for doc in [DOC_ROOT / "README.md", *(DOC_ROOT / "docs").glob("*.md")]:
+        for span in re.findall(r"`([A-Za-z_][\w.]*)(?:\(\))?`", doc.read_text(encoding="utf-8")):
+            parts = span.split(".")
+            if len(parts) < 2 or parts[0] not in modules or re.search(files, span):
+                continue
+            obj = importlib.import_module(parts[0])
+            for i, part in enumerate(parts[1:], 1):
+                if not hasattr(obj, part) and parts[0] == "lib" and i == 1:
+                    obj = importlib.import_module(f"lib.{part}")
+                    continue
+                obj = getattr(obj, part, None)
+                if obj is None:
+                    missing.append(f"{doc.name}: {span}")
+                    break
+    assert not missing, missing
+
+
+def test_docs_module_docstrings_name_spec_and_a_command():
+    """Each module opens with a docstring naming its SPEC § and at least one command that runs as written."""
+    problems = []
+    for path, doc in module_docstrings().items():
+        if "SPEC §" not in doc:
+            problems.append(f"{path}: no SPEC § in the docstring")
+        if not doc_commands(doc):
+            problems.append(f"{path}: no command in the docstring")
+        problems += doc_problems(doc, path)
+    assert not problems, "\n".join(problems)
+
+
+# ==== new tests: workshop notebook
+
+NOTEBOOK = Path(__file__).parent / "workshop.ipynb"
+
+
+def test_workshop_notebook_is_stored_without_outputs():
+    """Outputs are stripped in git: every code cell of the committed notebook is unexecuted."""
+    cells = [c for c in json.loads(NOTEBOOK.read_text(encoding="utf-8"))["cells"] if c["cell_type"] == "code"]
+    assert cells and all(c["outputs"] == [] and c["execution_count"] is None for c in cells)
+
+
+def test_workshop_notebook_runs_in_smoke_mode(tmp_path, monkeypatch):
+    """The tour executed headlessly as CI runs it (WORKSHOP_SMOKE=1 shrinks every step; about a minute on
+    2 cores): no cell fails, it draws at least three figures, and its training cells wrote their files."""
+    import nbformat
+    from nbclient import NotebookClient
+    monkeypatch.setenv("WORKSHOP_SMOKE", "1")
+    monkeypatch.setenv("WORKSHOP_OUT", str(tmp_path))
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOK.parent)}}).execute()
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+    errors = [o for o in outputs if o.output_type == "error" or o.get("name") == "stderr" and "Traceback" in o.text]
+    assert not errors, errors
+    assert sum("image/png" in o.get("data", {}) for o in outputs) >= 3
+    assert (tmp_path / "train" / "hypernet.safetensors").is_file() and (tmp_path / "psr" / "psr.safetensors").is_file()
+    assert (tmp_path / "gens.jsonl").is_file()
+
+
+def test_sweep_equals_one_generate_per_strength(setup):
+    """steer.sweep's rows (prompts x strengths in one batch) are what generate gives each (prompt, strength)
+    alone; strength 0 is the unsteered answer."""
+    base, tok, _ = setup
+    prompts, v = ["w1 w2 w3", "w4"], torch.randn(base.cfg.hidden_size) * 3
+    got = steer.sweep(base, tok, prompts, {LAYER: v}, [0.0, 1.0, 2.0], max_new_tokens=4, batch_size=4)
+    plain = steer.sweep(base, tok, prompts, None, [0.0], max_new_tokens=4)
+    assert got[0.0] == plain[0.0] and got[1.0] != got[0.0]
+    for s, answers in got.items():
+        for p, a in zip(prompts, answers):
+            ids = tok.chat(p)[0]
+            one = M.generate(base, [ids], 4, stop_ids=tok.stop_ids, steering=M.Steering.vector(LAYER, v, s),
+                             steer_masks=M.steer_after([ids], tok.chat_prefix_len))[0]
+            assert a == tok.decode(one)
+
+
+def test_token_lambdas_equal_a_hand_written_chain(setup):
+    """psr.token_lambdas: λ_l at every token, each layer reading the activation with the earlier edits added
+    (positions of the chat prefix get λ too, but no edit)."""
+    base, tok, _ = setup
+    p, ids, n_prefix = random_psr(base, [0, 2, 3], seed=4), tok.chat("w5 w6 w7")[0], tok.chat_prefix_len
+    got = psr.token_lambdas(base, p, ids, n_prefix, strength=0.5)
+    steer_mask = torch.tensor([[i >= n_prefix for i in range(len(ids))]])
+    with torch.no_grad():
+        rot, masks = M.attention_inputs(base.cfg, torch.ones_like(steer_mask), len(ids), torch.float32)
+        h, want = base.embed(torch.tensor([ids])), []
+        for i, block in enumerate(base.model.layers):
+            h = block(h, *rot[block.layer_type], masks[block.layer_type])
+            if i in p.layers:
+                lam = torch.relu(h @ p.w[str(i)] + p.b[str(i)])
+                want.append(lam[0])
+                h = h + 0.5 * lam[..., None] * p.z[str(i)] * steer_mask[..., None]
+    assert got.shape == (3, len(ids)) and torch.allclose(got, torch.stack(want), atol=1e-5) and got.max() > 0
+
+
+def test_distinct_words_and_train_on_step(tmp_path):
+    assert data.distinct_words("a b c d") == 1.0 and data.distinct_words("the sea the sea the sea") == 2 / 6
+    assert data.distinct_words("  ") == 0.0
+    seen = []
+    TR.train(tiny_run(tmp_path, max_steps=3), on_step=seen.append)          # the notebook's live loss plot
+    assert seen == [json.loads(l) for l in open(tmp_path / "run" / "metrics.jsonl")] and len(seen) == 3
+
+
+# ==== new tests: reliability (issue 24: nothing lost, nothing silent, on every surface)
+
+def test_sampling_values_that_mean_nothing_are_refused_by_one_check():
+    """model.check_sampling is the one sampler guard: temperature 0 or >= MIN_TEMPERATURE (a tiny temperature
+    overflows logits / T to inf, NaN probabilities), top_k >= 0, top_p in (0, 1]; it names the field."""
+    for t, k, p in [(0, 0, 1.0), (M.MIN_TEMPERATURE, 50, 1e-9), (2.0, 0, 0.9), (100.0, 1, 1)]:
+        M.check_sampling(t, k, p)
+    for (t, k, p), field in [((1e-300, 0, 1.0), "temperature"), ((-1.0, 0, 1.0), "temperature"),
+                             ((float("nan"), 0, 1.0), "temperature"), ((float("inf"), 0, 1.0), "temperature"),
+                             ((1.0, -1, 1.0), "top_k"), ((1.0, 1.5, 1.0), "top_k"), ((1.0, 0, 0.0), "top_p"),
+                             ((1.0, 0, 1.01), "top_p"), ((1.0, 0, float("nan")), "top_p")]:
+        with pytest.raises(ValueError, match=f"^{field} must be") as e:
+            M.check_sampling(t, k, p)
+        assert e.value.field == field
+    base, ids = steer_base(), [[2, 5, 6]]
+    with pytest.raises(ValueError, match="temperature must be"):
+        M.generate(base, ids, 2, stop_ids=(), temperature=1e-300)
+    for argv in (["compare", "--prompt", "w1", "--temperature", "1e-300"], ["compare", "--prompt", "w1", "--temperature",
+                 "-0.5"], ["eval", "--out", "g.jsonl", "--temperature", "1e-9"], ["eval", "--out", "g.jsonl", "--top-k", "-1"]):
+        one_line_exit(steer.main, argv, match=f"argument --{argv[-2][2:]}: {argv[-2][2:].replace('-', '_')} must be")
+    poisoned = M.Steering({LAYER: lambda h: h * float("nan")}, 1.0)        # a steering that breaks the model
+    with pytest.raises(ValueError, match=r"non-finite logits in row\(s\) \[0\]"):
+        M.generate(base, ids, 2, stop_ids=(), temperature=0, steering=poisoned)
+
+
+@pytest.fixture(scope="module")
+def short_context(tmp_path_factory):
+    """A tiny model whose context is 64 tokens, and a hypernetwork for it."""
+    tmp = tmp_path_factory.mktemp("short")
+    base = steer_base()
+    base.cfg.max_position_embeddings = 64
+    folder = tiny_model_folder(base, tmp / "model")
+    ckpt = tmp / "hyper.safetensors"
+    H.save(tiny_hyper(M.load(folder)[0]), ckpt)
+    return folder, ckpt
+
+
+def test_serve_bad_sampling_values_get_400_and_a_failing_row_fails_alone(short_context, monkeypatch):
+    """A temperature that would make NaN probabilities is refused at the door (400 naming the field); a row whose
+    Δ or probabilities still go non-finite fails alone: the others in its decode batch reply as they do alone."""
+    server, url = start_server(short_context, "--gather-ms", "200", engine=False)  # all five queued before it starts
+    try:
+        for bad, param in [({"temperature": 1e-300}, "temperature"), ({"temperature": 1e-5}, "temperature"),
+                           ({"top_p": 1e-300}, "top_p"), ({"steering": {"concept": "w1", "strength": 1e5}},
+                                                          "steering.strength"),
+                           ({"steering": {"concept": "w1 " * 80, "strength": 1}}, "steering.concept")]:
+            r = requests.post(f"{url}/v1/chat/completions", timeout=10, json={
+                "messages": [{"role": "user", "content": "w1 w2"}], "max_tokens": 3, **bad})
+            assert r.status_code == 400 and r.json()["error"]["param"] == param, (bad, r.text)
+        real_deltas, real_sample = H.deltas, M.sample
+        monkeypatch.setattr(H, "deltas", lambda base, tok, hyper, concept, *a: real_deltas(base, tok, hyper, concept, *a)
+                            * (float("nan") if concept == "poison" else 1.0))
+        monkeypatch.setattr(M, "sample", lambda logits, t, *a: real_sample(logits * (float("nan") if t == 0.77 else 1.0),
+                                                                          t, *a))
+        reqs = [dict(prompt="w1 w2 w3", concept="w4", strength=2.0, temperature=0, max_tokens=6),
+                dict(prompt="w5 w6", concept="poison", strength=1.0, temperature=1.0, max_tokens=6),
+                dict(prompt="w7", concept="w8 w9", strength=-1.0, temperature=1.0, seed=3, max_tokens=6),
+                dict(prompt="w2 w2", temperature=0.77, max_tokens=6),
+                dict(prompt="w3 w1", concept="w5", strength=1.0, temperature=0.7, seed=4, max_tokens=6, stream=True)]
+        got = [None] * len(reqs)
+        threads = [threading.Thread(target=lambda i=i: got.__setitem__(i, chat(url, **reqs[i]))) for i in range(len(reqs))]
+        for t in threads:
+            t.start()
+        while server.engine.queue.qsize() < len(reqs):
+            time.sleep(0.01)
+        server.engine.start()
+        for t in threads:
+            t.join()
+        assert server.engine.batch_sizes[0] == len(reqs)                   # all five shared one decode batch
+        assert [r.status_code for r in got] == [200, 500, 200, 500, 200]
+        assert "non-finite" in got[1].json()["error"]["message"]
+        assert "generation failed" in got[3].json()["error"]["message"]
+        for i in (0, 2, 4):                                                 # the others: their replies alone
+            alone = chat(url, **reqs[i])
+            assert alone.status_code == 200 and alone.text.count("content") and \
+                [c["choices"][0]["delta"].get("content") for c in sse(alone)] == \
+                [c["choices"][0]["delta"].get("content") for c in sse(got[i])] if reqs[i].get("stream") else \
+                alone.json()["choices"] == got[i].json()["choices"]
+        assert chat(url, "w1", max_tokens=2).status_code == 200              # and the server goes on
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_serve_a_burst_of_clients_gets_200_or_503_never_a_reset(short_context):
+    """64 clients connect before the server accepts any: the OS holds every connection (a listen backlog of 5
+    dropped most), and each gets an answer: 200 for the --max-queue 4 that fit, an immediate 503 for the rest."""
+    server, url = start_server(short_context, "--max-queue", "4", engine=False)
+    port = server.server_address[1]
+    body = json.dumps({"messages": [{"role": "user", "content": "w1 w2"}], "max_tokens": 2, "temperature": 0})
+    request = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+               f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n{body}").encode()
+    try:
+        server.shutdown()                                   # the accept loop stops; the socket keeps listening
+        socks = [socket.socket() for _ in range(64)]
+        for s in socks:
+            s.setblocking(False)
+            s.connect_ex(("127.0.0.1", port))
+        import select
+        deadline, pending = time.monotonic() + 0.5, set(socks)
+        while pending and time.monotonic() < deadline:
+            pending -= set(select.select([], list(pending), [], 0.05)[1])
+        assert not pending, f"{len(pending)} of 64 connections were not taken by the OS"
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        for s in socks:
+            s.setblocking(True)
+            s.settimeout(30)
+            s.sendall(request)
+        codes = []
+
+        def status(s):
+            data = b""
+            while chunk := s.recv(65536):
+                data += chunk
+            s.close()
+            codes.append(int(data.split(b" ", 2)[1]))
+        readers = [threading.Thread(target=status, args=(s,)) for s in socks]
+        for t in readers:
+            t.start()
+        deadline = time.monotonic() + 30
+        while len(codes) < 60 and time.monotonic() < deadline:      # the engine is not running yet: 60 are refused
+            time.sleep(0.01)
+        assert sorted(codes) == [503] * 60 and server.engine.queue.qsize() == 4
+        server.engine.start()
+        for t in readers:
+            t.join()
+        assert sorted(codes) == [200] * 4 + [503] * 60
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_serve_incomplete_body_is_a_quick_400(short_context, monkeypatch):
+    """A body shorter than its Content-Length: 400 at once when the client stops sending (half-closed), and
+    after serve_api.BODY_TIMEOUT of silence when it waits (never the 60-second header timeout and a 500)."""
+    monkeypatch.setattr(serve_api, "BODY_TIMEOUT", 1, raising=False)
+    server, url = start_server(short_context)
+    port = server.server_address[1]
+    head = b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n"
+    try:
+        for half_close in (True, False):
+            s = socket.create_connection(("127.0.0.1", port), timeout=15)
+            t = time.monotonic()
+            s.sendall(head + b'{"messages": [')
+            if half_close:
+                s.shutdown(socket.SHUT_WR)
+            reply = b""
+            while chunk := s.recv(65536):
+                reply += chunk
+            s.close()
+            assert reply.startswith(b"HTTP/1.0 400") and b"incomplete_body" in reply, reply[:300]
+            assert time.monotonic() - t < 5
+        for length in ("abc", "-5"):
+            r = requests.post(f"{url}/v1/chat/completions", data=b"{}", timeout=10, headers={"Content-Length": length})
+            assert r.status_code == 400, length
+        r = requests.post(f"{url}/v1/chat/completions", data=b"[" * 100_000 + b"]" * 100_000, timeout=10)
+        assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"     # not a RecursionError 500
+        assert chat(url, "w1", max_tokens=2).status_code == 200
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_serve_bad_flags_busy_port_and_bad_host_are_one_line_exit_2(short_context, capfd):
+    folder, ckpt = short_context
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = str(busy.getsockname()[1])
+        for flags, named in [(["--port", port], f"127.0.0.1:{port}"), (["--port", "70000"], "--port"),
+                             (["--port", "-1"], "--port"), (["--host", "no.such.host.invalid"], "no.such.host.invalid"),
+                             (["--threads", "-1"], "--threads"), (["--threads", "0"], "--threads"),
+                             (["--max-queue", "0"], "--max-queue"), (["--max-batch", "0"], "--max-batch"),
+                             (["--gather-ms", "nan"], "--gather-ms"), (["--max-tokens", "0"], "--max-tokens"),
+                             (["--bench", "4,x"], "--bench")]:
+            capfd.readouterr()
+            with pytest.raises(SystemExit) as e:
+                serve.build(["--model", str(folder), "--hypernet", str(ckpt), *flags])
+            err = capfd.readouterr().err
+            assert e.value.code == 2 and err.count("\n") == 1 and "Traceback" not in err and named in err, (flags, err)
+
+
+def test_every_steering_file_is_checked_by_one_function_naming_it(setup, short_context, tmp_path, capfd):
+    """vectors.check_steering_file, called by every loader: a vector or PSR file (a file without a checksum can
+    hold anything) with NaN, absurd values, another width or a layer the model lacks is refused, naming the file."""
+    base, tok, _ = setup
+    n, d = base.cfg.num_hidden_layers, base.cfg.hidden_size
+    v = torch.randn(d)
+    for name, tensors, match in [("nan", {"direction.2": torch.full((d,), float("nan"))}, "non-finite"),
+                                 ("huge", {"direction.2": v * 1e30}, "beyond"),
+                                 ("far", {"direction.9": v}, "layer 9 is out of range for a 4-block model"),
+                                 ("wide", {"direction.2": torch.randn(32)}, r"expected \[64\]"),
+                                 ("two", {"direction.1": v, "direction.2": v.clone()}, "exactly one")]:
+        save_file(tensors, str(tmp_path / f"{name}.safetensors"))
+        with pytest.raises(ValueError, match=f"{name}.safetensors: .*{match}"):
+            vectors.load_vector(tmp_path / f"{name}.safetensors", d, n)
+    assert vectors.load_vector(tmp_path / "far.safetensors")[1] == 9          # no model given: no layer to check
+    folder, _ = short_context
+    capfd.readouterr()
+    with pytest.raises(SystemExit) as e:                                     # the server loads through it too
+        serve.build(["--model", str(folder), "--vector", str(tmp_path / "far.safetensors"), "--port", "0"])
+    assert "far.safetensors: layer 9 is out of range" in str(e.value.code) and "\n" not in str(e.value.code)
+
+    good = tmp_path / "psr.safetensors"
+    P.save(random_psr(base, [1, 2]), good, base.cfg)
+    tensors, meta = loader.read_safetensors(good)
+    del meta["crc32"]                                                        # as another tool would write it
+    for name, key, value, match in [("psr_nan", "psr.w.1", float("nan"), "'psr.w.1' holds non-finite"),
+                                    ("psr_huge", "psr.z.2", 1e30, "'psr.z.2' holds values up to 1e\\+30")]:
+        bad = dict(tensors)
+        bad[key] = torch.full_like(bad[key], value)
+        save_file(bad, str(tmp_path / f"{name}.safetensors"), metadata=meta)
+        with pytest.raises(ValueError, match=f"{name}.safetensors: tensor {match}"):
+            P.load(tmp_path / f"{name}.safetensors", base)
+    save_file(tensors, str(tmp_path / "psr_far.safetensors"), metadata={**meta, "layers": "[1, 9]"})
+    with pytest.raises(ValueError, match="psr_far.safetensors: .*layer 9"):
+        P.load(tmp_path / "psr_far.safetensors", base)
+    P.load(good, base)
+
+
+def test_dist_processes_with_different_settings_all_stop_naming_the_setting(one_thread):
+    """dist.check_same_settings: rank 0's settings reach every process (no pickle); a difference anywhere stops
+    every process with the same line, naming the first setting that differs and both values."""
+    def check(settings):
+        def work(rank):
+            try:
+                dist.check_same_settings(settings(rank))
+            except ValueError as e:
+                return str(e)
+        return in_processes(2, work)
+    same = {"lr": 8e-5, "out": "runs/a", "layers": [1, 2], "fsdp": False}
+    assert check(lambda rank: dict(same)) == [None, None]
+    got = check(lambda rank: {**same, "lr": 8e-5 if rank == 0 else 2e-4, "out": f"runs/{rank}"})
+    assert got[0] == got[1] == ("the processes were started with different settings: lr is 8e-05 in process 0 and "
+                                "0.0002 in process 1; start every process with the same flags")
+    got = check(lambda rank: {**same, **({"extra": 1} if rank else {})})
+    assert got[0] == got[1] and "extra is \"(absent)\" in process 0 and 1 in process 1" in got[0]
+
+
+def test_config_fields_that_must_hold_a_number_name_the_field(tmp_path):
+    """`rms_norm_eps: null` (or 0, or text) is a one-line error naming the field, not a TypeError later;
+    a null soft-capping is the documented 'none'."""
+    raw = json.loads(json.dumps(asdict(M.GemmaConfig(model_type="gemma3_text", **LAYOUT))))
+    for field, value in [("rms_norm_eps", None), ("rms_norm_eps", 0), ("rms_norm_eps", "1e-6"),
+                         ("query_pre_attn_scalar", None), ("final_logit_softcapping", -1)]:
+        with pytest.raises(ValueError, match=f"c.json: field {field} must be a positive number"):
+            M.config_from_dict({**raw, field: value}, "c.json")
+    assert M.config_from_dict({**raw, "final_logit_softcapping": None}, "c.json").final_logit_softcapping is None
+
+
+def test_generations_of_two_runs_or_a_file_twice_are_refused_naming_the_files(setup, tmp_path, capsys):
+    """Every reader of generations checks keys and producers (protocol.check_rows). The judge: one method's rows
+    from two producers, one file given twice (or a copy of it) are refused, naming both files. A merge: shards run
+    with other settings into one --out are refused; a shard file missing or cut short after its .done file was
+    written is refused (it would have merged 10 or 14 rows of 20 and exited 0)."""
+    rows = [{**gen_row(idx=i, strength=s), "producer": "run-a"} for i in range(10) for s in (0.5, 1.0)]
+    a = write_gens(tmp_path, rows, "a.jsonl")
+    b = write_gens(tmp_path, [{**r, "concept_id": 8, "producer": "run-b"} for r in rows], "b.jsonl")
+    copy = write_gens(tmp_path, rows, "copy.jsonl")
+    for paths, match in [([a, a], f"{a}: given twice"), ([a, copy], f"{a}:1 and {copy}:1: the same hypersteer row"),
+                         ([a, b], f"{a}:1 and {b}:1: hypersteer rows from two producers")]:
+        with pytest.raises(ValueError, match=match):
+            protocol.read_generations(paths)
+        assert judge.main([*map(str, paths), "--dry-run"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and str(paths[1]) in err
+
+    for name, edit, match in [("null", {"text": None}, "text must be text"), ("nan", {"strength": float("nan")},
+                               "strength must be a finite number"), ("idx", {"instruction_index": 12}, "integer 0-9")]:
+        path = write_gens(tmp_path, [{**rows[0], **edit}], f"{name}.jsonl")     # a null text would be paid for as "None"
+        with pytest.raises(ValueError, match=f"{name}.jsonl:1: .*{match}"):
+            protocol.read_generations([path])
+    with pytest.raises(ValueError, match="empty.jsonl: holds no generations rows"):
+        protocol.read_generations([a, write_gens(tmp_path, [], "empty.jsonl")])
+
+    _, ckpt, _ = cli_run_folder(setup, tmp_path)
+    common = ["eval", "--hypernet", str(ckpt), "--split", "held-in", "--instructions", str(tmp_path / "ins.json"),
+              "--max-new-tokens", "2", "--grid", "0,1"]
+    mixed = tmp_path / "mixed.jsonl"
+    steer.main([*common, "--out", str(mixed), "--shard", "0/2", "--seed", "0"])
+    one_line_exit(steer.main, [*common, "--out", str(mixed), "--shard", "1/2", "--seed", "1"],
+                  match="rows from two producers")                      # another --seed: another producer
+    assert not mixed.exists()
+
+    out = tmp_path / "gens.jsonl"
+    for i in range(2):
+        steer.main([*common, "--out", str(out), "--shard", f"{i}/2"])
+    whole = protocol.read_generations([out])
+    shard1 = protocol.shard_path(out, 1, 2)
+    lines = shard1.read_text().splitlines(keepends=True)
+    shard1.write_text("".join(lines[:len(lines) // 2]))                 # cut short after it was marked done
+    one_line_exit(steer.main, ["merge", "--out", str(out), "--shards", "2"],
+                  match=f"{shard1}: holds {len(lines) // 2} ")
+    shard1.unlink()
+    one_line_exit(steer.main, ["merge", "--out", str(out), "--shards", "2"], match=f"{shard1}: missing")
+    steer.main([*common, "--out", str(out), "--shard", "1/2"])          # what the error says to do: it completes
+    one_line_exit(steer.main, ["eval", "--method", "diffmean", "--model", str(tmp_path / "model"), "--data",
+                               str(tmp_path / "data.jsonl"), "--layer", "2", "--out", str(tmp_path / "dm.jsonl")],
+                  match="--split held-out: no concepts to evaluate")        # was: '--held-out-ids' (the demo's ids)
+    assert sorted(protocol.read_generations([out]), key=protocol.row_key) == sorted(whole, key=protocol.row_key)
+
+
+def test_torchrun_processes_started_with_different_settings_stop_before_training(tmp_path, one_thread):
+    """A process launched with another learning rate (or --out) would train a diverging copy with exit 0 (or
+    crash after training): train.py stops every process at start, naming the setting."""
+    flags = train_flags(tmp_path, "--max-steps", "1")                         # files written before the fork
+    got = in_processes(2, lambda rank: train.main(flags + ["--lr", "1e-2" if rank == 0 else "2e-2"]))
+    assert got == ["SystemExit: error: the processes were started with different settings: lr is 0.01 in process 0 "
+                   "and 0.02 in process 1; start every process with the same flags"] * 2
+    got = in_processes(2, lambda rank: train.main(flags + ["--out", str(tmp_path / f"run{rank}")]))
+    assert all("settings: out is" in g and "in process 1" in g for g in got), got
+    assert not (tmp_path / "run").exists() and not (tmp_path / "run0").exists()   # nothing was started
+
+
+def test_train_unclear_cases_end_in_one_line_and_lose_nothing(tmp_path, monkeypatch, capsys):
+    """A run that stopped at step 0 leaves nothing to protect: a rerun starts, --resume starts at step 0. A run
+    that recorded steps but never saved says to start over (--resume cannot help). A data file without one valid
+    row is blamed (not --held-out-ids); `rms_norm_eps: null` names the field; a full disk, as safetensors reports
+    it (its own error type, not OSError), is one line and the previous checkpoint survives."""
+    flags = train_flags(tmp_path, "--max-steps", "2")
+    monkeypatch.setattr(TR, "steered_loss", loss_calls(1, "nan"))
+    one_line_exit(train.main, flags, match="loss is nan at step 0")
+    monkeypatch.undo()
+    train.main(flags)                                                          # not refused for nothing
+    assert [json.loads(l)["step"] for l in open(tmp_path / "run" / "metrics.jsonl")] == [1, 2]
+    monkeypatch.setattr(TR, "steered_loss", loss_calls(1, "nan"))
+    one_line_exit(train.main, flags + ["--overwrite"], match="loss is nan at step 0")
+    monkeypatch.undo()
+    capsys.readouterr()
+    train.main(flags + ["--resume"])                                           # nothing to resume: it starts
+    assert "nothing to resume (no step was finished); starting at step 0" in capsys.readouterr().out
+    monkeypatch.setattr(TR, "steered_loss", loss_calls(2, "nan"))             # step 1 recorded, never saved
+    one_line_exit(train.main, flags + ["--overwrite", "--save-every", "100"], match="loss is nan at step 1")
+    monkeypatch.undo()
+    msg = one_line_exit(train.main, flags, match="already holds a run: pass --overwrite")
+    assert "--resume" not in msg
+    one_line_exit(train.main, flags + ["--resume"], match="recorded 1 steps but stopped before its first save")
+
+    bad = tmp_path / "bad.jsonl"
+    write_rows(bad, [dict(axbench_row(c, i), concept_id="x") for c in range(3) for i in range(8)])
+    i = flags.index("--data")
+    one_line_exit(train.main, flags[:i + 1] + [str(bad)] + flags[i + 2:] + ["--held-out-ids", "1", "--overwrite"],
+                  match=f"{bad}: no valid positive AxBench row (24 rows, 24 malformed")
+
+    model = tmp_path / "null_eps"
+    shutil.copytree(tmp_path / "m", model)
+    cfg = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**cfg, "rms_norm_eps": None}))
+    i = flags.index("--model")
+    one_line_exit(train.main, flags[:i + 1] + [str(model)] + flags[i + 2:] + ["--overwrite"],
+                  match="field rms_norm_eps must be a positive number, got null")
+
+    train.main(flags + ["--overwrite"])
+    ckpt = tmp_path / "run" / "checkpoint.safetensors"
+    before = ckpt.read_bytes()
+    import safetensors
+    import safetensors.torch as st
+
+    def full_disk(tensors, filename, metadata=None):                        # what safetensors 0.8 raises
+        raise safetensors.SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+    monkeypatch.setattr(st, "save_file", full_disk)
+    one_line_exit(train.main, train_flags(tmp_path, "--max-steps", "3", "--resume"),
+                  match="checkpoint.safetensors: could not write (No space left on device); the previous file is unchanged")
+    assert ckpt.read_bytes() == before and not list(ckpt.parent.glob(".*tmp"))
+
+
+# ==== new tests: huggingface_hub and dry run
+
+import hashlib
+import os
+from urllib.parse import unquote
+
+REPO_ROOT = Path(__file__).resolve().parent
+
+
+class FakeHFHub(http.server.BaseHTTPRequestHandler):
+    """Answers the way huggingface.co answers huggingface_hub (file_download.get_hf_file_metadata's HEAD, then
+    http_get's GET): /{repo}/resolve/{revision}/{file} and /datasets/{repo}/resolve/...; X-Repo-Commit on every
+    answer about an existing revision; a small file 200 with ETag and Content-Length; an LFS file (safetensors,
+    parquet) a 302 to another origin, the CDN, with X-Linked-Etag (its sha256) and X-Linked-Size; a renamed repo
+    a relative 307; a gated repo 401 GatedRepo without its bearer token; 404 RepoNotFound / RevisionNotFound /
+    EntryNotFound. Both servers log (server, method, path, Authorization) of every request."""
+    repos, blobs, log, cdn = {}, {}, [], ""
+
+    def do_HEAD(self):
+        self.answer(body=False)
+
+    def do_GET(self):
+        self.answer(body=True)
+
+    def answer(self, body):
+        FakeHFHub.log.append((self.server.role, self.command, self.path, self.headers.get("Authorization")))
+        if self.server.role == "cdn":
+            blob = FakeHFHub.blobs.get(self.path.removeprefix("/cdn/"))
+            return self.reply(200 if blob is not None else 404, {}, blob or b"", body)
+        path, kind = self.path, "model"
+        if path.startswith("/datasets/"):
+            path, kind = path[len("/datasets"):], "dataset"
+        try:
+            owner, name, resolve, rev, *rest = path.lstrip("/").split("/")
+            assert resolve == "resolve" and rest
+        except (ValueError, AssertionError):
+            return self.reply(400, {}, b"", body)
+        repo, rev, file = self.repos.get((kind, f"{owner}/{name}")), unquote(rev), unquote("/".join(rest))
+        if repo is None:
+            return self.reply(404, {"X-Error-Code": "RepoNotFound"}, b"", body)
+        if repo.get("moved_to"):
+            prefix = "/datasets" if kind == "dataset" else ""
+            return self.reply(307, {"Location": f"{prefix}/{repo['moved_to']}/resolve/{rev}/{file}"}, b"", body)
+        if repo.get("token") and self.headers.get("Authorization") != f"Bearer {repo['token']}":
+            return self.reply(401, {"X-Error-Code": "GatedRepo", "X-Error-Message": f"Access to model {owner}/{name} "
+                                    "is restricted. You must have access to it and be authenticated to access it."},
+                              b"", body)
+        commit = repo["refs"].get(rev, rev if rev in repo["trees"] else None)
+        if commit is None:
+            return self.reply(404, {"X-Error-Code": "RevisionNotFound"}, b"", body)
+        data_ = repo["trees"][commit].get(file)
+        if data_ is None:
+            return self.reply(404, {"X-Error-Code": "EntryNotFound", "X-Repo-Commit": commit}, b"", body)
+        if file.endswith((".safetensors", ".parquet")):                       # LFS: the bytes live on the CDN
+            sha = hashlib.sha256(data_).hexdigest()
+            FakeHFHub.blobs[sha] = data_
+            return self.reply(302, {"Location": f"{FakeHFHub.cdn}/cdn/{sha}", "X-Repo-Commit": commit,
+                                    "X-Linked-Etag": f'"{sha}"', "X-Linked-Size": str(len(data_))}, b"", body)
+        etag = hashlib.sha1(b"blob %d\0" % len(data_) + data_).hexdigest()
+        self.reply(200, {"X-Repo-Commit": commit, "ETag": f'"{etag}"'}, data_, body)
+
+    def reply(self, code, headers, payload, body):
+        self.send_response(code)
+        for k, v in headers.items():
+            self.send_header(k, v)
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        if body:
+            self.wfile.write(payload)
+
+    def log_message(self, *a):
+        pass
+
+
+class HFHub:
+    """The two fake servers (hub and CDN) on 127.0.0.1 and what a subprocess needs to use them: HF_ENDPOINT and
+    an HF_HOME of its own, every other HF_* variable of this process removed."""
+
+    def __init__(self, tmp_path):
+        self.servers = []
+        for role in ("hub", "cdn"):
+            s = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FakeHFHub)
+            s.role = role
+            threading.Thread(target=s.serve_forever, daemon=True).start()
+            self.servers.append(s)
+        self.endpoint = f"http://127.0.0.1:{self.servers[0].server_port}"
+        FakeHFHub.cdn = f"http://127.0.0.1:{self.servers[1].server_port}"
+        FakeHFHub.repos, FakeHFHub.blobs, FakeHFHub.log = {}, {}, []
+        self.home = tmp_path / "hf_home"
+        self.log = FakeHFHub.log
+
+    def add(self, repo, files, kind="model", token=None):
+        """A repository whose main is one commit holding `files` ({name: bytes}); returns the commit."""
+        commit = self.commit(files)
+        FakeHFHub.repos[(kind, repo)] = {"refs": {"main": commit}, "trees": {commit: dict(files)}, "token": token}
+        return commit
+
+    def move_main(self, repo, kind="model"):
+        """A new commit on main with the same files (as a README edit would make)."""
+        r = FakeHFHub.repos[(kind, repo)]
+        files = r["trees"][r["refs"]["main"]]
+        commit = hashlib.sha1(r["refs"]["main"].encode()).hexdigest()
+        r["trees"][commit], r["refs"]["main"] = files, commit
+        return commit
+
+    @staticmethod
+    def commit(files):
+        return hashlib.sha1(b"".join(hashlib.sha1(n.encode() + b).digest() for n, b in sorted(files.items()))).hexdigest()
+
+    def run(self, *args, timeout=600, **env):
+        """python *args in the repository root against this hub (env: extra variables, e.g. HF_HUB_OFFLINE="1")."""
+        base = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING_FACE", "TRANSFORMERS_"))}
+        base.update(HF_ENDPOINT=self.endpoint, HF_HOME=str(self.home), HF_HUB_DISABLE_PROGRESS_BARS="1", **env)
+        return subprocess.run([sys.executable, *args], cwd=REPO_ROOT, env=base, capture_output=True, text=True,
+                              timeout=timeout)
+
+    def file_requests(self, method):
+        """The requests about files (a /resolve/ address or the CDN), leaving out huggingface_hub's others (its
+        once-a-day GET /api/agent-harnesses)."""
+        return [r for r in self.log if r[1] == method and ("/resolve/" in r[2] or r[0] == "cdn")]
+
+    def close(self):
+        for s in self.servers:
+            s.shutdown()
+
+
+@pytest.fixture
+def hf_hub(tmp_path):
+    hub = HFHub(tmp_path)
+    yield hub
+    hub.close()
+
+
+def folder_files(folder):
+    return {f.name: f.read_bytes() for f in Path(folder).iterdir()}
+
+
+def parquet_bytes(tmp_path, rows, name="d.parquet"):
+    import pyarrow as pa, pyarrow.parquet as pq
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / name)
+    return (tmp_path / name).read_bytes()
+
+
+DOWNLOAD = """
+import json, sys
+import data, model as M
+from lib import loader
+m, tok = M.load("org/tiny")
+single, _ = M.load("org/single")
+parquet = data.download_axbench("concept500", "2b/l20/train/data.parquet")
+print(json.dumps({"folder": str(loader.model_folder("org/tiny")), "norm": m.model.norm.weight.tolist(),
+                  "single": single.model.norm.weight.tolist(),
+                  "parquet": str(parquet), "rows": len(data.read_rows(parquet)),
+                  "instructions": len(data.load_instructions("alpaca"))}))
+"""
+
+
+def test_hub_downloads_into_the_standard_cache_with_the_login_token(hf_hub, tmp_path):
+    """A model (gated, sharded) and two datasets land in the Hugging Face cache layout; the token of `hf auth
+    login` (HF_HOME/token) is found without HF_TOKEN and never leaves the hub for the CDN; a second run sends
+    no GET; HF_HUB_OFFLINE=1 works from the warm cache and sends nothing, and gives one line from a cold one."""
+    src = tmp_path / "src"
+    ref = write_checkpoint(src, shards=2)
+    commit = hf_hub.add("org/tiny", folder_files(src), token="hf_from_the_login_file")
+    single_ref = write_checkpoint(tmp_path / "single")                       # model.safetensors, no index
+    hf_hub.add("org/single", folder_files(tmp_path / "single"))
+    rows = [axbench_row(c, i) for c in range(3) for i in range(4)]
+    dcommit = hf_hub.add("pyvene/axbench-concept500", {"2b/l20/train/data.parquet": parquet_bytes(tmp_path, rows)},
+                         kind="dataset")
+    hf_hub.add("tatsu-lab/alpaca_eval", {"alpaca_eval.json": json.dumps(
+        [{"instruction": f"task {i}"} for i in range(805)]).encode()}, kind="dataset")
+    hf_hub.home.mkdir()
+    (hf_hub.home / "token").write_text("hf_from_the_login_file\n")           # what `hf auth login` writes
+
+    first = hf_hub.run("-c", DOWNLOAD)
+    assert first.returncode == 0, first.stderr
+    out = json.loads(first.stdout.splitlines()[-1])
+    cache = hf_hub.home / "hub"
+    repo_dir = cache / "models--org--tiny"
+    assert out["folder"] == str(repo_dir / "snapshots" / commit)
+    assert (repo_dir / "refs" / "main").read_text() == commit
+    snap = repo_dir / "snapshots" / commit
+    assert sorted(p.name for p in snap.iterdir()) == sorted(p.name for p in src.iterdir())
+    assert all(p.is_symlink() and p.resolve().parent == repo_dir / "blobs" for p in snap.iterdir())
+    assert torch.equal(torch.tensor(out["norm"]), ref.model.norm.weight)
+    assert torch.equal(torch.tensor(out["single"]), single_ref.model.norm.weight)
+    assert out["parquet"] == str(cache / "datasets--pyvene--axbench-concept500" / "snapshots" / dcommit /
+                                 "2b/l20/train/data.parquet")
+    assert loader.hub_commit(out["parquet"]) == dcommit and loader.hub_commit(out["folder"]) == commit
+    assert (out["rows"], out["instructions"]) == (12, 805)
+    model_reqs = [r for r in hf_hub.log if r[0] == "hub" and r[2].startswith("/org/tiny/")]
+    assert model_reqs and all(r[3] == "Bearer hf_from_the_login_file" for r in model_reqs)
+    cdn = [r for r in hf_hub.log if r[0] == "cdn"]
+    assert len(cdn) == 4 and all(r[3] is None for r in cdn)          # 2 shards, 1 single file, the parquet; no token
+    assert "hf_from_the_login_file" not in first.stdout + first.stderr
+
+    hf_hub.log.clear()
+    again = hf_hub.run("-c", DOWNLOAD)
+    assert again.returncode == 0 and json.loads(again.stdout.splitlines()[-1]) == out
+    assert hf_hub.file_requests("GET") == []                                  # main re-resolved (HEAD), nothing fetched
+    assert len(hf_hub.file_requests("HEAD")) == 5   # config.json x 3 (three loads), parquet, alpaca_eval: no index 404
+
+    hf_hub.log.clear()
+    offline = hf_hub.run("-c", DOWNLOAD, HF_HUB_OFFLINE="1")
+    assert offline.returncode == 0 and json.loads(offline.stdout.splitlines()[-1]) == out
+    assert hf_hub.log == []
+
+    hf_hub.home = tmp_path / "cold"
+    cold = hf_hub.run("data.py", "--dataset", "concept500", HF_HUB_OFFLINE="1")
+    err = cold.stderr.strip()
+    assert cold.returncode == 1 and "\n" not in err and "Traceback" not in err, err
+    assert err.startswith("error: pyvene/axbench-concept500/2b/l20/train/data.parquet@main: not in the Hugging "
+                          "Face cache") and "HF_HUB_OFFLINE is set" in err
+    assert hf_hub.log == []
+
+
+HUB_ERRORS = """
+import json
+from lib import loader
+errors = []
+for args in [("org/gated", "config.json", "main"), ("org/absent", "config.json", "main"),
+             ("org/tiny", "absent.json", "main"), ("org/tiny", "config.json", "v9")]:
+    try:
+        loader.hub_file(*args)
+        errors.append(None)
+    except (OSError, ValueError) as e:
+        errors.append(str(e))
+for repo in ("org/evil", "org/pickle"):
+    try:
+        loader.model_folder(repo)
+        errors.append(None)
+    except (OSError, ValueError) as e:
+        errors.append(str(e))
+renamed = loader.model_folder("org/old-name")
+print(json.dumps({"errors": errors, "renamed": sorted(p.name for p in renamed.iterdir()),
+                  "commit": loader.hub_commit(renamed)}))
+"""
+
+
+def test_hub_errors_name_repo_file_and_revision(hf_hub, tmp_path):
+    """Gated (401 without the token), missing repository, file and revision: one line each naming all three;
+    an index whose shard names leave the folder or name a pickle is refused before any shard is requested;
+    a renamed repository's relative redirect is followed."""
+    src = tmp_path / "src"
+    write_checkpoint(src, shards=2)
+    files = folder_files(src)
+    commit = hf_hub.add("org/tiny", files)
+    hf_hub.add("org/gated", files, token="hf_someone_elses")
+    FakeHFHub.repos[("model", "org/old-name")] = {"moved_to": "org/tiny"}
+    idx = json.loads(files["model.safetensors.index.json"])
+    for repo, bad in (("org/evil", "../../escaped.safetensors"), ("org/pickle", "pytorch_model-00001-of-00002.bin")):
+        hf_hub.add(repo, {**files, "model.safetensors.index.json": json.dumps(
+            {"weight_map": {**idx["weight_map"], "model.norm.weight": bad}}).encode()})
+    r = hf_hub.run("-c", HUB_ERRORS)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout.splitlines()[-1])
+    gated, absent, no_file, no_rev, evil, pickle = out["errors"]
+    assert all(e and "\n" not in e for e in out["errors"])
+    assert gated.startswith("org/gated/config.json@main: HTTP 401: gated repository: accept the licence on "
+                            f"{hf_hub.endpoint}/org/gated and log in (`hf auth login`")
+    assert absent.startswith("org/absent/config.json@main: HTTP 404: no such repository")
+    assert no_file.startswith("org/tiny/absent.json@main: HTTP 404: no such file")
+    assert no_rev.startswith("org/tiny/config.json@v9: HTTP 404: no such revision")
+    assert "refusing file name '../../escaped.safetensors': it points outside" in evil
+    assert "refusing shard 'pytorch_model-00001-of-00002.bin'" in pickle and "never pickles" in pickle
+    asked = [p for _, _, p, _ in hf_hub.log]
+    assert not any("escaped" in p or ".bin" in p for p in asked)
+    assert not any(p.startswith(("/org/evil/", "/org/pickle/")) and p.endswith(".safetensors") for p in asked)
+    assert out["renamed"] == sorted(files) and out["commit"] == commit
+    assert "hf_someone_elses" not in r.stdout + r.stderr
+
+
+def test_resume_refuses_another_commit_of_the_model(hf_hub, tmp_path):
+    """The hypernetwork and checkpoint record the commit main resolved to; after main moves, --resume refuses
+    and names the flag that pins the checkpoint's commit, which then resumes."""
+    flags = train_flags(tmp_path)
+    commit = hf_hub.add("org/tiny", folder_files(Path(flags[flags.index("--model") + 1])))
+    flags[flags.index("--model") + 1] = "org/tiny"
+    first = hf_hub.run("train.py", *flags, "--max-steps", "1")
+    assert first.returncode == 0, first.stderr
+    assert f"model: org/tiny at main = commit {commit}" in first.stdout
+    for name in ("hypernet.safetensors", "checkpoint.safetensors"):
+        assert json.loads(safe_open_meta(tmp_path / "run" / name)["commits"]) == {"model": commit, "data": None}
+    moved = hf_hub.move_main("org/tiny")
+    refused = hf_hub.run("train.py", *flags, "--max-steps", "2", "--resume")
+    err = refused.stderr.strip().splitlines()[-1]
+    assert refused.returncode == 1 and f"model commit {commit} -> {moved} (--model-revision {commit} resumes" in err
+    pinned = hf_hub.run("train.py", *flags, "--max-steps", "2", "--resume", "--model-revision", commit)
+    assert pinned.returncode == 0, pinned.stderr
+    assert [json.loads(l)["step"] for l in open(tmp_path / "run" / "metrics.jsonl")] == [1, 2]
+
+
+def test_too_small_gpu_stops_before_loading_weights_with_flags_that_fit(tmp_path, monkeypatch):
+    """A CUDA run whose traced peak exceeds the GPU stops before model.load, naming the numbers and a micro-batch
+    that fits (the same examples per step); with nothing that fits, it says so."""
+    from types import SimpleNamespace
+    cfg = replace(tiny_run(tmp_path), device="cuda", batch_size=4, grad_accum=1)
+    base_cfg = M.config_from_json(Path(cfg.model) / "config.json")
+    need_2 = train.traced_memory(replace(cfg, batch_size=2, grad_accum=2), base_cfg)["peak"]
+    need_4 = train.traced_memory(cfg, base_cfg)["peak"]
+    assert need_2 < need_4
+    monkeypatch.setattr(M, "load", lambda *a, **k: pytest.fail("weights loaded"))
+    for total, expect in ((train.CUDA_EXTRA + need_2, "would fit: --batch-size 2 --grad-accum 2"),
+                          (train.CUDA_EXTRA, "no smaller micro-batch, and no --fsdp up to 8 GPUs, fits")):
+        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: SimpleNamespace(name="Tiny GPU",
+                                                                                            total_memory=total))
+        with pytest.raises(ValueError) as e:
+            train.setup(cfg)
+        msg = str(e.value)
+        assert msg.startswith(f"Tiny GPU: this run needs {train.gib(need_4):.1f} GiB per GPU") and expect in msg, msg
+
+
+def paper_hub(hf_hub, tmp_path, size):
+    """The paper's repositories on the fake hub: google/gemma-2-{size}-it (gated, the login token) with its
+    config.json in the real shapes and a small tokenizer, Concept16k with 520 concepts x 3 rows, Concept500's
+    list with 10 of them. The weights are absent: a dry run must not ask for them."""
+    cfg = {**asdict(M.gemma2_2b() if size == "2b" else M.gemma2_9b())}
+    tiny_tokenizer_json(tmp_path / "tokenizer.json")
+    hf_hub.add(f"google/gemma-2-{size}-it", {"config.json": json.dumps(cfg).encode(),
+                                              "tokenizer.json": (tmp_path / "tokenizer.json").read_bytes()},
+               token="hf_login")
+    rows = [axbench_row(c, i, concept=f"concept {c}") for c in range(520) for i in range(3)]
+    hf_hub.add("pyvene/axbench-concept16k", {f"{size}/l20/train/data.parquet": parquet_bytes(tmp_path, rows)},
+               kind="dataset")
+    hf_hub.add("pyvene/axbench-concept500", {f"{size}/l20/train/data.parquet": parquet_bytes(
+        tmp_path, [r for r in rows if r["concept_id"] < 10], "c500.parquet")}, kind="dataset")
+    hf_hub.home.mkdir(exist_ok=True)
+    (hf_hub.home / "token").write_text("hf_login")
+
+
+def plan_figure(text, pattern):
+    import re
+    found = re.search(pattern, text)
+    assert found, text
+    return found.group(1)
+
+
+@pytest.mark.slow
+def test_dry_run_prints_the_plan_and_bench_memory_figures(hf_hub, tmp_path):
+    """python train.py --dry-run, the default paper preset and paper-9b --fsdp under torchrun's WORLD_SIZE 1 and 4:
+    the split, steps and traced peak per GPU, equal to python bench.py memory's; no weight is requested."""
+    paper_hub(hf_hub, tmp_path, "2b")
+    plan = hf_hub.run("train.py", "--dry-run")
+    assert plan.returncode == 0, plan.stderr
+    out = plan.stdout
+    assert "model: google/gemma-2-2b-it at main = commit" in out and "data: concept16k:2b/l20/train/data.parquet" in out
+    # 520 concepts; held-out 500 drawn from the 510 outside Concept500's 10; trained: the other 20, each keeping
+    # its last 2 rows for evaluation (held-in: only Concept500's 10) -> 20 train rows, ceil(20 / 12) = 2 steps an
+    # epoch, 3 epochs
+    assert "rows: 1,560 read, 1,560 positives of 520 concepts" in out
+    assert "split: train 20 rows (20 concepts); held-in eval 20 rows (10 concepts); held-out 1,500 rows (500 " in out
+    assert "steps: 6 optimizer steps (3 epochs of 2) of 12 examples (batch 12 x grad-accum 1 x 1 process)" in out
+    assert "no GPU" in out or "GPU:" in out
+    bench_out = hf_hub.run("bench.py", "memory").stdout
+    assert plan_figure(out, r"memory per GPU: (\d+\.\d) GiB") == plan_figure(bench_out, r"peak during a step (\d+\.\d) GiB")
+    assert not any(p.endswith(".safetensors") for _, _, p, _ in hf_hub.log)
+
+    paper_hub(hf_hub, tmp_path, "9b")
+    torchrun = lambda k: dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE=str(k), LOCAL_WORLD_SIZE=str(k))
+    one, four = (hf_hub.run("train.py", "--dry-run", "--preset", "paper-9b", "--fsdp", **torchrun(k)) for k in (1, 4))
+    assert one.returncode == 0 and four.returncode == 0, one.stderr + four.stderr
+    assert "of 4 examples (batch 4 x grad-accum 1 x 1 process)" in one.stdout
+    assert "of 16 examples (batch 4 x grad-accum 1 x 4 processes)" in four.stdout
+    assert "--fsdp on 4 GPUs, bench.fsdp_memory" in four.stdout
+    bench_9b = hf_hub.run("bench.py", "memory", "--preset", "paper-9b", "--fsdp").stdout
+    assert plan_figure(one.stdout, r"memory per GPU: (\d+\.\d) GiB") == \
+        plan_figure(bench_9b, r"peak during a step (\d+\.\d) GiB")
+    assert plan_figure(four.stdout, r"memory per GPU: (\d+\.\d) GiB") == \
+        plan_figure(bench_9b, r"\| 4 \| 16 \| (\d+\.\d) GiB \|")
+    if "no GPU" in one.stdout:                       # 160 GiB on one 80 GB GPU: the plan names what would fit
+        assert "does NOT fit" in one.stdout and "torchrun --nproc-per-node 4 train.py ... --fsdp" in one.stdout
+    assert not any(p.endswith(".safetensors") for _, _, p, _ in hf_hub.log)

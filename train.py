@@ -3,11 +3,13 @@ Eq. 4; SPEC §5). The base model is frozen; only the hypernetwork learns.
 
     python train.py --preset demo       # offline: gemma-3-270m + bundled demo concepts, CPU, < 10 min
     python train.py                     # the paper's Gemma-2-2b cross-attention run (one 80 GB GPU)
+    python train.py --dry-run           # its plan first: split, steps, traced GPU memory, time (no weights)
     python train.py --preset demo --max-steps 20 --eval-batches 1 --samples 0 --out runs/smoke   # 1 minute
-    torchrun --nproc-per-node 8 train.py                # 8 GPUs (DDP); --fsdp shards the hypernetwork (dist.py)
+    torchrun --nproc-per-node 8 train.py                # 8 GPUs (DDP); --fsdp shards the hypernetwork (lib/dist.py)
 
-Read top to bottom: the config, the loss (one step's maths), setup, one optimizer step, the loop, the
-command line; the evaluation and the final report are report.py's, checkpoints checkpoint.py's. One step
+Read top to bottom: the config and its presets (paper Table 3), examples and batches, the loss (Eq. 4),
+setup, one optimizer step, the loop, checkpoints (the file format is lib/checkpoint.py's), the command line,
+then what a run reports (evaluation with the right-vs-wrong-concept gap, answers, loss.png). One step
 (SPEC §5 compute structure): the base residual h_L at the steering layer over prompt + output, once,
 without gradients; Δ = H(s, X = h_L over the prompt); the steered pass runs only blocks L+1.. from
 h_L + Δ; the loss reaches H through Δ alone. Under torchrun every process takes its slice of each
@@ -24,6 +26,7 @@ import time
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
@@ -34,18 +37,20 @@ import model as M
 from lib import checkpoint, dist, fileio, loader
 
 
-def flag(default, help):
-    return field(default=default, metadata={"help": help})
+def flag(default, help, choices=None):
+    """A TrainConfig field and its command-line flag: the help text, and the allowed values when they are few."""
+    return field(default=default, metadata={"help": help, "choices": choices})
 
 
 @dataclass
 class TrainConfig:
     model: str = flag("google/gemma-2-2b-it", "base model: local folder or hub repo id")
+    model_revision: str = flag("main", "hub revision (branch, tag or commit) of --model; resolved to a commit at start")
     data: str = flag("concept16k:2b/l20/train/data.parquet", 'AxBench "dataset:path", or a local .parquet/.jsonl')
     data_revision: str = flag("main", "hub revision (branch, tag or commit) the data is pinned to")
     held_in_concepts: str = flag("", "metadata.jsonl (local or dataset:path) of the concepts evaluated held-in and "
                                      "never held out (paper: Concept500's list, SPEC §5); empty = every trained concept")
-    variant: str = flag("cross_attention", "hypernetwork: no_context | in_context | cross_attention")
+    variant: str = flag("cross_attention", "hypernetwork variant (SPEC §3)", H.VARIANTS)
     n_blocks: int = flag(22, "hypernetwork depth N (paper Table 3: 22 for 2b cross attention)")
     layer: int = flag(20, "steering layer L: Δ is added to the output of block L (SPEC §4)")
     random_init: bool = flag(False, "fresh hypernetwork weights instead of the base's (paper Table 2 ablation)")
@@ -70,8 +75,8 @@ class TrainConfig:
     keywords: str = flag("", "JSON of keywords per concept for the final report's concept-mention rate "
                              "(never used in training); empty = no mention rate")
     out: str = flag("runs/paper-2b", "folder for checkpoints, metrics.jsonl, loss.png")
-    bf16: str = flag("auto", "frozen base in bf16 + bf16 autocast: yes | no | auto (= on cuda and on CPUs with "
-                             "native bf16 units)")
+    bf16: str = flag("auto", "frozen base in bf16 + bf16 autocast (auto = on cuda and on CPUs with native bf16 "
+                             "units)", ("yes", "no", "auto"))
     seed: int = flag(0, "data order, held-out split and init seed")
     device: str = flag("cuda" if torch.cuda.is_available() else "cpu", "cpu or cuda")
     fsdp: bool = flag(False, "under torchrun: shard the hypernetwork, its gradients and AdamW state (FSDP2) "
@@ -109,36 +114,113 @@ def check_config(cfg):
         raise ValueError(f"--held-out-fraction must be in [0, 1), got {cfg.held_out_fraction}")
     if cfg.max_len < 8:
         raise ValueError(f"--max-len must be at least 8 tokens, got {cfg.max_len}")
-    if cfg.bf16 not in ("yes", "no", "auto"):
-        raise ValueError(f"--bf16 must be yes, no or auto, got {cfg.bf16!r}")
-    H.HyperConfig(cfg.variant, cfg.n_blocks, cfg.layer)        # names a bad --variant
+    for f in fields(cfg):                                      # what argparse's choices refuse on the command line
+        if f.metadata["choices"] and getattr(cfg, f.name) not in f.metadata["choices"]:
+            raise ValueError(f"--{f.name.replace('_', '-')} must be one of {', '.join(f.metadata['choices'])}, "
+                             f"got {getattr(cfg, f.name)!r}")
+
+
+# ----------------------------------------------------------------------------- examples and batches (SPEC §4, §5)
+
+@dataclass
+class Example:
+    ids: np.ndarray      # chat-templated prompt + raw output
+    n_prompt: int        # prompt tokens (labels start after them)
+    n_prefix: int        # chat-prefix tokens, never steered (SPEC §4)
+    hyper_ids: np.ndarray  # what the hypernetwork reads (hypernet.hyper_input)
+    concept: str
+    concept_id: int
+
+
+def encode(tok, rows, max_len=128, variant=None, quiet=False):
+    """Rows -> Examples, truncating the output so prompt + output <= max_len tokens. Rows whose
+    prompt alone leaves no room for an output token are dropped. Prints how many were cut.
+    variant: the hypernetwork variant whose input each example carries (None: no hypernetwork)."""
+    out, cut, dropped = [], 0, 0
+    prompts = tok.chat_batch(r["input"] for r in rows)
+    answers = tok.encode_batch((r["output"] for r in rows), bos=False)  # the raw output, no <end_of_turn> (SPEC §5)
+    for r, prompt, answer in zip(rows, prompts, answers):
+        room = max_len - len(prompt)
+        if room < 1:
+            dropped += 1
+            continue
+        cut += len(answer) > room
+        # int32 arrays, not lists: Concept16k has ~1M rows, and a list of Python ints costs ~9x more
+        out.append(Example(np.asarray(prompt + answer[:room], dtype=np.int32), len(prompt), tok.chat_prefix_len,
+                           np.asarray(H.hyper_input(tok, r["output_concept"], r["input"], variant) if variant else [],
+                                      dtype=np.int32),
+                           r["output_concept"], r["concept_id"]))
+    if (cut or dropped) and not quiet:
+        print(f"tokenised {len(rows)} rows: {cut} outputs truncated to max_len {max_len}, {dropped} dropped")
+    return out
+
+
+@dataclass
+class Batch:
+    """Tensors of a batch, all (B, T) unless noted, left padded:
+
+        ids      = <pad> <bos><start_of_turn>user\\n {input} <end_of_turn>\\n<start_of_turn>model\\n {output}
+        real     =   0     1 .................................................................. 1
+        labels   = -100 ............................................................. output ids (shifted)
+        steer    =   0     0 0 0 0 (chat prefix) 1 ............................................ 1
+        prompt   =   0     1 ........................................ 1   0 ............... 0
+    """
+    ids: torch.Tensor         # token ids
+    real: torch.Tensor        # bool: True on real tokens, False on padding
+    labels: torch.Tensor      # next-token targets: -100 except where the next token is an output token
+    steer: torch.Tensor       # bool: where Δ is added, real tokens after the chat prefix (SPEC §4)
+    prompt: torch.Tensor      # bool: the base prompt's real tokens, X for the cross-attention hypernetwork (never the output)
+    hyper_ids: torch.Tensor   # (B, Ts) what the hypernetwork reads (hypernet.hyper_input)
+    hyper_real: torch.Tensor  # (B, Ts) bool: True on its real tokens
+
+    def to(self, device):
+        return Batch(**{k: v.to(device) for k, v in vars(self).items()})
+
+
+def collate(examples, pad_id=0):
+    """A list of Examples -> a Batch."""
+    ids, real = M.left_pad([e.ids for e in examples], pad_id)
+    T = ids.shape[1]
+    idx = torch.arange(T)[None]
+    start = torch.tensor([T - len(e.ids) for e in examples])[:, None]           # first real token
+    n_prompt = torch.tensor([e.n_prompt for e in examples])[:, None]
+    n_prefix = torch.tensor([e.n_prefix for e in examples])[:, None]
+    labels = torch.full_like(ids, -100)
+    predicts = (idx >= start + n_prompt - 1) & (idx < T - 1)                    # positions predicting output
+    labels[:, :-1] = torch.where(predicts[:, :-1], ids[:, 1:], -100)
+    hyper_ids, hyper_real = M.left_pad([e.hyper_ids for e in examples], pad_id)
+    return Batch(ids=ids, real=real, labels=labels, steer=idx >= start + n_prefix,
+                 prompt=real & (idx < start + n_prompt), hyper_ids=hyper_ids, hyper_real=hyper_real)
+
+
+def epoch_order(n, seed, epoch):
+    """The epoch's example order: a permutation seeded by (seed, epoch), so a resumed run sees
+    exactly the batches an uninterrupted one would."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist()
+
+
+def batches(examples, batch_size, seed, epoch, pad_id=0):
+    """The epoch's batches, collated one at a time."""
+    order = epoch_order(len(examples), seed, epoch)
+    for i in range(0, len(order), batch_size):
+        yield collate([examples[j] for j in order[i:i + batch_size]], pad_id)
 
 
 # ----------------------------------------------------------------------------- the loss (Eq. 4)
 
-def steered_loss(base, hyper, batch, strength=1.0):
-    """Token-mean cross-entropy of the steered base model on the output tokens (Eq. 4)."""
-    L = base.layer_index(hyper.hcfg.layer)
+def steered_loss(base, hyper, batch, layer, strength=1.0):
+    """Token-mean cross-entropy of the steered base model on the output tokens (Eq. 4). `hyper` is the
+    hypernetwork, or under torchrun its DDP / FSDP2 form; `layer` the steering layer (SPEC §4)."""
+    L = base.layer_index(layer)
     with torch.no_grad():
         h = base.residual(batch.ids, batch.real, L)                           # (B, T, d), no gradients
-    delta = hyper(batch.hyper_ids, batch.hyper_real, h, batch.x_mask, batch.x_mask & batch.steer)  # Eq. 2-3: Δ (B, d)
+    delta = H.steering_delta(hyper, batch.hyper_ids, batch.hyper_real, h, batch.prompt,
+                             batch.prompt & batch.steer)                      # Eq. 2-3: Δ (B, d)
     h = M.intervene(h, delta, strength, batch.steer)                          # Eq. 1: h_L + strength * Δ
     out = base.run_from(h, L, batch.real)                                     # blocks L+1.. only
     sel = batch.labels != -100
     logits = base.head(out[sel])                                              # logits only where labelled
     return F.cross_entropy(logits.float(), batch.labels[sel])
-
-
-def two_pass_loss(base, hyper, batch):
-    """The public code's structure, kept for the speed comparison only: the base runs once for X and
-    again, whole and with gradients through every block, for the steered output."""
-    L = base.layer_index(hyper.hcfg.layer)
-    with torch.no_grad():
-        x = base.residual(batch.ids, batch.real, L)
-    delta = hyper(batch.hyper_ids, batch.hyper_real, x, batch.x_mask, batch.x_mask & batch.steer)
-    logits = base(batch.ids, batch.real, steering=M.Steering.vector(L, delta), steer_mask=batch.steer)
-    sel = batch.labels != -100
-    return F.cross_entropy(logits[sel].float(), batch.labels[sel])
 
 
 # ----------------------------------------------------------------------------- setup
@@ -166,12 +248,13 @@ class Run:
     trainable: list
     opt: torch.optim.Optimizer
     amp: object                 # a context manager factory: bf16 autocast or nothing
-    train_ex: list              # data.Examples
+    train_ex: list              # Examples
     held_in: list
     held_out: list
     rows: dict                  # {"held_in": rows, "held_out": rows}, for the report
     steps_per_epoch: int
     total: int                  # optimizer steps of the whole run
+    commits: dict               # {"model", "data", ...: the hub commit, None for a local file} (fetch_sources)
 
 
 def use_bf16(cfg):
@@ -188,34 +271,185 @@ def use_bf16(cfg):
     return "avx512_bf16" in cpu_flags or "amx_bf16" in cpu_flags
 
 
+# ----------------------------------------------------------------------------- sources, the plan (--dry-run), the GPU check
+
+def fetch_sources(cfg, weights=True):
+    """The run's model folder and data files: local paths as they are, hub ids through the Hugging Face cache
+    (loader.model_folder, data.fetch_file), each hub revision resolved to the commit it names now (None for
+    a local file). The commits are printed here and recorded in every checkpoint; --resume refuses others."""
+    folder = loader.model_folder(cfg.model, cfg.model_revision, weights)
+    files = {"model": folder, "data": data.fetch_file(cfg.data, cfg.data_revision)}
+    if cfg.held_in_concepts:
+        files["held_in_concepts"] = data.fetch_file(cfg.held_in_concepts, cfg.data_revision)
+    commits = {k: loader.hub_commit(f) for k, f in files.items()}
+    given = {"model": (cfg.model, cfg.model_revision), "data": (cfg.data, cfg.data_revision),
+             "held_in_concepts": (cfg.held_in_concepts, cfg.data_revision)}
+    for k, commit in commits.items():
+        if commit:                                          # hub files only (the offline demo has none)
+            print(f"{k}: {given[k][0]} at {given[k][1]} = commit {commit}")
+    return folder, files, commits
+
+
+def run_steps(n_examples, cfg, world):
+    """(optimizer steps per epoch, steps of the run): an epoch's micro-batches, grad_accum x processes a step."""
+    per_epoch = max(1, math.ceil(n_examples / cfg.batch_size) // (cfg.grad_accum * world))
+    return per_epoch, cfg.max_steps or math.ceil(cfg.epochs * per_epoch)
+
+
+MFU = 0.40                          # model-FLOPs utilisation the dry run's time estimate assumes
+CUDA_EXTRA = 2**30                  # beyond the traced peak: the CUDA context (~0.5 GiB) and the allocator's rounding
+REFERENCE_GPU = ("an 80 GB H100", 80e9, 989e12)   # planned for where no GPU is found: memory, dense bf16 FLOP/s
+
+
+def gib(nbytes):
+    return nbytes / 2**30
+
+
+def traced_memory(cfg, base_cfg):
+    """bench.train_memory at the run's shapes, exactly as `python bench.py memory` traces it (rows max_len long, a
+    quarter of them prompt): two steps on fake tensors, no GPU and no weights (~15 s on a CPU)."""
+    import bench                                            # imported here: bench imports this file
+    return bench.train_memory(cfg, base_cfg, cfg.max_len // 4)
+
+
+def gpu_memory(cfg, traced, world):
+    """Peak bytes per GPU on `world` GPUs: with --fsdp bench.fsdp_memory (the hypernetwork, its gradients and AdamW
+    state sharded 1/world); else the one-process trace, plus under DDP (world > 1) its gradient buckets, at
+    most the hypernetwork's fp32 size."""
+    import bench
+    if cfg.fsdp:
+        return bench.fsdp_memory(traced, world)
+    return traced["peak"] + (traced["hyper"] if world > 1 else 0)
+
+
+def flags_that_fit(cfg, base_cfg, traced, world, gpu_bytes):
+    """What would fit in gpu_bytes: a smaller micro-batch with more accumulation (the same examples per step),
+    or --fsdp over K GPUs (K times the examples per step)."""
+    import bench
+    fits = lambda need: need + CUDA_EXTRA <= gpu_bytes
+    examples, options = cfg.batch_size * cfg.grad_accum, []
+    # The step without activations (weights, AdamW state): if that does not fit, no micro-batch will.
+    if fits(gpu_memory(cfg, dict(traced, peak=traced["after_step"]), world)):
+        for b in sorted((b for b in range(1, cfg.batch_size) if examples % b == 0), reverse=True):
+            small = replace(cfg, batch_size=b, grad_accum=examples // b)
+            need = gpu_memory(small, traced_memory(small, base_cfg), world)
+            if fits(need):
+                options.append(f"--batch-size {b} --grad-accum {examples // b} ({gib(need):.1f} GiB)")
+                break
+    for k in (2, 4, 8):
+        if (k > world or not cfg.fsdp) and fits(bench.fsdp_memory(traced, k)):
+            options.append(f"torchrun --nproc-per-node {k} train.py ... --fsdp ({gib(bench.fsdp_memory(traced, k)):.1f} "
+                           f"GiB per GPU, {cfg.batch_size * cfg.grad_accum * k} examples per step)")
+            break
+    return options
+
+
+def check_gpu_memory(cfg, base_cfg, world):
+    """A real run on CUDA, before any weight is downloaded or loaded: the traced peak per GPU against this GPU's
+    memory. Too big stops here, with the numbers and the flags that would fit."""
+    props = torch.cuda.get_device_properties(torch.device(cfg.device))
+    traced = traced_memory(cfg, base_cfg)
+    need = gpu_memory(cfg, traced, world)
+    if need + CUDA_EXTRA > props.total_memory:
+        options = flags_that_fit(cfg, base_cfg, traced, world, props.total_memory)
+        raise ValueError(f"{props.name}: this run needs {gib(need):.1f} GiB per GPU (traced, python bench.py memory) + "
+                         f"~1 GiB CUDA context, the GPU has {gib(props.total_memory):.1f} GiB; "
+                         + ("would fit: " + "; or ".join(options) if options else
+                            "no smaller micro-batch, and no --fsdp up to 8 GPUs, fits"))
+    print(f"memory: {gib(need):.1f} GiB per GPU traced, of the {props.name}'s {gib(props.total_memory):.1f} GiB")
+
+
+def dry_run(cfg):
+    """--dry-run: resolves the model config, tokenizer and data, builds the split and prints the plan (rows,
+    concepts, steps, examples and tokens per step, the traced peak memory per GPU at this world size against
+    the GPU found, a time estimate at MFU); loads no weights. Under torchrun (its WORLD_SIZE, read without
+    joining the group) rank 0 plans for all."""
+    check_config(cfg)
+    world = dist.launched_world_size()
+    if dist.launched() and int(os.environ["RANK"]) != 0:
+        return
+    folder, files, commits = fetch_sources(cfg, weights=False)
+    base_cfg = M.config_from_json(folder / "config.json")
+    if cfg.max_len > base_cfg.max_position_embeddings:
+        raise ValueError(f"--max-len {cfg.max_len} exceeds the model's context of {base_cfg.max_position_embeddings}")
+    tok = loader.Tokenizer(folder / "tokenizer.json")
+    rows = data.read_rows(files["data"])
+    train_rows, in_rows, out_rows = data.split_run(rows, cfg)
+    sample = [train_rows[i] for i in epoch_order(len(train_rows), cfg.seed, 0)[:2000]]
+    examples = encode(tok, sample, cfg.max_len, cfg.variant, quiet=True)
+    n_train = round(len(train_rows) * len(examples) / max(len(sample), 1))   # rows whose prompt leaves room
+    per_epoch, total = run_steps(n_train, cfg, world)
+    per_step = cfg.batch_size * cfg.grad_accum * world
+    tokens = sum(len(e.ids) for e in examples) / max(len(examples), 1)
+    traced = traced_memory(cfg, base_cfg)
+    need = gpu_memory(cfg, traced, world)
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(dist.local_device("cuda"))
+        import bench
+        gpu, gpu_bytes, peak_flops = props.name, props.total_memory, bench.datasheet(props.name)[1]
+    else:
+        gpu, gpu_bytes, peak_flops = None, REFERENCE_GPU[1], None
+    peak_flops = peak_flops or REFERENCE_GPU[2]
+    concepts = lambda rs: len({r["concept_id"] for r in rs})
+    how = (f"--fsdp on {world} GPUs, bench.fsdp_memory" if cfg.fsdp and world > 1 else
+           f"DDP on {world} GPUs: the one-process trace + gradient buckets" if world > 1 else "one process")
+    fit = "fits" if need + CUDA_EXTRA <= gpu_bytes else "does NOT fit"
+    print(f"\nplan ({cfg.model}: {base_cfg.model_type}, {base_cfg.num_hidden_layers} blocks, d={base_cfg.hidden_size}; "
+          "dry run: config, tokenizer and data only, no weights)")
+    print(f"  rows: {len(rows):,} read, {len(data.positives(rows)):,} positives of {concepts(data.positives(rows)):,} concepts")
+    print(f"  split: train {len(train_rows):,} rows ({concepts(train_rows):,} concepts); held-in eval {len(in_rows):,} rows "
+          f"({concepts(in_rows):,} concepts); held-out {len(out_rows):,} rows ({concepts(out_rows):,} concepts)")
+    print(f"  steps: {total:,} optimizer steps ({cfg.epochs:g} epochs of {per_epoch:,}"
+          f"{f', capped by --max-steps' if cfg.max_steps else ''}) of {per_step} examples (batch {cfg.batch_size} x "
+          f"grad-accum {cfg.grad_accum} x {world} process{'es' if world > 1 else ''})")
+    print(f"  tokens per step: ~{tokens * per_step:,.0f} (mean {tokens:.0f} per example over {len(sample):,} training "
+          f"rows, max-len {cfg.max_len})")
+    print(f"  memory per GPU: {gib(need):.1f} GiB traced peak ({how}) + ~1 GiB CUDA context; "
+          + (f"GPU: {gpu}, {gib(gpu_bytes):.1f} GiB: {fit}" if gpu else f"no GPU (on {REFERENCE_GPU[0]}: {fit})"))
+    if need + CUDA_EXTRA > gpu_bytes:
+        options = flags_that_fit(cfg, base_cfg, traced, world, gpu_bytes)
+        print("  would fit: " + ("; or ".join(options) if options else "no smaller micro-batch, no --fsdp up to 8 GPUs"))
+    hours = total * cfg.grad_accum * traced["flops"] / (peak_flops * MFU) / 3600
+    print(f"  time: ~{f'{hours:,.1f} h' if hours >= 1 else f'{hours * 60:.0f} min'} at {MFU:.0%} MFU of {gpu or REFERENCE_GPU[0]}'s {peak_flops / 1e12:.0f} TFLOP/s bf16 "
+          f"({traced['flops'] / 1e12:.2f} TFLOP per micro-batch, traced on max-len rows: an upper bound)")
+    return {"rows": len(rows), "train_rows": len(train_rows), "steps": total, "per_gpu_bytes": need, "hours": hours}
+
+
 def setup(cfg):
     check_config(cfg)
     torch.manual_seed(cfg.seed)
-    train_rows, in_rows, out_rows = data.split_run(data.load_rows(cfg.data, cfg.data_revision), cfg)  # before the model
+    folder, files, commits = fetch_sources(cfg, weights=False)       # config, tokenizer and data: no weights yet
+    train_rows, in_rows, out_rows = data.split_run(data.read_rows(files["data"]), cfg)  # before the model
     bf16 = use_bf16(cfg)
+    if cfg.device.startswith("cuda"):                                # a GPU too small stops here, with what fits
+        check_gpu_memory(cfg, M.config_from_json(folder / "config.json"), dist.world_size())
     # fp32 master weights and AdamW state; with bf16 (default on CUDA) the frozen base is bf16 and the
-    # forward runs under bf16 autocast (SPEC §5).
-    base, tok = M.load(cfg.model, cfg.device, torch.bfloat16 if bf16 else torch.float32)
+    # forward runs under bf16 autocast (SPEC §5). The weights come from the commit printed above.
+    folder = loader.model_folder(cfg.model, commits["model"] or cfg.model_revision)
+    base, tok = M.load(folder, cfg.device, torch.bfloat16 if bf16 else torch.float32)
     if cfg.max_len > base.cfg.max_position_embeddings:
         raise ValueError(f"--max-len {cfg.max_len} exceeds the model's context of {base.cfg.max_position_embeddings}")
     hyper, model, trainable, opt = hypernet_and_optimizer(base, cfg)
     amp = (lambda: torch.autocast(cfg.device.split(":")[0], torch.bfloat16)) if bf16 else contextlib.nullcontext
-    make = lambda rs: data.encode(tok, rs, cfg.max_len, cfg.variant)
+    make = lambda rs: encode(tok, rs, cfg.max_len, cfg.variant)
     train_ex, in_ex, out_ex = make(train_rows), make(in_rows), make(out_rows)
     if not train_ex:
         raise ValueError(f"{cfg.data}: no training examples left after the split and --max-len {cfg.max_len}")
-    world = dist.world_size()
-    per_epoch = max(1, math.ceil(len(train_ex) / cfg.batch_size) // (cfg.grad_accum * world))
-    total = cfg.max_steps or math.ceil(cfg.epochs * per_epoch)
+    per_epoch, total = run_steps(len(train_ex), cfg, dist.world_size())
     run = Run(cfg, base, tok, hyper, model, trainable, opt, amp, train_ex, in_ex, out_ex,
-              {"held_in": in_rows, "held_out": out_rows}, per_epoch, total)
+              {"held_in": in_rows, "held_out": out_rows}, per_epoch, total, commits)
     print_setup(run, bf16)             # parameters, dtype, device, memory, data, steps
     return run
 
 
 # ----------------------------------------------------------------------------- one optimizer step
 
-def train_step(run, step, loss_fn=steered_loss):
+def linear_decay(step, total):
+    """The learning-rate factor at `step` of `total`: linear decay to 0, no warmup (SPEC §5; PSR's too, §8a)."""
+    return 1 - step / total
+
+
+def train_step(run, step, loss_fn):
     """One clipped AdamW step at the linearly decayed lr over the next grad_accum x processes micro-batches
     of the epoch's fixed order (a resumed run continues it exactly); process r takes grad_accum of them,
     the r-th group. The loss is the token-mean over all of them: each micro-batch's mean weighs by its
@@ -224,11 +458,11 @@ def train_step(run, step, loss_fn=steered_loss):
     cfg, world = run.cfg, dist.world_size()
     epoch, step_in_epoch = step // run.steps_per_epoch, step % run.steps_per_epoch
     first = (step_in_epoch * world + dist.rank()) * cfg.grad_accum          # this process's first micro-batch
-    order = data.epoch_order(len(run.train_ex), cfg.seed, epoch)
-    lr = cfg.lr * (1 - step / run.total)                                       # linear decay, no warmup
+    order = epoch_order(len(run.train_ex), cfg.seed, epoch)
+    lr = cfg.lr * linear_decay(step, run.total)
     for g in run.opt.param_groups:
         g["lr"] = lr
-    batches = [data.collate([run.train_ex[j] for j in order[i * cfg.batch_size:(i + 1) * cfg.batch_size]])
+    batches = [collate([run.train_ex[j] for j in order[i * cfg.batch_size:(i + 1) * cfg.batch_size]])
                for i in range(first, first + cfg.grad_accum)]
     labelled = [int((b.labels != -100).sum()) for b in batches]
     step_labelled, = dist.sum_over_ranks(sum(labelled))                        # every process's micro-batches
@@ -236,7 +470,7 @@ def train_step(run, step, loss_fn=steered_loss):
     for batch, n in zip(batches, labelled):
         batch = batch.to(cfg.device)
         with run.amp():
-            loss = loss_fn(run.base, run.model, batch) * (n / step_labelled)  # its share of the token-mean
+            loss = loss_fn(run.base, run.model, batch, cfg.layer) * (n / step_labelled)  # its share of the token-mean
         (loss * world).backward()                     # DDP / FSDP average gradients over processes: undo the 1/W
         loss_sum += loss.item()
         tokens += int(batch.real.sum())
@@ -253,9 +487,13 @@ def train_step(run, step, loss_fn=steered_loss):
 
 # ----------------------------------------------------------------------------- the loop
 
-def train(cfg, resume=False, overwrite=False, two_pass=False):
+def train(cfg, resume=False, overwrite=False, on_step=None):
     """The run. Under torchrun (dist.start first) every process runs all of it, in step: metrics, progress
-    bar, plot and files come from rank 0; a stop (Ctrl-C or a non-finite value) in one process stops all."""
+    bar, plot and files come from rank 0; a stop (Ctrl-C or a non-finite value) in one process stops all.
+    on_step(record): called on rank 0 with each step's metrics record (workshop.ipynb's live loss plot).
+    First, every process must have been started with the same settings (the device's index aside)."""
+    dist.check_same_settings({**asdict(cfg), "device": cfg.device.split(":")[0], "resume": resume,
+                              "overwrite": overwrite})
     run = setup(cfg)
     out = Path(cfg.out)
     step = start_or_resume(run, out, resume, overwrite)
@@ -270,7 +508,7 @@ def train(cfg, resume=False, overwrite=False, two_pass=False):
         while step < run.total and not stopping:
             error = None
             try:
-                rec = train_step(run, step, two_pass_loss if two_pass else steered_loss)
+                rec = train_step(run, step, steered_loss)
                 checkpoint.check_weights(run.hyper)
             except FloatingPointError as e:   # nothing of this step is saved
                 error = e
@@ -292,6 +530,8 @@ def train(cfg, resume=False, overwrite=False, two_pass=False):
                     bar.write(f"step {step} eval loss: {line}")
             log.write(json.dumps(rec) + "\n")
             log.flush()
+            if on_step is not None and dist.is_main():
+                on_step(rec)
             if step % cfg.save_every == 0 or step == run.total or stopping:
                 save(run, step)
     finally:  # also on a NaN stop or an error: the Ctrl-C handler must not outlive the run
@@ -316,8 +556,9 @@ def add_config_flags(ap):
     ap.add_argument("--preset", default="paper-2b", choices=list(PRESETS), help="starting settings")
     for f in fields(TrainConfig):
         kind = {bool: lambda s: s.lower() in ("1", "true", "yes")}.get(f.type, f.type)
-        ap.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=None, metavar=f.type.__name__.upper(),
-                        help=f.metadata["help"], **({"nargs": "?", "const": True} if f.type is bool else {}))
+        ap.add_argument(f"--{f.name.replace('_', '-')}", type=kind, default=None, choices=f.metadata["choices"],
+                        metavar=None if f.metadata["choices"] else f.type.__name__.upper(), help=f.metadata["help"],
+                        **({"nargs": "?", "const": True} if f.type is bool else {}))
 
 
 def config_from_args(args):
@@ -326,19 +567,25 @@ def config_from_args(args):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = fileio.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.safetensors")
     ap.add_argument("--overwrite", action="store_true", help="start over in an OUT that already holds a run")
-    ap.add_argument("--two-pass", action="store_true", help="run the base twice per step (speed comparison only)")
     ap.add_argument("--debug", action="store_true", help="show tracebacks")
+    ap.add_argument("--dry-run", action="store_true", help="print the plan (split, steps, tokens, traced GPU memory, "
+                                                           "time) from config, tokenizer and data; load no weights")
     add_config_flags(ap)
-    args = ap.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    with fileio.one_line_errors("--debug" in argv):
+        args = ap.parse_args(argv)
     cfg = config_from_args(args)
+    if args.dry_run:
+        with fileio.one_line_errors(args.debug):
+            return dry_run(cfg)
     try:
         with fileio.one_line_errors(args.debug):
             cfg = replace(cfg, device=dist.start(cfg.device))      # torchrun: join the process group; else nothing
             with dist.only_main_prints():
-                print_report(train(cfg, args.resume, args.overwrite, args.two_pass))
+                print_report(train(cfg, args.resume, args.overwrite))
     finally:
         dist.stop()
 
@@ -350,29 +597,39 @@ def save(run, step):
     checkpoint.check_weights(run.hyper)
     out = Path(run.cfg.out)
     weights = checkpoint.save_checkpoint(out / "checkpoint.safetensors", run.hyper, run.opt,
-                                         checkpoint_meta(run.hyper, run.cfg, step))
+                                         checkpoint_meta(run.hyper, run.cfg, step, run.commits))
     if dist.is_main():
-        H.save(run.hyper, out / "hypernet.safetensors", {"step": step, "train_config": json.dumps(asdict(run.cfg))},
-               weights)
+        H.save(run.hyper, out / "hypernet.safetensors", {"step": step, "train_config": json.dumps(asdict(run.cfg)),
+                                                         "commits": json.dumps(run.commits)}, weights)
 
 
 
-def checkpoint_meta(hyper, cfg, step):
-    """What a checkpoint records beside the weights: the step, the three configs, the number of processes."""
+def checkpoint_meta(hyper, cfg, step, commits=None):
+    """What a checkpoint records beside the weights: the step, the three configs, the number of processes, and
+    the hub commits of the model and data (fetch_sources; None for local files)."""
     return {"step": step, "train_config": json.dumps(asdict(cfg)), "hyper_config": json.dumps(asdict(hyper.hcfg)),
-            "base_config": json.dumps(asdict(hyper.base_cfg)), "world_size": dist.world_size()}
+            "base_config": json.dumps(asdict(hyper.base_cfg)), "world_size": dist.world_size(),
+            "commits": json.dumps(commits or {})}
 
 
-def load_checkpoint(path, hyper, opt, cfg):
+def load_checkpoint(path, hyper, opt, cfg, commits=None):
     """Restores `hyper` and `opt` from OUT/checkpoint.safetensors; returns its step. Refuses a checkpoint
-    of another base model, hypernetwork or training config, listing the differences."""
+    of another base model, hypernetwork, training config or hub commit of the model or data, listing the
+    differences."""
     tensors, meta = checkpoint.read_checkpoint(path)
     H.check_base(path, meta, hyper.base_cfg)
     if json.loads(meta["hyper_config"]) != asdict(hyper.hcfg):
         raise ValueError(f"{path}: checkpoint hypernetwork config {meta['hyper_config']} differs from this run's")
     theirs = json.loads(meta["train_config"])
-    diff = [f"{k} {theirs.get(k)!r} -> {v!r}" for k, v in asdict(cfg).items()
-            if k not in checkpoint.RESUMABLE_CHANGES | {"grad_accum"} and theirs.get(k, v) != v]
+    diff = [f"{k} {theirs.get(k)!r} -> {v!r}" for k, v in asdict(cfg).items()   # revisions: their commits count
+            if k not in checkpoint.RESUMABLE_CHANGES | {"grad_accum", "model_revision", "data_revision"}
+            and theirs.get(k, v) != v]
+    for k, commit in json.loads(meta.get("commits", "{}")).items():
+        if commit != (commits or {}).get(k):
+            # --data-revision pins the held-in list's repository too: a commit of one is no revision of the other
+            flag = {"model": "--model-revision", "data": "" if cfg.held_in_concepts else "--data-revision"}.get(k)
+            hint = f" ({flag} {commit} resumes on the checkpoint's)" if flag and commit else ""
+            diff.append(f"{k} commit {commit} -> {(commits or {}).get(k)}{hint}")
     was = (theirs.get("grad_accum", cfg.grad_accum), int(meta.get("world_size", 1)))
     now = (cfg.grad_accum, dist.world_size())
     if was[0] * was[1] != now[0] * now[1]:   # another split of a step's micro-batches resumes exactly (train_step)
@@ -388,26 +645,34 @@ def start_or_resume(run, out, resume, overwrite):
     """Creates OUT; returns the step to start from. A finished or started run is never overwritten silently."""
     out.mkdir(parents=True, exist_ok=True)
     ckpt, metrics = out / "checkpoint.safetensors", out / "metrics.jsonl"
+    recorded = len(checkpoint.read_metrics(metrics)) if metrics.exists() else 0
+    if not ckpt.exists() and not recorded:            # a run that stopped before its first step left nothing to keep
+        if resume:
+            print(f"{out}: nothing to resume (no step was finished); starting at step 0")
+        resume, overwrite = False, True
     if resume:
         if not ckpt.exists():
-            raise FileNotFoundError(f"{ckpt}: nothing to resume")
-        step = load_checkpoint(ckpt, run.hyper, run.opt, run.cfg)
+            raise FileNotFoundError(f"{ckpt}: no checkpoint to resume from: the run recorded {recorded} steps but "
+                                    f"stopped before its first save (--save-every); start over with --overwrite")
+        step = load_checkpoint(ckpt, run.hyper, run.opt, run.cfg, run.commits)
         kept = checkpoint.read_metrics(metrics, up_to=step)   # records of steps after the checkpoint are redone
         dist.barrier()                             # every process has read the files before rank 0 rewrites one
         if dist.is_main():
             fileio.write_jsonl(metrics, kept)
         print(f"resumed from {ckpt} at step {step}")
         return step
-    if (ckpt.exists() or metrics.exists()) and not overwrite:
-        raise FileExistsError(f"{out} already holds a run: pass --resume to continue it or --overwrite to "
-                              "start over, or choose another --out")
+    if not overwrite:
+        resumable = "pass --resume to continue it or " if ckpt.exists() else ""
+        raise FileExistsError(f"{out} already holds a run: {resumable}pass --overwrite to start over, or choose "
+                              "another --out")
     dist.barrier()
-    if dist.is_main():
-        metrics.unlink(missing_ok=True)
+    if dist.is_main():                                # starting over: no resumable state of the old run stays beside
+        metrics.unlink(missing_ok=True)               # the new one (hypernet.safetensors is replaced at the first save)
+        ckpt.unlink(missing_ok=True)
     return 0
 
 
-# ============================================================================= from report.py (merged)
+# ============================================================================= what a run reports (paper §4's questions, at demo scale)
 SWEEP = (0.0, 1.0, 2.0, 4.0)
 
 
@@ -443,13 +708,13 @@ def evaluate(run, examples, loss_fn, unsteered=None):
     other = [replace(e, hyper_ids=o.hyper_ids) for e, o in pairs]          # each with another concept's prompt
     losses = {"steered": [], "other_concept": [], "unsteered": []}
     for i in range(0, min(len(examples), cfg.eval_batches * cfg.batch_size), cfg.batch_size):  # fixed order
-        batch = data.collate(examples[i:i + cfg.batch_size]).to(cfg.device)
-        swapped = data.collate(other[i:i + cfg.batch_size]).to(cfg.device)
+        batch = collate(examples[i:i + cfg.batch_size]).to(cfg.device)
+        swapped = collate(other[i:i + cfg.batch_size]).to(cfg.device)
         with run.amp():
-            losses["steered"].append(loss_fn(run.base, hyper, batch).item())
-            losses["other_concept"].append(loss_fn(run.base, hyper, swapped).item())
+            losses["steered"].append(loss_fn(run.base, hyper, batch, run.cfg.layer).item())
+            losses["other_concept"].append(loss_fn(run.base, hyper, swapped, run.cfg.layer).item())
             if unsteered is None:
-                losses["unsteered"].append(loss_fn(run.base, hyper, batch, strength=0.0).item())
+                losses["unsteered"].append(loss_fn(run.base, hyper, batch, run.cfg.layer, strength=0.0).item())
     hyper.train()
     means = {k: sum(v) / max(len(v), 1) for k, v in losses.items()}
     return {**means, "unsteered": means["unsteered"] if unsteered is None else unsteered}
@@ -514,22 +779,23 @@ def final_measurements(run, step):
 
 
 def plot(out):
-    """OUT/loss.png: the training loss per step and the evaluation losses (nothing without matplotlib)."""
+    """OUT/loss.png: the training loss per step and the evaluation losses (nothing without matplotlib). A bare
+    Figure, not pyplot: the caller's backend (a notebook's inline plots) stays as it is."""
     try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        from matplotlib.figure import Figure
     except ImportError:
         return
     recs = [r for r in checkpoint.read_metrics(out / "metrics.jsonl") if "loss" in r]
-    plt.figure(figsize=(6, 3.5))
-    plt.plot([r["step"] for r in recs], [r["loss"] for r in recs], lw=0.8, label="train")
+    fig = Figure(figsize=(6, 3.5))
+    ax = fig.subplots()
+    ax.plot([r["step"] for r in recs], [r["loss"] for r in recs], lw=0.8, label="train")
     for k in ("held_in_steered", "held_in_other_concept", "held_in_unsteered", "held_out_steered"):
         ev = [r for r in recs if k in r]
-        plt.plot([r["step"] for r in ev], [r[k] for r in ev], "o-", label=k.replace("_", " "))
-    plt.xlabel("step"), plt.ylabel("cross-entropy"), plt.legend(), plt.tight_layout()
-    plt.savefig(out / "loss.png", dpi=120)
-    plt.close()
+        ax.plot([r["step"] for r in ev], [r[k] for r in ev], "o-", label=k.replace("_", " "))
+    ax.set(xlabel="step", ylabel="cross-entropy")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "loss.png", dpi=120)
 
 
 def verdict(gap, loss):
@@ -542,9 +808,10 @@ def print_report(run):
     """The final report, read from metrics.jsonl: evaluation losses with the right-vs-wrong-concept gap,
     the strength sweep, and the concept-mention rates."""
     recs = checkpoint.read_metrics(Path(run.cfg.out) / "metrics.jsonl")
-    last = [r for r in recs if "held_in_steered" in r or "held_out_steered" in r][-1]
-    print(f"\nevaluation loss after {last['step']} steps (token-mean cross-entropy on the reference outputs):")
-    print(f"{'':10}{'steered':>9}{'other concept':>15}{'unsteered':>11}{'gap':>8}")
+    last = ([r for r in recs if "held_in_steered" in r or "held_out_steered" in r] or [{}])[-1]
+    if last:
+        print(f"\nevaluation loss after {last['step']} steps (token-mean cross-entropy on the reference outputs):")
+        print(f"{'':10}{'steered':>9}{'other concept':>15}{'unsteered':>11}{'gap':>8}")
     for name in ("held_in", "held_out"):
         if f"{name}_steered" in last:
             s, o, u = (last[f"{name}_{k}"] for k in ("steered", "other_concept", "unsteered"))

@@ -5,7 +5,6 @@ is refused. Also metrics.jsonl, trimmed back to the checkpoint's step on resume.
     python train.py --preset demo --resume      # continue an interrupted run (Ctrl-C saves)
     python -m pytest -q test_all.py -k "checkpoint or resume"
 """
-import json
 
 
 import torch
@@ -75,12 +74,7 @@ def restore(path, module, opt, tensors):
 
 
 def read_metrics(path, up_to=None):
-    """Records of metrics.jsonl (fileio.complete_lines: a half-written last line, a crash, is cut off with a
-    warning); a malformed line before it is an error."""
-    recs = []
-    for n, line in enumerate(fileio.complete_lines(path), 1):
-        try:
-            recs.append(json.loads(line))
-        except json.JSONDecodeError:
-            raise ValueError(f"{path}:{n}: malformed metrics line") from None
+    """Records of metrics.jsonl (append-only: a half-written last line, a crash, is cut off with a warning);
+    a malformed line before it is an error."""
+    recs = [r for _, r in fileio.read_jsonl(path, "metrics file", append_only=True)]
     return [r for r in recs if up_to is None or r["step"] <= up_to]

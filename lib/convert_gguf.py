@@ -12,13 +12,12 @@ assembled into a temporary file next to the output folder and deleted afterwards
 keeps the pieces, so nothing is lost. The result is cached: a folder with the `.complete`
 marker is returned as is. The folder is built under a temporary name and renamed into place,
 so an interrupted run leaves nothing that looks finished. loader.load() runs this itself the
-first time the offline model is asked for.
+first time the offline model is asked for (model.load).
 
-    python convert_gguf.py                   # -> models/gemma-3-270m (about 1 GB, < 1 min on CPU)
-    python convert_gguf.py --out /tmp/gemma  # anywhere else
+    python -m lib.convert_gguf                   # -> models/gemma-3-270m (about 1 GB, < 1 min on CPU)
+    python -m lib.convert_gguf --out /tmp/gemma  # anywhere else
 """
 
-import argparse
 import json
 import os
 import re
@@ -30,6 +29,8 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, processors
+
+from lib.fileio import ArgumentParser, one_line_errors
 
 DEFAULT_DIR = Path(__file__).resolve().parent.parent / "models" / "gemma-3-270m"
 FILES = ("config.json", "model.safetensors", "tokenizer.json")
@@ -220,11 +221,12 @@ def build(out_dir: str | Path = DEFAULT_DIR, verbose: bool = True) -> Path:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=DEFAULT_DIR,
-                        help="output folder (default: models/gemma-3-270m next to this file)")
+                        help="output folder (default: models/gemma-3-270m in the repository)")
     parser.add_argument("--quiet", action="store_true", help="print nothing")
-    args = parser.parse_args()
+    with one_line_errors():
+        args = parser.parse_args()
     build(args.out, verbose=not args.quiet)
 
 

