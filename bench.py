@@ -500,7 +500,7 @@ def gpu_train(args):
         hyper, model, trainable, opt = train.hypernet_and_optimizer(base, cfg)
         amp = lambda: torch.autocast(device, torch.bfloat16)
         run = train.Run(cfg, base, None, hyper, model, trainable, opt, amp, examples, [], [], {},
-                        len(examples) // cfg.batch_size, 10**9)
+                        len(examples) // cfg.batch_size, 10**9, {})
         if device == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()

@@ -604,6 +604,11 @@ def save(run, step):
 
 
 
+# What --resume may change. grad_accum may change too, with the number of processes, as long as a step's
+# micro-batches (grad_accum x processes) stay as many (load_checkpoint checks it).
+RESUMABLE_CHANGES = {"max_steps", "eval_every", "eval_batches", "save_every", "samples", "device", "out", "fsdp"}
+
+
 def checkpoint_meta(hyper, cfg, step, commits=None):
     """What a checkpoint records beside the weights: the step, the three configs, the number of processes, and
     the hub commits of the model and data (fetch_sources; None for local files)."""
@@ -622,7 +627,7 @@ def load_checkpoint(path, hyper, opt, cfg, commits=None):
         raise ValueError(f"{path}: checkpoint hypernetwork config {meta['hyper_config']} differs from this run's")
     theirs = json.loads(meta["train_config"])
     diff = [f"{k} {theirs.get(k)!r} -> {v!r}" for k, v in asdict(cfg).items()   # revisions: their commits count
-            if k not in checkpoint.RESUMABLE_CHANGES | {"grad_accum", "model_revision", "data_revision"}
+            if k not in RESUMABLE_CHANGES | {"grad_accum", "model_revision", "data_revision"}
             and theirs.get(k, v) != v]
     for k, commit in json.loads(meta.get("commits", "{}")).items():
         if commit != (commits or {}).get(k):

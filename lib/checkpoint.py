@@ -11,9 +11,6 @@ import torch
 
 from lib import dist, fileio, loader
 
-RESUMABLE_CHANGES = {"max_steps", "eval_every", "eval_batches", "save_every", "samples", "device", "out", "fsdp"}
-# grad_accum may change too, with the number of processes: a step's micro-batches (grad_accum x processes) may not
-
 
 def check_weights(hyper, limit=1e6):
     """Weights that are non-finite or past `limit` in magnitude (an exploding run) are never saved. Under
