@@ -54,9 +54,16 @@ import baselines
 import model as M
 from hypernet import check_base
 from lib import chat_api, fileio, loader, vectors
+from steer import sampling_flag                   # model.check_sampling as an argparse type, like steer.py's flags
 from train import linear_decay
 
 INSTRUCTIONS = Path(__file__).resolve().parent / "demo" / "psr_instructions.json"   # 240 written for PSR, split once
+# Training defaults per loss, measured on tuning concepts and confirmed on five others (docs/psr.md). The
+# paper's (SPEC §8a: lr 1e-3, 15 epochs for MSE, 7 for LL, batch 1) assume ~1k samples per concept; with 64
+# pairs that is ~1k steps, 10-15 minutes on a CPU. Fewer steps at a larger rate reach the same place in the
+# 5-minute budget: 8 epochs at 3e-3 (A-PSR's MSE, ~0.46 s a pair on one core) and 5 at 5e-3 (S-PSR's LL,
+# ~0.73 s a pair: the head's 262k-token softmax on every answer token is its cost), batch 2.
+DEFAULTS = {"mse": dict(epochs=8, lr=3e-3), "ll": dict(epochs=5, lr=5e-3)}
 GRID = [0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0]   # SPEC §7 strengths for steer.py eval; 1 = what training fitted
 
 
@@ -426,22 +433,21 @@ def mention_rate(texts, keywords):
     return sum(bool(pattern.search(t)) for t in texts) / max(1, len(texts))
 
 
-def greedy_answers(base, tok, prompts, steering, n_tokens, batch_size, desc):
+def greedy_answers(base, tok, prompts, steering, n_tokens, batch_size, bar):
     """Greedy answers (text) to chat prompts, steered after the chat prefix; steering.strength is one per
-    prompt (a tensor) or one for all. Batches of similar length with the KV cache, one progress bar."""
+    prompt (a tensor) or one for all. Batches of similar length with the KV cache; `bar` counts them."""
     ids = tok.chat_batch(prompts)
     strength = torch.as_tensor(steering.strength, dtype=torch.float32).expand(len(ids))
     order, out = sorted(range(len(ids)), key=lambda i: len(ids[i])), [None] * len(ids)
-    with tqdm(total=len(ids), desc=desc, unit="answer", dynamic_ncols=True) as bar:
-        for i in range(0, len(order), batch_size):
-            batch = order[i:i + batch_size]
-            prompt_ids = [ids[b] for b in batch]
-            ys = M.generate(base, prompt_ids, n_tokens, stop_ids=tok.stop_ids,
-                            steering=M.Steering(steering.edits, strength[batch]),
-                            steer_masks=M.steer_after(prompt_ids, tok.chat_prefix_len))
-            for b, y in zip(batch, ys):
-                out[b] = tok.decode(y)
-            bar.update(len(batch))
+    for i in range(0, len(order), batch_size):
+        batch = order[i:i + batch_size]
+        prompt_ids = [ids[b] for b in batch]
+        ys = M.generate(base, prompt_ids, n_tokens, stop_ids=tok.stop_ids,
+                        steering=M.Steering(steering.edits, strength[batch]),
+                        steer_masks=M.steer_after(prompt_ids, tok.chat_prefix_len))
+        for b, y in zip(batch, ys):
+            out[b] = tok.decode(y)
+        bar.update(len(batch))
     return out
 
 
@@ -449,11 +455,11 @@ def concept_signal(base, tok, psr, constant, steer_text, instructions, keywords,
     """Judge-free: how often the greedy answers to the held-back instructions mention the concept (keywords,
     mention_rate), per method: unsteered, prompted (x'), the constant vector, the PSR at --strength."""
     n, prompted = len(instructions), [baselines.prompted(steer_text, x) for x in instructions]
-    texts = greedy_answers(base, tok, instructions + prompted + instructions,   # the PSR off, off, at --strength
-                           M.Steering(psr.edits(), torch.tensor([0.0] * 2 * n + [args.strength] * n)),
-                           args.greedy_tokens, args.gen_batch_size, "greedy answers")
-    texts += greedy_answers(base, tok, instructions, constant, args.greedy_tokens, args.gen_batch_size,
-                            "greedy answers, constant vector")
+    with tqdm(total=4 * n, desc="greedy answers", unit="answer", dynamic_ncols=True) as bar:
+        texts = greedy_answers(base, tok, instructions + prompted + instructions,   # the PSR off, off, at --strength
+                               M.Steering(psr.edits(), torch.tensor([0.0] * 2 * n + [args.strength] * n)),
+                               args.greedy_tokens, args.gen_batch_size, bar)
+        texts += greedy_answers(base, tok, instructions, constant, args.greedy_tokens, args.gen_batch_size, bar)
     answers = dict(zip(("unsteered", "prompted", "steered", "constant"), (texts[i * n:(i + 1) * n] for i in range(4))))
     return dict(keywords=keywords, instructions=instructions, greedy_tokens=args.greedy_tokens,
                 mention_rate={m: mention_rate(a, keywords) for m, a in answers.items()}, answers=answers)
@@ -569,8 +575,10 @@ def sample_pairs(base, tok, args, out):
     if args.n_train > len(train_all) or args.n_eval > len(held_all):
         raise ValueError(f"--n-train {args.n_train} / --n-eval {args.n_eval}: {args.instructions} has "
                          f"{len(train_all)} train and {len(held_all)} held-back instructions")
-    rng = random.Random(args.seed)
-    train_ins, eval_ins = rng.sample(train_all, args.n_train), rng.sample(held_all, args.n_eval)
+    # Each list is shuffled by the seed and its first n taken: a larger --n-train keeps the smaller one's
+    # instructions (and their cached samples), and --n-train never changes the held-back draw.
+    train_ins = random.Random(f"{args.seed}:train").sample(train_all, len(train_all))[:args.n_train]
+    eval_ins = random.Random(f"{args.seed}:held_back").sample(held_all, len(held_all))[:args.n_eval]
     longest = max(len(ids) for ids in tok.chat_batch(baselines.prompted(steer_text, x) for x in train_ins + eval_ins))
     if longest + args.max_new_tokens > base.cfg.max_position_embeddings:
         raise ValueError(f"--concept: the prompted instruction reaches {longest} tokens, with --max-new-tokens "
@@ -608,8 +616,9 @@ def run(args):
         seconds[name], clock = time.time() - clock, time.time()
     base, tok = M.load(args.model, args.device)
     n, d, L = base.cfg.num_hidden_layers, base.cfg.hidden_size, base.layer_index(args.layer)
-    loss = args.loss or {"single": "ll", "all": "mse"}[args.variant]
-    epochs = args.epochs or {"mse": 15, "ll": 7}[loss]
+    loss = args.loss or {"single": "ll", "all": "mse"}[args.variant]   # the paper's best per variant (SPEC §8a)
+    epochs = args.epochs or DEFAULTS[loss]["epochs"]
+    lr = DEFAULTS[loss]["lr"] if args.lr is None else args.lr
     keywords = [k.strip().lower() for k in args.keywords.split(",") if k.strip()] if args.keywords \
         else concept_keywords(args.concept)
     print(f"{base.cfg.model_type}, {n} blocks, d={d}, {args.device}, float32, {torch.get_num_threads()} threads")
@@ -623,10 +632,10 @@ def run(args):
     psr = PSR(d, layers, args.variant, args.concept)
     print(f"{args.variant} PSR at layers {layers[0]}..{layers[-1]}: {sum(p.numel() for p in psr.parameters())} "
           f"parameters (2d + 1 = {2 * d + 1} per layer); {loss} loss, {epochs} epochs, batch {args.batch_size}, "
-          f"lr {args.lr:g}")
+          f"lr {lr:g}")
     train_ex = prepare(base, train_pairs, start, args.batch_size)
     stage("views")
-    history = train(base, psr, train_ex, start, loss, epochs, args.lr, args.weight_decay, args.batch_size,
+    history = train(base, psr, train_ex, start, loss, epochs, lr, args.weight_decay, args.batch_size,
                     args.lambda_reg, args.seed)
     psr.requires_grad_(False)
     save(psr, target, base.cfg, {"loss": loss, "steering_prompt": steer_text})
@@ -641,7 +650,7 @@ def run(args):
     stage("concept signal")
     summary = dict(concept=args.concept, variant=args.variant, loss=loss, layer=L, layers=layers,
                    strength=args.strength, steering_prompt=steer_text, n_train=len(train_pairs),
-                   n_eval=len(eval_pairs), epochs=epochs, loss_history=history, ce=ce,
+                   n_eval=len(eval_pairs), epochs=epochs, lr=lr, loss_history=history, ce=ce,
                    prompt_effect_recovered=recovered["steered"], prompt_effect_recovered_constant=recovered["constant"],
                    rel_rmse={m: {str(l): v for l, v in enumerate(r)} for m, r in rel.items()},
                    concept_signal=signal, example=dict(instruction=eval_ins[0], **{k: v[0] for k, v in signal["answers"].items()}),
@@ -674,17 +683,22 @@ def main(argv=None):
     add("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     add("--instructions", default=str(INSTRUCTIONS), help="JSON list of instructions, optionally with a train / "
                                                           "held_back split (default: demo/psr_instructions.json)")
-    add("--n-train", type=positive_int, default=8, help="training instructions (drawn from the train split)")
-    add("--n-eval", type=positive_int, default=6, help="held-back instructions, never trained on (CE, RMSE, concept signal)")
-    add("--samples-per-instruction", type=positive_int, default=1, help="answers y' sampled per instruction")
-    add("--max-new-tokens", type=positive_int, default=16, help="length of y' in tokens (at most)")
-    add("--temperature", type=finite, default=1.0, help="sampling temperature of y' (SPEC §8a unknown; §7's 1.0)")
-    add("--top-k", type=fileio.non_negative(int), default=50, help="sample y' from the k likeliest tokens (0 = all)")
-    add("--epochs", type=positive_int, help="training epochs (default: 15 for mse, 7 for ll, SPEC §8a)")
-    add("--lr", type=finite, default=1e-3, help="AdamW learning rate, decayed linearly to 0")
+    # Data sizes (SPEC §8a "unknown": the paper samples ~1k per concept): 32 train instructions x 2 answers
+    # of 32 tokens is 64 pairs, ~2k answer tokens, the most that trains within 5 minutes on 2 CPU cores;
+    # 16-token answers and 8 pairs (the earlier defaults) left S-PSR at no effect (docs/psr.md).
+    add("--n-train", type=positive_int, default=32, help="training instructions (drawn from the train split)")
+    add("--n-eval", type=positive_int, default=12, help="held-back instructions, never trained on (CE, RMSE, concept signal)")
+    add("--samples-per-instruction", type=positive_int, default=2, help="answers y' sampled per instruction")
+    add("--max-new-tokens", type=positive_int, default=32, help="length of y' in tokens (at most)")
+    add("--temperature", type=sampling_flag("temperature", float), default=1.0,
+        help=f"sampling temperature of y' (SPEC §8a unknown; §7's 1.0; 0 = greedy, else at least {M.MIN_TEMPERATURE})")
+    add("--top-k", type=sampling_flag("top_k", int), default=50, help="sample y' from the k likeliest tokens (0 = all)")
+    add("--epochs", type=positive_int, help="training epochs (default: 8 for mse, 5 for ll; see DEFAULTS)")
+    add("--lr", type=fileio.non_negative(float),
+        help="AdamW learning rate, decayed linearly to 0 (default: 3e-3 for mse, 5e-3 for ll; see DEFAULTS)")
     add("--weight-decay", type=finite, default=1e-6, help="AdamW weight decay")
     add("--batch-size", type=positive_int, default=2, help="pairs per step (equal to batch 1 in expectation: tested)")
-    add("--gen-batch-size", type=positive_int, default=24, help="answers generated per batch")
+    add("--gen-batch-size", type=positive_int, default=32, help="answers generated per batch (KV cache; larger is faster on CPU)")
     add("--lambda-reg", type=finite, default=0.0, help="weight of max(0, 1 − Σ_t λ_t) (paper: 0.1; off scored higher)")
     add("--keywords", help="comma-separated keywords for the concept signal (default: the concept's own content words)")
     add("--greedy-tokens", type=positive_int, default=24, help="tokens of each greedy answer (the concept signal)")

@@ -3006,6 +3006,11 @@ def test_psr_refuses_bad_concepts_and_strengths(setup, tmp_path):
                                        ("w4", "inf", "got inf"), ("w4", "-inf", "got -inf")):
         with pytest.raises(SystemExit, match=f"^error: .*{message}"):
             P.main(flags + ["--concept", concept, f"--strength={strength}"])
+    for flag, value, message in (("--temperature", "1e-300", "temperature must be 0 .greedy. or a finite number >="),
+                                 ("--temperature", "-1", "temperature must be"), ("--temperature", "nan", "temperature must be"),
+                                 ("--top-k", "-2", "top_k must be an integer >= 0")):   # model.check_sampling, as steer.py
+        with pytest.raises(SystemExit, match=f"^error: argument {flag}: {message}"):
+            P.main(flags + [f"{flag}={value}"])
     with pytest.raises(SystemExit, match=r"^error: --concept: the prompted instruction reaches \d+ tokens.* past the "
                                          r"model's context of 8192$"):
         P.main(flags + ["--concept", " ".join(["w4"] * 5000)])
