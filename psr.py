@@ -329,11 +329,12 @@ def batch_loss(base, psr, examples, start, loss="mse", norms=None, strength=1.0,
 # ============================================================================= training
 
 @torch.no_grad()
-def center_probes(psr, examples, start):
-    """b_l = −median(w_l · h) over the training answer tokens (unsteered), so λ starts positive on about half
+def center_probes(psr, examples, start, layers=None):
+    """b_l = −median(w_l · h) over the answer tokens (unsteered) of `examples`, so λ is positive on about half
     of them. Gemma's residual has a large shared component: a random probe is often negative on every token,
-    a dead ReLU that gets no gradient and never learns."""
-    for l in psr.layers:
+    a dead ReLU that gets no gradient and never learns. Also used in training to revive a probe that died
+    (Adam moves every coordinate of w by ~lr, which moves w·h by ~lr·‖h‖₁, far more than b can follow)."""
+    for l in psr.layers if layers is None else layers:
         h = torch.cat([e["plain"][l - start] for e in examples])       # (N, d)
         psr.b[str(l)].copy_(-(h @ psr.w[str(l)]).median())
 
@@ -354,7 +355,7 @@ def train(base, psr, examples, start, loss, epochs, lr=1e-3, weight_decay=1e-6, 
     opt = torch.optim.AdamW(psr.parameters(), lr=lr, weight_decay=weight_decay)
     steps = epochs * math.ceil(len(examples) / batch_size)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: linear_decay(s, steps))
-    rng, history = random.Random(seed), []
+    rng, history, revived = random.Random(seed), [], 0
     for epoch in range(epochs):
         order = rng.sample(examples, len(examples))
         total = 0.0
@@ -364,10 +365,15 @@ def train(base, psr, examples, start, loss, epochs, lr=1e-3, weight_decay=1e-6, 
             value.backward()
             opt.step()
             sched.step()
+            dead = [l for l in psr.layers if not psr.last_lambda[l].gt(0).any()]   # λ = 0 on every token of the batch
+            if dead:                                                   # no gradient reaches it again: re-centre
+                center_probes(psr, order[i:i + batch_size], start, dead)
+                revived += len(dead)
             total += value.item() * len(order[i:i + batch_size])
         history.append(total / len(examples))
         log(f"epoch {epoch + 1}/{epochs}: {loss} loss {history[-1]:.4f}"
-            + (f" ({history[-1] / len(norms):.3f} per layer)" if norms is not None else ""))
+            + (f" ({history[-1] / len(norms):.3f} per layer)" if norms is not None else "")
+            + (f"; {revived} dead probes re-centred so far" if revived else ""))
     return history
 
 
@@ -413,6 +419,8 @@ def singular(word):
     """A light English singular, enough to match "tides" with "tide" and "queries" with "query"."""
     if len(word) > 4 and word.endswith("ies"):
         return word[:-3] + "y"
+    if len(word) > 5 and word.endswith("oes"):                          # volcanoes, potatoes (not shoes)
+        return word[:-2]
     if len(word) > 4 and word.endswith(("ches", "shes", "sses", "xes")):
         return word[:-2]
     if len(word) > 3 and word.endswith("s") and not word.endswith(("ss", "us", "is")):

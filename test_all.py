@@ -2826,7 +2826,7 @@ def test_psr_cli_and_steer_eval_and_compare(setup, tmp_path, capsys):
     (tmp_path / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in demo_rows()))
     run = ["--concept", "w4", "--model", str(folder), "--instructions", str(tmp_path / "ins.json"), "--layer", "2",
            "--n-train", "3", "--n-eval", "2", "--max-new-tokens", "4", "--greedy-tokens", "3", "--epochs", "2",
-           "--out", str(tmp_path / "run")]
+           "--samples-per-instruction", "1", "--out", str(tmp_path / "run")]
     summary = P.main(run + ["--variant", "single", "--loss", "mse"])
     assert summary["n_train"] + summary["n_eval"] <= 5 and set(summary["rel_rmse"]) == {"constant", "single"}
     assert set(summary["ce"]) == {"unsteered", "prompted", "steered", "constant"} and len(summary["loss_history"]) == 2
@@ -2925,7 +2925,8 @@ def psr_cli_files(setup, tmp_path, n=16):
     rows = [{"instruction": x, "split": "held_back" if i % 4 == 0 else "train"} for i, x in enumerate(instructions(n))]
     (tmp_path / "ins.json").write_text(json.dumps(rows))
     flags = ["--concept", "w4", "--model", str(folder), "--instructions", str(tmp_path / "ins.json"), "--layer", "2",
-             "--max-new-tokens", "4", "--greedy-tokens", "3", "--epochs", "1", "--out", str(tmp_path / "run")]
+             "--max-new-tokens", "4", "--greedy-tokens", "3", "--epochs", "1", "--samples-per-instruction", "1",
+             "--out", str(tmp_path / "run")]
     return flags, [r["instruction"] for r in rows if r["split"] == "held_back"]
 
 
@@ -2974,6 +2975,18 @@ def test_psr_rerun_reuses_samples_and_resumes_a_killed_run(setup, tmp_path, caps
         P.main(flags + ["--overwrite", "--variant", "single"])
     assert "2 sampled, 4 reused" in capsys.readouterr().out
     assert path.read_text().splitlines()[:4] == lines[:4] and sorted(path.read_text().splitlines()) == sorted(lines)
+
+
+def test_psr_a_larger_n_train_keeps_the_smaller_draw_and_its_samples(setup, tmp_path, capsys):
+    """Instructions are drawn as a seeded shuffle's first n: --n-train 4 keeps --n-train 2's instructions (their
+    cached answers are reused) and never changes the held-back draw."""
+    flags, _ = psr_cli_files(setup, tmp_path)
+    flags += ["--n-eval", "2", "--samples", str(tmp_path / "samples.jsonl")]
+    small = P.main(flags + ["--n-train", "2", "--out", str(tmp_path / "a")])
+    assert "4 sampled, 0 reused" in capsys.readouterr().out
+    large = P.main(flags + ["--n-train", "4", "--out", str(tmp_path / "b")])
+    assert "2 sampled, 4 reused" in capsys.readouterr().out
+    assert small["concept_signal"]["instructions"] == large["concept_signal"]["instructions"]
 
 
 @pytest.mark.parametrize("field,value,message", [
@@ -3045,6 +3058,30 @@ def test_psr_summary_keeps_its_keys_and_adds_the_concept_signal(setup, tmp_path)
         assert len(answers) == 2 and signal["mention_rate"][m] == P.mention_rate(answers, ["w1", "w2"])
     assert {"loading", "sampling", "views", "training", "evaluation", "concept signal"} == set(summary["seconds"])
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["concept_signal"] == signal
+
+
+def test_psr_training_revives_a_dead_probe(setup, monkeypatch):
+    """A probe negative on every token (λ = 0 everywhere) gets no gradient and would never learn: train
+    re-centres its bias, so λ is positive on some answer tokens again and z moves."""
+    base, tok, _ = setup
+    pairs = psr_pairs(tok, 4, seed=5)
+    ex = psr.prepare(base, pairs, LAYER, batch_size=4)
+    learned = P.PSR(64, [LAYER], "single")
+    P.center_probes(learned, ex, LAYER)
+    z0 = learned.z[str(LAYER)].detach().clone()
+    real_center, calls = P.center_probes, []
+
+    def kill_first(psr_, examples, start, layers=None):             # the initial centring leaves it dead
+        calls.append(layers)
+        if layers is None:
+            with torch.no_grad():
+                psr_.b[str(LAYER)].fill_(-1e6)
+        else:
+            real_center(psr_, examples, start, layers)
+    monkeypatch.setattr(P, "center_probes", kill_first)
+    P.train(base, learned, ex, LAYER, "ll", epochs=2, lr=1e-2, batch_size=2, log=lambda *a: None)
+    assert calls[0] is None and [LAYER] in calls[1:]
+    assert learned.b[str(LAYER)].item() > -1e5 and not torch.equal(learned.z[str(LAYER)].detach(), z0)
 
 
 def test_psr_recovers_a_planted_per_token_edit_and_a_constant_vector_does_not(setup):
