@@ -220,9 +220,6 @@ def cmd_compare(args):
 def cmd_export(args):
     base, tok, hyper, settings = load_run(args)
     layer = base.layer_index(settings["layer"])
-    if args.psr:
-        raise ValueError(f"{args.psr}: a PSR adds a different amount at every token (a function of the activation), "
-                         "not one constant vector, so it cannot be a llama.cpp control vector")
     if args.method:
         rows = data.load_rows(settings["data"], settings.get("data_revision", "main"))
         (_, concept), = protocol.concepts_of_split(rows, settings, None, [args.concept_id])
@@ -326,9 +323,12 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     with fileio.one_line_errors("--debug" in argv):
         args = ap.parse_args(argv)
-    if args.command == "export" and not args.psr and not (args.method and args.concept_id is not None
-                                                         or args.hypernet and args.concept):
-        ap.error("export needs --hypernet with --concept (and --prompt), or --method with --concept-id")
+        if args.command == "export" and args.psr:                     # refused before any file is read
+            ap.error("export --psr: a PSR adds a different amount at every token (λ(h_t) z, a function of the "
+                     "activation), not one constant vector, so it has no vector file; use it with compare/eval --psr "
+                     "or serve.py --psr")
+        if args.command == "export" and not (args.method and args.concept_id is not None or args.hypernet and args.concept):
+            ap.error("export needs --hypernet with --concept (and --prompt), or --method with --concept-id")
     with fileio.one_line_errors(args.debug):
         {"compare": cmd_compare, "eval": cmd_eval, "export": cmd_export, "merge": cmd_merge}[args.command](args)
 

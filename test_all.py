@@ -2508,7 +2508,7 @@ def test_psr_answer_positions_are_right_aligned(setup):
     base, tok, _ = setup
     pairs = psr_pairs(tok, 3)
     assert len({len(p.plain) for p in pairs}) == 3 and len({p.n_answer for p in pairs}) == 3
-    views = {v: psr.collate(pairs, v, 0, "cpu") for v in ("plain", "prompted")}
+    views = {v: psr.collate_pairs(pairs, v, 0, "cpu") for v in ("plain", "prompted")}
     for v, (ids, real, steer, answer) in views.items():
         A = answer.shape[1]
         assert answer.sum(-1).tolist() == [p.n_answer for p in pairs]
@@ -2569,7 +2569,7 @@ def test_psr_recovers_a_planted_psr(setup):
         for b, e in enumerate(ex):
             e["target"] = acts[:, b, -e["pair"].n_answer:]
     delta = torch.cat([(e["target"] - e["plain"]).flatten() for e in ex])
-    active = planted.last_lambda[LAYER][psr.collate(pairs, "plain", 0, "cpu")[2]].gt(0).float().mean()
+    active = planted.last_lambda[LAYER][psr.collate_pairs(pairs, "plain", 0, "cpu")[2]].gt(0).float().mean()
     assert delta.norm() > 1 and 0.1 < active < 0.9                    # λ switches on some tokens, not all
     torch.manual_seed(0)
     learned = P.PSR(64, [LAYER], "single")
@@ -2608,11 +2608,12 @@ def test_psr_save_load_round_trip_and_refusals(setup, tmp_path):
 def test_psr_cli_and_steer_eval_and_compare(setup, tmp_path, capsys):
     base, tok, _ = setup
     folder = tiny_model_folder(base, tmp_path / "model")
-    (tmp_path / "ins.json").write_text(json.dumps([{"instruction": x} for x in instructions(12)]))
+    (tmp_path / "ins.json").write_text(json.dumps([{"instruction": x, "split": "held_back" if i % 4 == 0 else "train"}
+                                                   for i, x in enumerate(instructions(12))]))
     (tmp_path / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in demo_rows()))
     run = ["--concept", "w4", "--model", str(folder), "--instructions", str(tmp_path / "ins.json"), "--layer", "2",
-           "--n-train", "3", "--n-eval", "2", "--max-new-tokens", "4", "--example-tokens", "3", "--epochs", "2",
-           "--out", str(tmp_path / "run")]
+           "--n-train", "3", "--n-eval", "2", "--max-new-tokens", "4", "--greedy-tokens", "3", "--epochs", "2",
+           "--samples-per-instruction", "1", "--out", str(tmp_path / "run")]
     summary = P.main(run + ["--variant", "single", "--loss", "mse"])
     assert summary["n_train"] + summary["n_eval"] <= 5 and set(summary["rel_rmse"]) == {"constant", "single"}
     assert set(summary["ce"]) == {"unsteered", "prompted", "steered", "constant"} and len(summary["loss_history"]) == 2
@@ -2651,6 +2652,202 @@ def test_token_lambdas_equal_a_hand_written_chain(setup):
                 want.append(lam[0])
                 h = h + 0.5 * lam[..., None] * p.z[str(i)] * steer_mask[..., None]
     assert got.shape == (3, len(ids)) and torch.allclose(got, torch.stack(want), atol=1e-5) and got.max() > 0
+
+
+import re  # noqa: E402
+
+def psr_cli_files(setup, tmp_path, n=16):
+    """A tiny model folder and an instructions file with an explicit split (every 4th held back)."""
+    base, tok, _ = setup
+    folder = tiny_model_folder(base, tmp_path / "model")
+    rows = [{"instruction": x, "split": "held_back" if i % 4 == 0 else "train"} for i, x in enumerate(instructions(n))]
+    (tmp_path / "ins.json").write_text(json.dumps(rows))
+    flags = ["--concept", "w4", "--model", str(folder), "--instructions", str(tmp_path / "ins.json"), "--layer", "2",
+             "--max-new-tokens", "4", "--greedy-tokens", "3", "--epochs", "1", "--samples-per-instruction", "1",
+             "--out", str(tmp_path / "run")]
+    return flags, [r["instruction"] for r in rows if r["split"] == "held_back"]
+
+
+def test_psr_bundled_instructions_and_their_split(tmp_path):
+    train_ins, held = P.read_instructions(P.INSTRUCTIONS)
+    rows = json.loads(P.INSTRUCTIONS.read_text())
+    assert len(train_ins) + len(held) == len(rows) >= 200 and len(set(train_ins) | set(held)) == len(rows)
+    assert not set(train_ins) & set(held) and 0.15 < len(held) / len(rows) < 0.3
+    for kind in ("text", "code", "math", "advice"):                  # every kind on both sides of the split
+        assert {r["split"] for r in rows if r["kind"] == kind} == {"train", "held_back"}
+    (tmp_path / "plain.json").write_text(json.dumps(["a b", "c d", "e f"] * 2))   # no split: by each text's crc32
+    a, b = P.read_instructions(tmp_path / "plain.json")
+    assert sorted(a + b) == ["a b", "c d", "e f"] and not set(a) & set(b)
+    for bad in ([{"instruction": "x", "split": "test"}], [""], [{"instruction": "x", "split": "train"}, {"instruction": "x", "split": "held_back"}]):
+        (tmp_path / "bad.json").write_text(json.dumps(bad))
+        with pytest.raises(ValueError, match="bad.json"):
+            P.read_instructions(tmp_path / "bad.json")
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_psr_held_back_instructions_never_reach_training(setup, tmp_path, monkeypatch, seed):
+    """Every training pair comes from a train instruction, whatever the seed, also when --n-train takes all
+    of them; the held-back ones are sampled and measured, never trained on."""
+    base, tok, _ = setup
+    flags, held = psr_cli_files(setup, tmp_path)
+    trained = []
+    real_train = P.train
+    monkeypatch.setattr(P, "train", lambda base, psr, ex, *a, **k: trained.extend(ex) or real_train(base, psr, ex, *a, **k))
+    summary = P.main(flags + ["--variant", "single", "--n-train", "12", "--n-eval", "4", "--seed", str(seed)])
+    held_ids = [tok.chat(x)[0] for x in held]
+    assert len(trained) == summary["n_train"] >= 8 and summary["n_eval"] <= 4       # empty answers are dropped
+    for e in trained:
+        assert not any(e["pair"].plain[:len(h)] == h for h in held_ids)
+    assert sorted(summary["concept_signal"]["instructions"]) == sorted(held)
+
+
+def test_psr_rerun_reuses_samples_and_resumes_a_killed_run(setup, tmp_path, capsys):
+    flags, _ = psr_cli_files(setup, tmp_path)
+    flags += ["--n-train", "4", "--n-eval", "2", "--gen-batch-size", "2"]
+    P.main(flags)
+    path = tmp_path / "run" / "samples.jsonl"
+    lines = path.read_text().splitlines()
+    assert len(lines) == 6 and "6 sampled, 0 reused" in capsys.readouterr().out
+    path.write_text("\n".join(lines[:4]) + "\n" + lines[4][:20])    # killed while writing the third batch
+    with pytest.warns(UserWarning, match="partly written last line"):
+        P.main(flags + ["--overwrite", "--variant", "single"])
+    assert "2 sampled, 4 reused" in capsys.readouterr().out
+    assert path.read_text().splitlines()[:4] == lines[:4] and sorted(path.read_text().splitlines()) == sorted(lines)
+
+
+def test_psr_a_larger_n_train_keeps_the_smaller_draw_and_its_samples(setup, tmp_path, capsys):
+    """Instructions are drawn as a seeded shuffle's first n: --n-train 4 keeps --n-train 2's instructions (their
+    cached answers are reused) and never changes the held-back draw."""
+    flags, _ = psr_cli_files(setup, tmp_path)
+    flags += ["--n-eval", "2", "--samples", str(tmp_path / "samples.jsonl")]
+    small = P.main(flags + ["--n-train", "2", "--out", str(tmp_path / "a")])
+    assert "4 sampled, 0 reused" in capsys.readouterr().out
+    large = P.main(flags + ["--n-train", "4", "--out", str(tmp_path / "b")])
+    assert "2 sampled, 4 reused" in capsys.readouterr().out
+    assert small["concept_signal"]["instructions"] == large["concept_signal"]["instructions"]
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("y_ids", "w1 w2", "field y_ids must be a JSON list, got str"),
+    ("y_ids", [5, 10_000], r"field y_ids must hold token ids in \[0, 128\)"),
+    ("y_ids", [5, True], r"field y_ids must hold token ids"),
+    ("sample", "0", "field sample must be a JSON int, got str"),
+    ("settings", None, "field settings must be a JSON dict, got NoneType")])
+def test_psr_cached_samples_are_checked_like_user_files(setup, tmp_path, field, value, message):
+    """A cached row is what training reads: a bad one stops the run with one line naming the file and line."""
+    flags, _ = psr_cli_files(setup, tmp_path)
+    flags += ["--n-train", "2", "--n-eval", "1"]
+    P.main(flags)
+    path = tmp_path / "run" / "samples.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    rows[1][field] = value
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(SystemExit, match=f"^error: {re.escape(str(path))}:2: {message}"):
+        P.main(flags + ["--overwrite"])
+    path.write_text(json.dumps(rows[0]) + "\n{not json\n")
+    with pytest.raises(SystemExit, match=r"samples.jsonl:2: not valid JSON"):
+        P.main(flags + ["--overwrite"])
+
+
+def test_psr_refuses_bad_concepts_and_strengths(setup, tmp_path):
+    flags, _ = psr_cli_files(setup, tmp_path)
+    flags += ["--n-train", "2", "--n-eval", "1"]
+    for concept, strength, message in (("  ", "1", "argument --concept: must not be empty"),
+                                       ("w4", "nan", "argument --strength: must be a finite number, got nan"),
+                                       ("w4", "inf", "got inf"), ("w4", "-inf", "got -inf")):
+        one_line_exit(P.main, flags + ["--concept", concept, f"--strength={strength}"], match=message)
+    for flag, value, message in (("--temperature", "1e-300", "temperature must be 0 (greedy) or a finite number >="),
+                                 ("--temperature", "-1", "temperature must be"), ("--temperature", "nan", "temperature must be"),
+                                 ("--top-k", "-2", "top_k must be an integer >= 0")):   # model.check_sampling, as steer.py
+        one_line_exit(P.main, flags + [f"{flag}={value}"], match=f"error: argument {flag}: {message}")
+    with pytest.raises(SystemExit, match=r"^error: --concept: the prompted instruction reaches \d+ tokens.* past the "
+                                         r"model's context of 8192$"):
+        P.main(flags + ["--concept", " ".join(["w4"] * 5000)])
+    assert not (tmp_path / "run" / "samples.jsonl").exists()
+
+
+def test_export_psr_names_the_reason_before_reading_anything(tmp_path, capsys):
+    one_line_exit(steer.main, ["export", "--psr", str(tmp_path / "missing.safetensors"), "--model",
+                               str(tmp_path / "nomodel"), "--layer", "99", "--out", str(tmp_path / "v")],
+                  match="error: export --psr: a PSR adds a different amount at every token")   # no model, file or layer
+    assert not list(tmp_path.iterdir())
+
+
+def test_psr_concept_keywords_and_mention_rate():
+    assert P.concept_keywords("mentions of cats and their behaviour") == ["cat", "behaviour"]
+    assert P.concept_keywords("references to rental services and equipment") == ["rental", "service", "equipment"]
+    assert P.concept_keywords("SQL SELECT queries and joins") == ["sql", "select", "query", "join"]
+    assert P.concept_keywords("the moon") == ["moon"]
+    texts = ["Cats purr.", "A category error.", "The cat sat.", "Two queries ran", "no"]
+    assert P.mention_rate(texts, ["cat"]) == 0.4 and P.mention_rate(texts, ["query"]) == 0.2
+    assert P.mention_rate(texts, ["cat sat", "purr"]) == 0.4 and P.mention_rate([], ["x"]) == 0
+
+
+def test_psr_summary_keeps_its_keys_and_adds_the_concept_signal(setup, tmp_path):
+    flags, held = psr_cli_files(setup, tmp_path)
+    summary = P.main(flags + ["--n-train", "3", "--n-eval", "2", "--keywords", "W1, w2"])
+    assert set(summary["ce"]) == {"unsteered", "prompted", "steered", "constant"}
+    assert {"prompt_effect_recovered", "rel_rmse", "seconds"} <= set(summary)
+    signal = summary["concept_signal"]
+    assert signal["keywords"] == ["w1", "w2"] and set(signal["mention_rate"]) == set(signal["answers"]) == set(summary["ce"])
+    for m, answers in signal["answers"].items():
+        assert len(answers) == 2 and signal["mention_rate"][m] == P.mention_rate(answers, ["w1", "w2"])
+    assert {"loading", "sampling", "views", "training", "evaluation", "concept signal"} == set(summary["seconds"])
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["concept_signal"] == signal
+
+
+def test_psr_training_revives_a_dead_probe(setup, monkeypatch):
+    """A probe negative on every token (λ = 0 everywhere) gets no gradient and would never learn: train
+    re-centres its bias, so λ is positive on some answer tokens again and z moves."""
+    base, tok, _ = setup
+    pairs = psr_pairs(tok, 4, seed=5)
+    ex = psr.prepare(base, pairs, LAYER, batch_size=4)
+    learned = P.PSR(64, [LAYER], "single")
+    P.center_probes(learned, ex, LAYER)
+    z0 = learned.z[str(LAYER)].detach().clone()
+    real_center, calls = P.center_probes, []
+
+    def kill_first(psr_, examples, start, layers=None):             # the initial centring leaves it dead
+        calls.append(layers)
+        if layers is None:
+            with torch.no_grad():
+                psr_.b[str(LAYER)].fill_(-1e6)
+        else:
+            real_center(psr_, examples, start, layers)
+    monkeypatch.setattr(P, "center_probes", kill_first)
+    P.train(base, learned, ex, LAYER, "ll", epochs=2, lr=1e-2, batch_size=2, log=lambda *a: None)
+    assert calls[0] is None and [LAYER] in calls[1:]
+    assert learned.b[str(LAYER)].item() > -1e5 and not torch.equal(learned.z[str(LAYER)].detach(), z0)
+
+
+def test_psr_recovers_a_planted_per_token_edit_and_a_constant_vector_does_not(setup):
+    """Data generated by a known per-token edit λ(h)·z at layer 2 of the tiny model (in place of the prompt):
+    PSR trained on it reproduces the edit's effect at layers 2 and 3; the best constant vector (the mean Δ,
+    what psr.py compares with) does not, because λ switches the edit on for some tokens only."""
+    base, tok, _ = setup
+    planted = random_psr(base, [LAYER], seed=3, scale=0.2)
+    with torch.no_grad():
+        planted.z[str(LAYER)].mul_(8)
+    pairs = psr_pairs(tok, 8, seed=4, same_prompt=True)
+    ex = psr.prepare(base, pairs, LAYER, batch_size=8)
+    with torch.no_grad():
+        acts = P.steered(base, planted, ex, LAYER)[0]                # (L, B, A, d)
+        for b, e in enumerate(ex):
+            e["target"] = acts[:, b, -e["pair"].n_answer:]
+    delta = torch.cat([(e["target"] - e["plain"]).flatten() for e in ex])
+
+    def error(steering):
+        """‖steered − target‖ / ‖Δ‖ over the answer tokens at layers 2 and 3."""
+        with torch.no_grad():
+            ids, real, steer, answer = psr.collate_pairs(pairs, "plain", 0, "cpu")
+            got = P.states(base, base.embed(ids), real, 0, steering, steer, last=answer.shape[1])[0][LAYER:]
+        return torch.cat([(got[:, b, -e["pair"].n_answer:] - e["target"]).flatten() for b, e in enumerate(ex)]).norm() / delta.norm()
+    torch.manual_seed(0)
+    learned = P.PSR(64, [LAYER], "single")
+    P.train(base, learned, ex, LAYER, "mse", epochs=60, lr=5e-2, batch_size=8, log=lambda *a: None)
+    mean_delta = torch.cat([(e["target"] - e["plain"])[0] for e in ex]).mean(0)
+    psr_err, const_err = error(M.Steering(learned.edits())), error(M.Steering.vector(LAYER, mean_delta))
+    assert psr_err < 0.15 and const_err > 0.5 and error(M.Steering(planted.edits())) < 1e-5
 
 
 # =============================================== serve.py and lib/serve_api.py (the OpenAI-compatible server, SPEC §4)
