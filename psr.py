@@ -26,9 +26,9 @@ positions are §4's (every position after the chat prefix, in training too); the
 are §8a's "answer only" (last prompt token through y'), aligned from the right. The training defaults
 are DEFAULTS (per loss), the data sizes at their flags in main(), each with its reason.
 
-    python psr.py --concept "the moon" --variant all --out runs/psr-moon-all     # A-PSR, ~6 min on 1 CPU core, ~4 on 2
+    python psr.py --concept "the moon" --variant all --out runs/psr-moon-all     # A-PSR, ~4.5 min on 2 CPU cores
     python psr.py --concept "the moon" --variant single --samples runs/psr-moon-all/samples.jsonl \
-        --out runs/psr-moon-single                                                # S-PSR, reuses the samples: ~5 min
+        --out runs/psr-moon-single                                                # S-PSR, reuses the samples: ~3 min
     python psr.py --concept "the moon" --n-train 2 --n-eval 1 --max-new-tokens 6 --epochs 1 --out /tmp/psr  # tiny
     python steer.py compare --psr runs/psr-moon-all/psr.safetensors --prompt "Plan a picnic" --sweep 0,1,2
     python -m pytest -q test_all.py -k psr

@@ -511,7 +511,8 @@ def dry_run(cfg):
         options = flags_that_fit(cfg, base_cfg, traced, world, gpu_bytes)
         print("  would fit: " + ("; or ".join(options) if options else "no smaller micro-batch, no --fsdp up to 8 GPUs"))
     hours = total * cfg.grad_accum * traced["flops"] / (peak_flops * MFU) / 3600
-    print(f"  time: ~{f'{hours:,.1f} h' if hours >= 1 else f'{hours * 60:.0f} min'} at {MFU:.0%} MFU of {gpu or REFERENCE_GPU[0]}'s {peak_flops / 1e12:.0f} TFLOP/s bf16 "
+    took = f"{hours:,.1f} h" if hours >= 1 else f"{hours * 60:.0f} min" if hours * 60 >= 1 else f"{hours * 3600:.0f} s"
+    print(f"  time: ~{took} at {MFU:.0%} MFU of {gpu or REFERENCE_GPU[0]}'s {peak_flops / 1e12:.0f} TFLOP/s bf16 "
           f"({traced['flops'] / 1e12:.2f} TFLOP per micro-batch, traced on max-len rows: an upper bound)")
     return {"rows": len(rows), "train_rows": len(train_rows), "steps": total, "per_gpu_bytes": need, "hours": hours}
 
