@@ -54,7 +54,6 @@ import baselines
 import model as M
 from hypernet import check_base
 from lib import chat_api, fileio, loader, vectors
-from steer import sampling_flag                   # model.check_sampling as an argparse type, like steer.py's flags
 from train import linear_decay
 
 INSTRUCTIONS = Path(__file__).resolve().parent / "demo" / "psr_instructions.json"   # 240 written for PSR, split once
@@ -698,9 +697,10 @@ def main(argv=None):
     add("--n-eval", type=positive_int, default=12, help="held-back instructions, never trained on (CE, RMSE, concept signal)")
     add("--samples-per-instruction", type=positive_int, default=2, help="answers y' sampled per instruction")
     add("--max-new-tokens", type=positive_int, default=32, help="length of y' in tokens (at most)")
-    add("--temperature", type=sampling_flag("temperature", float), default=1.0,
+    add("--temperature", type=fileio.checked(float, lambda v: M.check_sampling(temperature=v)), default=1.0,
         help=f"sampling temperature of y' (SPEC §8a unknown; §7's 1.0; 0 = greedy, else at least {M.MIN_TEMPERATURE})")
-    add("--top-k", type=sampling_flag("top_k", int), default=50, help="sample y' from the k likeliest tokens (0 = all)")
+    add("--top-k", type=fileio.checked(int, lambda v: M.check_sampling(top_k=v)), default=50,
+        help="sample y' from the k likeliest tokens (0 = all)")
     add("--epochs", type=positive_int, help="training epochs (default: 8 for mse, 5 for ll; see DEFAULTS)")
     add("--lr", type=fileio.non_negative(float),
         help="AdamW learning rate, decayed linearly to 0 (default: 3e-3 for mse, 5e-3 for ll; see DEFAULTS)")

@@ -236,15 +236,7 @@ def cmd_export(args):
 def sampling_flag(field, kind):
     """argparse type for --temperature / --top-k: a value model.check_sampling accepts (the sampler guard
     serve.py's requests pass too), so a tiny or negative temperature is one line, not NaN or a traceback."""
-    def parse(text):
-        v = kind(text)
-        try:
-            M.check_sampling(**{field: v})
-        except ValueError as e:
-            raise argparse.ArgumentTypeError(str(e)) from None
-        return v
-    parse.__name__ = kind.__name__                   # argparse: "invalid float value: 'x'"
-    return parse
+    return fileio.checked(kind, lambda v: M.check_sampling(**{field: v}))
 
 
 def grid_flag(text):

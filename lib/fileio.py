@@ -38,6 +38,20 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"error: {' '.join(message.split())}\n")
 
 
+def checked(kind, check):
+    """argparse type: kind(text), then check(value) (a ValueError becomes argparse's one-line error naming the
+    flag), e.g. checked(float, lambda v: model.check_sampling(temperature=v)) for --temperature."""
+    def parse(text):
+        v = kind(text)
+        try:
+            check(v)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+        return v
+    parse.__name__ = kind.__name__                   # argparse: "invalid float value: 'x'"
+    return parse
+
+
 def finite(text):
     """argparse type: a finite float (strengths, temperatures: nan and inf are refused)."""
     v = float(text)
