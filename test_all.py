@@ -2555,10 +2555,9 @@ def test_psr_batched_loss_and_gradients_equal_batch_1(setup, loss, start, reg):
         assert (g - ref).abs().max() <= 1e-4 * ref.abs().max().clamp(min=1e-6)
 
 
-def test_psr_recovers_a_planted_psr(setup):
-    """Targets made by a known z, w, b at layer 2 of the tiny model: training on that Δ learns an edit
-    that reproduces it (the accumulated effect at layers 2 and 3)."""
-    base, tok, _ = setup
+def planted_psr_data(base, tok):
+    """Training data made by a known per-token edit λ(h)·z at layer LAYER in place of a prompt: the planted PSR,
+    the pairs, their prepared examples with the edit's activations as targets, and the edit's Δ, flattened."""
     planted = random_psr(base, [LAYER], seed=3, scale=0.2)
     with torch.no_grad():
         planted.z[str(LAYER)].mul_(8)
@@ -2568,7 +2567,14 @@ def test_psr_recovers_a_planted_psr(setup):
         acts = P.steered(base, planted, ex, LAYER)[0]                # (L, B, A, d)
         for b, e in enumerate(ex):
             e["target"] = acts[:, b, -e["pair"].n_answer:]
-    delta = torch.cat([(e["target"] - e["plain"]).flatten() for e in ex])
+    return planted, pairs, ex, torch.cat([(e["target"] - e["plain"]).flatten() for e in ex])
+
+
+def test_psr_recovers_a_planted_psr(setup):
+    """Targets made by a known z, w, b at layer 2 of the tiny model: training on that Δ learns an edit
+    that reproduces it (the accumulated effect at layers 2 and 3)."""
+    base, tok, _ = setup
+    planted, pairs, ex, delta = planted_psr_data(base, tok)
     active = planted.last_lambda[LAYER][psr.collate_pairs(pairs, "plain", 0, "cpu")[2]].gt(0).float().mean()
     assert delta.norm() > 1 and 0.1 < active < 0.9                    # λ switches on some tokens, not all
     torch.manual_seed(0)
@@ -2825,16 +2831,7 @@ def test_psr_recovers_a_planted_per_token_edit_and_a_constant_vector_does_not(se
     PSR trained on it reproduces the edit's effect at layers 2 and 3; the best constant vector (the mean Δ,
     what psr.py compares with) does not, because λ switches the edit on for some tokens only."""
     base, tok, _ = setup
-    planted = random_psr(base, [LAYER], seed=3, scale=0.2)
-    with torch.no_grad():
-        planted.z[str(LAYER)].mul_(8)
-    pairs = psr_pairs(tok, 8, seed=4, same_prompt=True)
-    ex = psr.prepare(base, pairs, LAYER, batch_size=8)
-    with torch.no_grad():
-        acts = P.steered(base, planted, ex, LAYER)[0]                # (L, B, A, d)
-        for b, e in enumerate(ex):
-            e["target"] = acts[:, b, -e["pair"].n_answer:]
-    delta = torch.cat([(e["target"] - e["plain"]).flatten() for e in ex])
+    planted, pairs, ex, delta = planted_psr_data(base, tok)
 
     def error(steering):
         """‖steered − target‖ / ‖Δ‖ over the answer tokens at layers 2 and 3."""
