@@ -2,7 +2,8 @@
 the way every command fails: the one atomic writer (checkpoints, vectors, reports, metrics), the one
 JSONL reader (data, metrics, generations, PSR samples; append-only files cut a torn last line), JSON files with
 one-line errors, and one_line_errors, which each command-line entry point runs inside (exit status 1), with
-ArgumentParser (usage errors: exit status 2) and its flag types. What SPEC §5 (resumable checkpoints) and §7 (resumable generations, cached judge answers) rely on.
+ArgumentParser (usage errors: exit status 2) and its flag types. What SPEC §5 (resumable checkpoints) and §7
+(resumable generations, cached judge answers) rely on.
 
     python -m pytest -q test_all.py -k "one_line or half_written or resumed_run"   # their tests
 """
